@@ -1,0 +1,3 @@
+"""fastlm: pre-training transformer language models from scratch, fast."""
+
+__version__ = "0.1.0"
