@@ -1,0 +1,250 @@
+"""Batch sources: what the trainer iterates, one deterministic batch per (epoch, index).
+
+A batch is a pure function of (seed, epoch, index): resuming needs only the position, and DDP rank r of W takes
+the indices with `index % W == r`. Every sentence (or block, or pair) appears exactly once per epoch; the last batch
+of an epoch may be smaller. Batches are CPU int64 tensors whose keys are the models' forward arguments.
+
+Markers: corpora store bare sentences (or <s> ... </s> when prepared with add_bos_eos; those markers are stripped
+here), and each source adds the markers its model expects:
+- masked LM: <s> sentence </s>; a long sentence keeps its first max_len - 2 tokens and still ends with </s>;
+- causal LM: sentences back to back, each followed by </s> as the separator;
+- translation: source <s> sentence </s> (as the encoder saw it in pre-training), target `sentence </s>` (no <s>:
+  the model shifts it right itself), each truncated to its maximum length keeping the final </s>.
+Padding goes to the longest sequence of the batch, rounded up to a multiple of 8 (tensor-core friendly tiles and
+few distinct shapes for torch.compile), never beyond the maximum length.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from fastlm.data.corpus import TokenizedCorpus
+from fastlm.data.masking import IGNORE_INDEX, MaskingPolicy
+from fastlm.data.rng import numpy_generator, torch_generator
+
+PAD_MULTIPLE = 8
+# Translation pairs are sorted by length within chunks of this many pairs: batches of similar lengths (little
+# padding) while the chunks, and the batch order, still change every epoch.
+BUCKET_CHUNK = 1 << 14
+
+
+class BatchSource(Protocol):
+    def num_batches(self, epoch: int) -> int: ...
+
+    def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]: ...
+
+
+class MaskedLMBatches:
+    """Masked-LM batches {"input_ids", "lengths", "labels"} of sentences in a new random order every epoch, with
+    masks (see MaskingPolicy) drawn anew for every (seed, epoch, index). bos/eos/pad ids default to the tokenizer's,
+    as recorded in the corpus."""
+
+    def __init__(self, corpus: TokenizedCorpus, *, batch_size: int, max_len: int, mask_id: int, vocab_size: int,
+                 special_ids, mask_prob: float = 0.15, replace_mask: float = 0.8, replace_random: float = 0.1,
+                 seed: int = 0, shuffle: bool = True, bos_id: int | None = None, eos_id: int | None = None,
+                 pad_id: int | None = None):
+        _check_at_least("batch_size", batch_size, 1)
+        _check_at_least("max_len", max_len, 3)  # <s>, one token, </s>
+        _check_vocab(corpus, vocab_size)
+        self.corpus, self.batch_size, self.max_len, self.seed, self.shuffle = corpus, batch_size, max_len, seed, shuffle
+        self.bos_id = _special_id(corpus, "bos_id", bos_id)
+        self.eos_id = _special_id(corpus, "eos_id", eos_id)
+        self.pad_id = _special_id(corpus, "pad_id", pad_id)
+        self.policy = MaskingPolicy(mask_id=mask_id, vocab_size=vocab_size, special_ids=frozenset(special_ids),
+                                    mask_prob=mask_prob, replace_mask=replace_mask, replace_random=replace_random)
+
+    def num_batches(self, epoch: int) -> int:
+        return math.ceil(len(self.corpus) / self.batch_size)
+
+    def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        _check_index(index, self.num_batches(epoch))
+        order = _epoch_order(len(self.corpus), self.seed, epoch, self.shuffle)
+        sentences = [
+            _wrapped(_content(self.corpus, i)[:self.max_len - 2], self.bos_id, self.eos_id)
+            for i in order[index * self.batch_size:(index + 1) * self.batch_size]
+        ]
+        input_ids, lengths = _padded(sentences, self.pad_id, self.max_len)
+        input_ids, labels = self.policy.apply(input_ids, lengths, torch_generator(self.seed, epoch, index))
+        return {"input_ids": input_ids, "lengths": lengths, "labels": labels}
+
+
+class CausalLMBatches:
+    """Causal-LM batches {"input_ids", "labels" (= input_ids; the model shifts), "lengths" (all block_len)} of
+    fixed-length blocks cut from the corpus read as one stream, `sentence </s> sentence </s> ...`; the block order
+    changes every epoch. The stream's last partial block (< block_len tokens) is left out."""
+
+    def __init__(self, corpus: TokenizedCorpus, *, batch_size: int, block_len: int, eos_id: int, seed: int = 0,
+                 shuffle: bool = True):
+        _check_at_least("batch_size", batch_size, 1)
+        _check_at_least("block_len", block_len, 2)
+        self.corpus, self.batch_size, self.block_len, self.eos_id = corpus, batch_size, block_len, eos_id
+        self.seed, self.shuffle = seed, shuffle
+        marker = int(corpus.add_bos_eos)  # a stored <s> before and </s> after each sentence
+        self._content_starts = corpus.offsets[:-1] + marker
+        self._content_lengths = corpus.lengths - 2 * marker
+        # Sentence i fills stream positions [stream_starts[i], stream_starts[i + 1]), its separator last.
+        self._stream_starts = np.concatenate([[0], np.cumsum(self._content_lengths + 1)])
+        self.num_blocks = int(self._stream_starts[-1]) // block_len
+        if self.num_blocks == 0:
+            raise ValueError(f"block_len={block_len}: the corpus {corpus.path} has only {self._stream_starts[-1]} "
+                             "tokens with separators, fewer than one block")
+
+    def num_batches(self, epoch: int) -> int:
+        return math.ceil(self.num_blocks / self.batch_size)
+
+    def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        _check_index(index, self.num_batches(epoch))
+        order = _epoch_order(self.num_blocks, self.seed, epoch, self.shuffle)
+        blocks = [self.block(b) for b in order[index * self.batch_size:(index + 1) * self.batch_size]]
+        input_ids = torch.from_numpy(np.stack(blocks).astype(np.int64))
+        lengths = torch.full((len(blocks),), self.block_len, dtype=torch.int64)
+        return {"input_ids": input_ids, "labels": input_ids.clone(), "lengths": lengths}
+
+    def block(self, block_index: int) -> np.ndarray:
+        """Stream positions [block_index * block_len, (block_index + 1) * block_len)."""
+        positions = block_index * self.block_len + np.arange(self.block_len)
+        sentence = np.searchsorted(self._stream_starts, positions, side="right") - 1
+        within = positions - self._stream_starts[sentence]
+        is_content = within < self._content_lengths[sentence]  # else the separator after the sentence
+        token = self._content_starts[sentence] + within
+        values = np.full(self.block_len, self.eos_id, dtype=np.int64)
+        if is_content.any():
+            # The block's tokens are one contiguous range of the corpus (minus stored markers): one read.
+            first, last = int(token[is_content].min()), int(token[is_content].max())
+            values[is_content] = self.corpus.tokens(first, last + 1)[token[is_content] - first]
+        return values
+
+
+class TranslationBatches:
+    """Translation batches {"src_ids", "src_lengths", "tgt_ids", "tgt_lengths", "labels"} (labels = tgt_ids with
+    -100 at padding). Pairs are bucketed by length: each epoch shuffles them, sorts chunks of BUCKET_CHUNK pairs by
+    padded length, cuts the chunks into batches of `batch_size` pairs or of at most `max_tokens` padded tokens
+    (pairs x longest side; exactly one of the two is given), then shuffles the batches. Without shuffle, chunks
+    and batches keep corpus order (for evaluation)."""
+
+    def __init__(self, src_corpus: TokenizedCorpus, tgt_corpus: TokenizedCorpus, *, max_src_len: int,
+                 max_tgt_len: int, bos_id: int, eos_id: int, pad_id: int, max_tokens: int | None = None,
+                 batch_size: int | None = None, seed: int = 0, shuffle: bool = True):
+        if len(src_corpus) != len(tgt_corpus):
+            raise ValueError(f"src_corpus has {len(src_corpus)} sentences, tgt_corpus has {len(tgt_corpus)}: "
+                             "expected a parallel corpus")
+        if (max_tokens is None) == (batch_size is None):
+            raise ValueError(f"max_tokens={max_tokens}, batch_size={batch_size}: expected exactly one of them")
+        _check_at_least("max_src_len", max_src_len, 3)  # <s>, one token, </s>
+        _check_at_least("max_tgt_len", max_tgt_len, 2)  # one token, </s>
+        if batch_size is not None:
+            _check_at_least("batch_size", batch_size, 1)
+        else:
+            _check_at_least("max_tokens", max_tokens, max(max_src_len, max_tgt_len))
+        self.src_corpus, self.tgt_corpus = src_corpus, tgt_corpus
+        self.max_src_len, self.max_tgt_len = max_src_len, max_tgt_len
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.max_tokens, self.batch_size, self.seed, self.shuffle = max_tokens, batch_size, seed, shuffle
+        src_lengths = np.minimum(_content_lengths(src_corpus) + 2, max_src_len)
+        tgt_lengths = np.minimum(_content_lengths(tgt_corpus) + 1, max_tgt_len)
+        self._sizes = np.maximum(src_lengths, tgt_lengths)  # what a pair costs in a padded batch, per pair
+        self._plan: tuple[int, list[np.ndarray]] | None = None
+
+    def num_batches(self, epoch: int) -> int:
+        return len(self.epoch_plan(epoch))
+
+    def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        plan = self.epoch_plan(epoch)
+        _check_index(index, len(plan))
+        pairs = plan[index]
+        sources = [_wrapped(_content(self.src_corpus, i)[:self.max_src_len - 2], self.bos_id, self.eos_id)
+                   for i in pairs]
+        targets = [_wrapped(_content(self.tgt_corpus, i)[:self.max_tgt_len - 1], None, self.eos_id) for i in pairs]
+        src_ids, src_lengths = _padded(sources, self.pad_id, self.max_src_len)
+        tgt_ids, tgt_lengths = _padded(targets, self.pad_id, self.max_tgt_len)
+        padding = torch.arange(tgt_ids.shape[1])[None, :] >= tgt_lengths[:, None]
+        return {"src_ids": src_ids, "src_lengths": src_lengths, "tgt_ids": tgt_ids, "tgt_lengths": tgt_lengths,
+                "labels": tgt_ids.masked_fill(padding, IGNORE_INDEX)}
+
+    def epoch_plan(self, epoch: int) -> list[np.ndarray]:
+        """The pair indices of every batch of the epoch, in batch order (the last epoch's plan is kept)."""
+        if self._plan is None or self._plan[0] != epoch:
+            generator = numpy_generator(self.seed, epoch)
+            order = generator.permutation(len(self._sizes)) if self.shuffle else np.arange(len(self._sizes))
+            batches = []
+            for start in range(0, len(order), BUCKET_CHUNK):
+                chunk = order[start:start + BUCKET_CHUNK]
+                batches.extend(self._cut(chunk[np.argsort(self._sizes[chunk], kind="stable")]))
+            if self.shuffle:
+                batches = [batches[i] for i in generator.permutation(len(batches))]
+            self._plan = (epoch, batches)
+        return self._plan[1]
+
+    def _cut(self, pairs: np.ndarray) -> list[np.ndarray]:
+        """Consecutive batches of pairs sorted by size: batch_size pairs, or as many as fit in max_tokens."""
+        if self.batch_size is not None:
+            return [pairs[i:i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
+        batches, start = [], 0
+        for end, size in enumerate(self._sizes[pairs].tolist()):
+            # Sorted ascending, so the newest pair is the longest: it sets the padded length of the batch.
+            if (end - start + 1) * size > self.max_tokens:
+                batches.append(pairs[start:end])
+                start = end
+        batches.append(pairs[start:])
+        return batches
+
+
+@lru_cache(maxsize=2)  # the training and the evaluation order
+def _epoch_order(count: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The order of the items in an epoch: a permutation drawn from (seed, epoch), or corpus order."""
+    order = numpy_generator(seed, epoch).permutation(count) if shuffle else np.arange(count)
+    order.flags.writeable = False  # shared by every batch of the epoch through the cache
+    return order
+
+
+def _content(corpus: TokenizedCorpus, index: int) -> np.ndarray:
+    """The ids of sentence `index` without the <s> ... </s> that add_bos_eos may have stored."""
+    ids = corpus[int(index)]
+    return ids[1:-1] if corpus.add_bos_eos else ids
+
+
+def _content_lengths(corpus: TokenizedCorpus) -> np.ndarray:
+    return corpus.lengths - 2 * int(corpus.add_bos_eos)
+
+
+def _wrapped(content: np.ndarray, bos_id: int | None, eos_id: int) -> np.ndarray:
+    head = [] if bos_id is None else [bos_id]
+    return np.concatenate([np.asarray(head, dtype=np.int64), content.astype(np.int64), [eos_id]])
+
+
+def _padded(sequences: list[np.ndarray], pad_id: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T) int64 padded with pad_id, lengths (B,) int64); T is the longest length rounded up to a multiple
+    of PAD_MULTIPLE, at most max_len."""
+    lengths = np.array([len(sequence) for sequence in sequences], dtype=np.int64)
+    width = min(-(-int(lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE, max_len)
+    ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    for row, sequence in enumerate(sequences):
+        ids[row, :len(sequence)] = sequence
+    return torch.from_numpy(ids), torch.from_numpy(lengths)
+
+
+def _special_id(corpus: TokenizedCorpus, name: str, given: int | None) -> int:
+    special_id = given if given is not None else getattr(corpus, name)
+    if special_id is None:
+        raise ValueError(f"{name}=None: not given, and the tokenizer of {corpus.path} has no such special token")
+    return special_id
+
+
+def _check_vocab(corpus: TokenizedCorpus, vocab_size: int) -> None:
+    if vocab_size < corpus.vocab_size:
+        raise ValueError(f"vocab_size={vocab_size}: smaller than the vocab_size={corpus.vocab_size} of {corpus.path}")
+
+
+def _check_at_least(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}")
+
+
+def _check_index(index: int, num_batches: int) -> None:
+    if not 0 <= index < num_batches:
+        raise IndexError(f"batch index={index} out of range: the epoch has {num_batches} batches")

@@ -1,0 +1,282 @@
+"""`prepare`: tokenise a text corpus into a prepared corpus directory (layout: fastlm.data.corpus).
+
+- All cores: chunks of sentences go to the native `Tokenizer.encode_batch(..., return_numpy=True)`, which splits
+  them over its threads and releases the GIL, so the next chunk is read while one is encoded.
+- Deterministic: shard k holds input sentences [k * shard_size, (k + 1) * shard_size); bytes do not depend on the
+  number of threads.
+- Resumable: each shard file is written under a temporary name and renamed when complete, then the shard's record
+  `shard-00000.json` (its counts and the SHA-256 of its input sentences) marks it finished; a re-run re-reads the
+  input, checks each finished shard's input against its record and tokenises only the unfinished shards.
+  `meta.json` is written last; once it exists a re-run does nothing. The settings of the first run are kept in
+  `prepare.json`; re-running with other settings, or on changed input, is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from itertools import count, islice
+from pathlib import Path
+
+import numpy as np
+
+from fastlm.data.corpus import (
+    FORMAT, META_FILE, SOURCE_DIR, SPECIAL_ID_NAMES, TARGET_DIR, VERSION, ParallelCorpus, TokenizedCorpus,
+    dtype_for_vocab, read_shard_offsets, shard_files, shard_name, tokenizer_sha256,
+)
+from fastlm.data.progress import Progress
+from fastlm.data.readers import Reader, TextLines
+
+# ~1M sentences a shard: ~25M tokens (~50 MB as uint16) on sentence-level corpora; few files, cheap to redo.
+DEFAULT_SHARD_SIZE = 1 << 20
+# Sentences per encode_batch call: enough work for every core, little memory held in Python strings.
+ENCODE_CHUNK = 16384
+SETTINGS_FILE = "prepare.json"
+
+
+def prepare_corpus(
+    inputs: str | os.PathLike | list | tuple | Iterable[str], tokenizer, out_dir: str | os.PathLike, *,
+    shard_size: int = DEFAULT_SHARD_SIZE, num_threads: int | None = None, add_bos_eos: bool = False,
+    progress: bool = True,
+) -> TokenizedCorpus:
+    """Tokenises sentences into the prepared corpus `out_dir` and returns it opened.
+
+    `inputs`: a path or a list/tuple of paths (plain text, one sentence per line; see `TextLines`), or any other
+    iterable of sentences (a `Reader`, a generator, `iter(list_of_sentences)`). `add_bos_eos` stores every sentence
+    as <s> ... </s>; the batch sources add those markers themselves, so the default stores bare sentences.
+    """
+    paths = _input_paths(inputs)
+    reader = TextLines(*paths) if paths is not None else inputs
+    if getattr(reader, "parallel", False):
+        raise ValueError(f"prepare_corpus inputs={reader!r}: yields sentence pairs; use prepare_parallel_corpus")
+    _prepare(((sentence,) for sentence in reader), reader, tokenizer, [Path(out_dir)], shard_size=shard_size,
+             num_threads=num_threads, add_bos_eos=add_bos_eos, progress=progress)
+    return TokenizedCorpus(out_dir)
+
+
+def prepare_parallel_corpus(
+    pairs: Iterable[tuple[str, str]], tokenizer, out_dir: str | os.PathLike, *,
+    shard_size: int = DEFAULT_SHARD_SIZE, num_threads: int | None = None, add_bos_eos: bool = False,
+    progress: bool = True,
+) -> ParallelCorpus:
+    """Tokenises (source, target) pairs (e.g. a `ParallelLines`, `TsvPairs` or `AihubPairs` reader) into
+    `out_dir/src` and `out_dir/tgt`, one shared tokenizer, and returns the opened `ParallelCorpus`."""
+    out_dir = Path(out_dir)
+    _prepare(pairs, pairs, tokenizer, [out_dir / SOURCE_DIR, out_dir / TARGET_DIR], shard_size=shard_size,
+             num_threads=num_threads, add_bos_eos=add_bos_eos, progress=progress)
+    return ParallelCorpus(out_dir)
+
+
+def _input_paths(inputs) -> list | None:
+    """The paths in `inputs` (a path, or a list/tuple of paths), or None for any other iterable of sentences."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return [inputs]
+    if isinstance(inputs, (list, tuple)) and all(isinstance(item, (str, os.PathLike)) for item in inputs):
+        return list(inputs)
+    return None
+
+
+def _prepare(rows: Iterable[tuple[str, ...]], source, tokenizer, out_dirs: list[Path], *, shard_size: int,
+             num_threads: int | None, add_bos_eos: bool, progress: bool) -> None:
+    """Writes column c of every row to the corpus out_dirs[c], shard by shard."""
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size={shard_size!r}: expected a positive number of sentences per shard")
+    special_token_ids = {name: getattr(tokenizer, name) for name in SPECIAL_ID_NAMES}
+    bos_id, eos_id = special_token_ids["bos_id"], special_token_ids["eos_id"]
+    if add_bos_eos and (bos_id is None or eos_id is None):
+        raise ValueError("add_bos_eos=True needs a tokenizer with <s> and </s> special tokens")
+    dtype = dtype_for_vocab(tokenizer.vocab_size)
+    settings = {"tokenizer_sha256": tokenizer_sha256(tokenizer), "vocab_size": tokenizer.vocab_size,
+                "dtype": dtype.name, "shard_size": shard_size, "add_bos_eos": add_bos_eos,
+                "special_token_ids": special_token_ids}
+    for directory in out_dirs:
+        directory.mkdir(parents=True, exist_ok=True)
+        _keep_settings(directory, settings)
+    if all((directory / META_FILE).is_file() for directory in out_dirs):
+        return
+
+    encode = partial(_encode_columns, tokenizer, num_threads=num_threads, num_columns=len(out_dirs),
+                     markers=(bos_id, eos_id) if add_bos_eos else None)
+    bar = Progress(f"prepare {out_dirs[0].parent if len(out_dirs) > 1 else out_dirs[0]}", ("sentences", "tokens"),
+                   enabled=progress)
+    shards = _write_shards(iter(rows), encode, out_dirs, shard_size=shard_size, dtype=dtype,
+                           vocab_size=tokenizer.vocab_size, progress=bar)
+    bar.close()
+    if not shards[0]:
+        raise ValueError(f"prepare inputs={source!r}: no sentences to prepare")
+    description = repr(source) if isinstance(source, Reader) else type(source).__name__
+    skipped = source.skipped if isinstance(source, Reader) else 0
+    for directory, shard_list in zip(out_dirs, shards):
+        meta = {"format": FORMAT, "version": VERSION, **settings,
+                "num_sentences": sum(shard["num_sentences"] for shard in shard_list),
+                "num_tokens": sum(shard["num_tokens"] for shard in shard_list),
+                "shards": shard_list, "source": description, "skipped": skipped}
+        _write_json_atomically(directory / META_FILE, meta)
+
+
+def _encode_columns(tokenizer, chunk: list[tuple[str, ...]], *, num_threads: int | None, num_columns: int,
+                    markers: tuple[int, int] | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(flat ids, offsets) per column of the chunk's rows, each sentence wrapped in `markers` (bos, eos) if given."""
+    if len(chunk[0]) != num_columns:
+        raise ValueError(f"prepare: expected rows of {num_columns} sentence(s), got {chunk[0]!r}")
+    encoded = []
+    for column in zip(*chunk, strict=True):
+        ids, offsets = tokenizer.encode_batch(list(column), num_threads=num_threads, return_numpy=True)
+        encoded.append(_with_markers(ids, offsets, *markers) if markers else (ids, offsets))
+    return encoded
+
+
+def _write_shards(rows: Iterator[tuple[str, ...]], encode: Callable, out_dirs: list[Path], *, shard_size: int,
+                  dtype: np.dtype, vocab_size: int, progress: Progress) -> list[list[dict]]:
+    """Writes (or, when an earlier run finished it, skips) shard after shard; the meta.json entries per out_dir."""
+    shards: list[list[dict]] = [[] for _ in out_dirs]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for index in count():
+            name = shard_name(index)
+            digest = hashlib.sha256()
+            shard_rows = _hashed(islice(rows, shard_size), digest)
+            records = [_finished_record(directory, name, dtype) for directory in out_dirs]
+            if all(records):
+                num_sentences = sum(1 for _ in shard_rows)
+                if (num_sentences, digest.hexdigest()) != (records[0]["num_sentences"], records[0]["input_sha256"]):
+                    raise ValueError(f"{out_dirs[0] / name}: the input of this finished shard changed since the "
+                                     "first run; prepare into a new out_dir")
+            else:
+                encoded = _encoded_in_background(_chunks(shard_rows, ENCODE_CHUNK), encode, pool)
+                counts = _write_shard(encoded, out_dirs, name, dtype, vocab_size)
+                if counts[0][0] == 0:
+                    break
+                records = [{"name": name, "num_sentences": num_sentences, "num_tokens": num_tokens,
+                            "input_sha256": digest.hexdigest()} for num_sentences, num_tokens in counts]
+                for directory, record in zip(out_dirs, records):
+                    _write_json_atomically(_record_path(directory, name), record)
+            for shard_list, record in zip(shards, records):
+                shard_list.append(record)
+            progress.update(sentences=records[0]["num_sentences"],
+                            tokens=sum(record["num_tokens"] for record in records))
+            if records[0]["num_sentences"] < shard_size:
+                break
+    return shards
+
+
+def _hashed(rows: Iterator[tuple[str, ...]], digest) -> Iterator[tuple[str, ...]]:
+    """The rows, fed to `digest` on the way: a resumed run checks that a finished shard's input is unchanged."""
+    for row in rows:
+        for text in row:
+            data = text.encode("utf-8", "surrogatepass")
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+        yield row
+
+
+def _record_path(directory: Path, name: str) -> Path:
+    return directory / f"{name}.json"
+
+
+def _finished_record(directory: Path, name: str, dtype: np.dtype) -> dict | None:
+    """The record of a shard that an earlier run finished (written after its files), or None."""
+    try:
+        record = json.loads(_record_path(directory, name).read_text(encoding="utf-8"))
+        offsets = read_shard_offsets(directory, name, dtype)
+    except (OSError, ValueError):
+        return None
+    if (len(offsets) - 1, int(offsets[-1])) != (record.get("num_sentences"), record.get("num_tokens")):
+        return None
+    return record
+
+
+def _keep_settings(directory: Path, settings: dict) -> None:
+    """Records the settings of a first run; a re-run (resume) must use the same ones."""
+    path = directory / SETTINGS_FILE
+    if not path.is_file():
+        _write_json_atomically(path, settings)
+        return
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    changed = {key: (recorded.get(key), value) for key, value in settings.items() if recorded.get(key) != value}
+    if changed:
+        details = ", ".join(f"{key}: was {old!r}, now {new!r}" for key, (old, new) in changed.items())
+        raise ValueError(f"{directory}: prepared before with other settings ({details}); use a new out_dir")
+
+
+def _chunks(rows: Iterator, size: int) -> Iterator[list]:
+    while chunk := list(islice(rows, size)):
+        yield chunk
+
+
+def _encoded_in_background(chunks: Iterator[list], encode: Callable, pool: ThreadPoolExecutor) -> Iterator:
+    """encode(chunk) for each chunk in order; chunk k is encoded on the pool while chunk k + 1 is read."""
+    pending = None
+    for chunk in chunks:
+        submitted = pool.submit(encode, chunk)
+        if pending is not None:
+            yield pending.result()
+        pending = submitted
+    if pending is not None:
+        yield pending.result()
+
+
+def _write_shard(encoded_chunks: Iterator, out_dirs: list[Path], name: str, dtype: np.dtype,
+                 vocab_size: int) -> list[tuple[int, int]]:
+    """Writes one shard per out_dir; returns (sentences, tokens) per out_dir; writes nothing for no rows."""
+    temporary = [tuple(path.with_name(path.name + ".tmp") for path in shard_files(d, name)) for d in out_dirs]
+    files = None
+    lengths: list[list[np.ndarray]] = [[] for _ in out_dirs]
+    try:
+        for columns in encoded_chunks:
+            if files is None:
+                files = [open(ids_path, "wb") for ids_path, _ in temporary]
+            for file, column_lengths, (ids, offsets) in zip(files, lengths, columns):
+                if len(ids) and int(ids.max()) >= vocab_size:
+                    raise ValueError(f"token id {int(ids.max())} from the tokenizer is >= vocab_size={vocab_size}")
+                file.write(ids.astype(dtype.newbyteorder("<"), copy=False).tobytes())
+                column_lengths.append(np.diff(offsets))
+    except BaseException:
+        for file in files or ():
+            file.close()
+        raise
+    if files is None:
+        return [(0, 0) for _ in out_dirs]
+    counts = []
+    for file, column_lengths, (ids_tmp, offsets_tmp), directory in zip(files, lengths, temporary, out_dirs):
+        offsets = np.concatenate([[0], np.cumsum(np.concatenate(column_lengths))]).astype("<i8")
+        _sync_and_close(file)
+        with open(offsets_tmp, "wb") as offsets_file:
+            offsets_file.write(offsets.tobytes())
+            _sync_and_close(offsets_file)
+        ids_path, offsets_path = shard_files(directory, name)
+        os.replace(ids_tmp, ids_path)
+        os.replace(offsets_tmp, offsets_path)
+        counts.append((len(offsets) - 1, int(offsets[-1])))
+    return counts
+
+
+def _with_markers(ids: np.ndarray, offsets: np.ndarray, bos_id: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat ids/offsets with every sentence wrapped as <s> ... </s>."""
+    num_sentences = len(offsets) - 1
+    wrapped_offsets = offsets + 2 * np.arange(num_sentences + 1)
+    wrapped = np.empty(len(ids) + 2 * num_sentences, dtype=ids.dtype)
+    wrapped[wrapped_offsets[:-1]] = bos_id
+    wrapped[wrapped_offsets[1:] - 1] = eos_id
+    # Token j of sentence i moves right by 2 * i + 1 (the markers of the sentences before it and its own <s>).
+    sentence_of_token = np.repeat(np.arange(num_sentences), np.diff(offsets))
+    wrapped[np.arange(len(ids)) + 2 * sentence_of_token + 1] = ids
+    return wrapped, wrapped_offsets
+
+
+def _sync_and_close(file) -> None:
+    file.flush()
+    os.fsync(file.fileno())
+    file.close()
+
+
+def _write_json_atomically(path: Path, value: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump(value, file, indent=1, ensure_ascii=False)
+        file.write("\n")
+        _sync_and_close(file)
+    os.replace(temporary, path)

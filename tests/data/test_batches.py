@@ -1,0 +1,157 @@
+"""Batch sources: contract keys, every item once per epoch, reproducibility, packing, bucketing, truncation."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from data_helpers import ByteTokenizer, write_lines
+
+from fastlm.data import (
+    IGNORE_INDEX, CausalLMBatches, MaskedLMBatches, ParallelLines, TranslationBatches, prepare_corpus,
+    prepare_parallel_corpus,
+)
+
+TOKENIZER = ByteTokenizer()
+PAD, BOS, EOS, MASK = TOKENIZER.pad_id, TOKENIZER.bos_id, TOKENIZER.eos_id, TOKENIZER.mask_id
+KO = [f"{i}번 문장{'은 길다' * (i % 9)}." for i in range(61)]
+EN = [f"Sentence {i}{' goes on' * (i % 13)}." for i in range(61)]
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["bare", "stored-bos-eos"])
+def corpora(request, tmp_path_factory):
+    """The same parallel corpus prepared bare and with stored <s> ... </s>: batches must not differ."""
+    root = tmp_path_factory.mktemp("corpus")
+    pairs = ParallelLines(write_lines(root / "x.ko", KO), write_lines(root / "x.en", EN))
+    return prepare_parallel_corpus(pairs, TOKENIZER, root / "prepared", shard_size=16, add_bos_eos=request.param,
+                                   progress=False)
+
+
+def mlm(corpus, **overrides) -> MaskedLMBatches:
+    settings = {"batch_size": 8, "max_len": 24, "mask_id": MASK, "vocab_size": TOKENIZER.vocab_size,
+                "special_ids": TOKENIZER.special_ids, "seed": 3, **overrides}
+    return MaskedLMBatches(corpus, **settings)
+
+
+def all_batches(source, epoch: int) -> list[dict[str, torch.Tensor]]:
+    return [source.batch(epoch, index) for index in range(source.num_batches(epoch))]
+
+
+def rows(ids: torch.Tensor, lengths: torch.Tensor, start: int = 0, end: int = 0) -> list[tuple[int, ...]]:
+    return [tuple(row[start:length - end].tolist()) for row, length in zip(ids, lengths)]
+
+
+# ---- masked LM --------------------------------------------------------------------------------------------------
+def test_mlm_batches_hold_every_sentence_once_wrapped_truncated_and_padded(corpora):
+    source = mlm(corpora.src)
+    batches = all_batches(source, epoch=0)
+    assert source.num_batches(0) == 8 and [len(b["lengths"]) for b in batches] == [8] * 7 + [5]
+    originals = []
+    for batch in batches:
+        assert set(batch) == {"input_ids", "lengths", "labels"}
+        assert all(t.dtype == torch.int64 for t in batch.values())
+        input_ids, lengths, labels = batch["input_ids"], batch["lengths"], batch["labels"]
+        assert input_ids.shape[1] <= 24 and int(lengths.max()) <= input_ids.shape[1]
+        padding = torch.arange(input_ids.shape[1])[None, :] >= lengths[:, None]
+        assert (input_ids[padding] == PAD).all() and (labels[padding] == IGNORE_INDEX).all()
+        original = torch.where(labels == IGNORE_INDEX, input_ids, labels)
+        assert (original[:, 0] == BOS).all() and (original[torch.arange(len(lengths)), lengths - 1] == EOS).all()
+        originals += rows(original, lengths, start=1, end=1)
+    expected = [tuple(TOKENIZER.encode(s)[:22]) for s in KO]  # max_len 24 = <s> + 22 + </s>
+    assert Counter(originals) == Counter(expected)
+
+
+def test_mlm_batch_is_a_function_of_seed_epoch_index(corpora):
+    source = mlm(corpora.src)
+    first = source.batch(2, 5)
+    assert all(torch.equal(first[k], mlm(corpora.src).batch(2, 5)[k]) for k in first), "a fresh source agrees"
+    assert not torch.equal(first["labels"], source.batch(3, 5)["labels"]), "another epoch, another order and mask"
+    same_order = mlm(corpora.src, shuffle=False)
+    epoch0, epoch1 = same_order.batch(0, 1), same_order.batch(1, 1)
+    assert torch.equal(torch.where(epoch0["labels"] == IGNORE_INDEX, epoch0["input_ids"], epoch0["labels"]),
+                       torch.where(epoch1["labels"] == IGNORE_INDEX, epoch1["input_ids"], epoch1["labels"]))
+    assert not torch.equal(epoch0["labels"], epoch1["labels"]), "masks are drawn anew each epoch"
+    with pytest.raises(IndexError, match="batch index=8 out of range: the epoch has 8 batches"):
+        source.batch(0, 8)
+
+
+def test_mlm_ids_default_to_the_corpus_tokenizer_and_are_checked(corpora):
+    with pytest.raises(ValueError, match="vocab_size=100: smaller than the vocab_size=260"):
+        mlm(corpora.src, vocab_size=100)
+    with pytest.raises(ValueError, match="max_len=2: expected an integer >= 3"):
+        mlm(corpora.src, max_len=2)
+    assert (mlm(corpora.src).bos_id, mlm(corpora.src).pad_id) == (BOS, PAD)
+
+
+# ---- causal LM --------------------------------------------------------------------------------------------------
+def test_causal_blocks_use_every_token_once_with_separators(corpora):
+    source = CausalLMBatches(corpora.tgt, batch_size=4, block_len=32, eos_id=EOS, seed=1)
+    stream = np.concatenate([[*TOKENIZER.encode(s), EOS] for s in EN])
+    assert source.num_blocks == len(stream) // 32
+    seen = []
+    for batch in all_batches(source, epoch=0):
+        assert set(batch) == {"input_ids", "labels", "lengths"}
+        assert torch.equal(batch["labels"], batch["input_ids"]) and (batch["lengths"] == 32).all()
+        seen += [tuple(row.tolist()) for row in batch["input_ids"]]
+    blocks = [tuple(stream[i:i + 32].tolist()) for i in range(0, source.num_blocks * 32, 32)]
+    assert sorted(seen) == sorted(blocks) and seen != blocks, "each block once, in a shuffled order"
+    other_epoch = [tuple(row.tolist()) for b in all_batches(source, epoch=1) for row in b["input_ids"]]
+    assert sorted(other_epoch) == sorted(blocks) and other_epoch != seen
+
+
+def test_causal_needs_one_block(corpora):
+    with pytest.raises(ValueError, match="fewer than one block"):
+        CausalLMBatches(corpora.tgt, batch_size=2, block_len=10**6, eos_id=EOS)
+
+
+# ---- translation ------------------------------------------------------------------------------------------------
+def translation(corpora, **overrides) -> TranslationBatches:
+    settings = {"max_src_len": 20, "max_tgt_len": 30, "bos_id": BOS, "eos_id": EOS, "pad_id": PAD, "seed": 7,
+                **overrides}
+    return TranslationBatches(corpora.src, corpora.tgt, **settings)
+
+
+@pytest.mark.parametrize("size", [{"batch_size": 5}, {"max_tokens": 120}], ids=["batch_size", "max_tokens"])
+def test_translation_batches_hold_every_pair_once_truncated_and_padded(corpora, size):
+    source = translation(corpora, **size)
+    pairs = []
+    for batch in all_batches(source, epoch=0):
+        src_ids, src_lengths = batch["src_ids"], batch["src_lengths"]
+        tgt_ids, tgt_lengths, labels = batch["tgt_ids"], batch["tgt_lengths"], batch["labels"]
+        assert src_ids.shape[1] <= 20 and tgt_ids.shape[1] <= 30
+        assert (src_ids[:, 0] == BOS).all() and (src_ids[torch.arange(len(src_ids)), src_lengths - 1] == EOS).all()
+        assert (tgt_ids[torch.arange(len(tgt_ids)), tgt_lengths - 1] == EOS).all() and (tgt_ids[:, 0] != BOS).all()
+        padding = torch.arange(tgt_ids.shape[1])[None, :] >= tgt_lengths[:, None]
+        assert (labels[padding] == IGNORE_INDEX).all() and torch.equal(labels[~padding], tgt_ids[~padding])
+        assert (tgt_ids[padding] == PAD).all()
+        if "max_tokens" in size:
+            assert len(src_ids) * int(max(src_lengths.max(), tgt_lengths.max())) <= 120
+        pairs += zip(rows(src_ids, src_lengths, start=1, end=1), rows(tgt_ids, tgt_lengths, end=1))
+    expected = [(tuple(TOKENIZER.encode(ko)[:18]), tuple(TOKENIZER.encode(en)[:29])) for ko, en in zip(KO, EN)]
+    assert Counter(pairs) == Counter(expected)
+
+
+def test_translation_buckets_by_length_and_shuffles_batches_per_epoch(corpora):
+    ordered = translation(corpora, batch_size=5, shuffle=False)
+    sizes = [max(min(len(TOKENIZER.encode(KO[i])) + 2, 20), min(len(TOKENIZER.encode(EN[i])) + 1, 30))
+             for batch in ordered.epoch_plan(0) for i in batch]
+    assert sizes == sorted(sizes), "one chunk here: without shuffling, batches follow the length order"
+    shuffled = translation(corpora, batch_size=5)
+    first, second = shuffled.epoch_plan(0), shuffled.epoch_plan(1)
+    assert sorted(np.concatenate(first).tolist()) == list(range(len(KO)))
+    assert [b.tolist() for b in first] != [b.tolist() for b in second]
+    assert all(torch.equal(a, b) for a, b in zip(shuffled.batch(1, 2).values(),
+                                                 translation(corpora, batch_size=5).batch(1, 2).values()))
+
+
+def test_translation_settings_are_checked(corpora):
+    with pytest.raises(ValueError, match="expected exactly one of them"):
+        translation(corpora, batch_size=4, max_tokens=100)
+    with pytest.raises(ValueError, match="max_tokens=10: expected an integer >= 30"):
+        translation(corpora, max_tokens=10)
+    with pytest.raises(ValueError, match="expected a parallel corpus"):
+        TranslationBatches(corpora.src, prepare_corpus(iter(["a", "b"]), TOKENIZER, corpora.path / "other",
+                                                       progress=False),
+                           max_src_len=8, max_tgt_len=8, bos_id=BOS, eos_id=EOS, pad_id=PAD, batch_size=2)
