@@ -1,0 +1,356 @@
+"""fastlm.Tokenizer: round trips, the native core against the reference BPE, special tokens, files, bad input."""
+
+import json
+import pickle
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizer_strategies import short_texts, texts
+
+import fastlm
+import fastlm.tokenizer
+from fastlm import Tokenizer
+from fastlm.reference_bpe import NUM_BYTES, ReferenceBPE
+from fastlm.tokenizer import DEFAULT_SPECIAL_TOKENS, demo
+
+
+@pytest.fixture(scope="module")
+def demo_files():
+    """The bilingual sample shipped in the package."""
+    sample = Path(fastlm.__file__).resolve().parent / "demo_data"
+    return [sample / "sample.ko", sample / "sample.en"]
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(demo_files):
+    return Tokenizer.train(demo_files, vocab_size=700, level="byte")
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer(demo_files):
+    return Tokenizer.train(demo_files, vocab_size=1200, level="char")
+
+
+@pytest.fixture(params=["byte", "char"])
+def tokenizer(request, byte_tokenizer, char_tokenizer):
+    return byte_tokenizer if request.param == "byte" else char_tokenizer
+
+
+def char_normalize(text: str) -> str:
+    """The documented char-level normalisation (NFC by default), then '▁' as a space."""
+    return unicodedata.normalize("NFC", text).replace("\u2581", " ")
+
+
+# ---- round trips ---------------------------------------------------------------------------------------------
+@given(texts)
+def test_byte_level_round_trips_any_text(byte_tokenizer, text):
+    assert byte_tokenizer.decode(byte_tokenizer.encode(text)) == text
+
+
+@given(st.binary())
+def test_byte_level_round_trips_any_bytes(byte_tokenizer, data):
+    assert byte_tokenizer.decode_bytes(byte_tokenizer.encode(data)) == data
+
+
+@given(texts)
+def test_char_level_round_trips_after_normalisation(char_tokenizer, text):
+    assert char_tokenizer.decode(char_tokenizer.encode(text)) == char_normalize(text)
+
+
+HARD_CASES = [
+    "",
+    " ",
+    "  leading and trailing  ",
+    "오늘 저녁에 친구와 함께 영화를 봤어요.",
+    "Korean 한국어 and English mixed: 서울2024년!",
+    "emoji 😀👍🏽 👨‍👩‍👧 flags 🇰🇷",
+    "combining e\u0301 a\u0308 \u1100\u1161\u11a8 (jamo)",
+    "controls \x00\x01\x1b\x7f\t\r\n\x0b\x0c end",
+    "a" * 100_000,
+    "가" * 30_000,
+    "▁space▁mark",
+]
+
+
+@pytest.mark.parametrize("text", HARD_CASES, ids=range(len(HARD_CASES)))
+def test_round_trips_on_hard_cases(tokenizer, text):
+    expected = text if tokenizer.level == "byte" else char_normalize(text)
+    assert tokenizer.decode(tokenizer.encode(text)) == expected
+
+
+def test_nfkc_normalisation_is_applied(demo_files):
+    tokenizer = Tokenizer.train(demo_files, vocab_size=1200, level="char", normalization="nfkc")
+    assert tokenizer.normalization == "nfkc"
+    assert tokenizer.decode(tokenizer.encode("Ａ①ﬁ")) == "A1fi"
+
+
+@pytest.mark.parametrize("level", ["byte", "char"])
+def test_lone_surrogates_become_replacement_characters(level, byte_tokenizer, char_tokenizer):
+    tokenizer = byte_tokenizer if level == "byte" else char_tokenizer
+    assert tokenizer.decode(tokenizer.encode("a\ud800b")) == "a\ufffdb"
+    assert tokenizer.decode_batch(tokenizer.encode_batch(["x\udfffy", "ok"])) == ["x\ufffdy", "ok"]
+    trained = Tokenizer.train(["a\ud800b"] * 5, vocab_size=600, level=level, min_frequency=1)
+    assert trained.decode(trained.encode("a\ud800b")) == "a\ufffdb"
+
+
+def test_invalid_utf8_bytes_decode_with_replacement(byte_tokenizer):
+    ids = byte_tokenizer.encode(b"ok\xff")
+    assert byte_tokenizer.decode(ids) == "ok\ufffd"
+
+
+# ---- batches -------------------------------------------------------------------------------------------------
+@given(st.lists(short_texts, max_size=8))
+def test_encode_batch_equals_one_by_one(byte_tokenizer, char_tokenizer, batch):
+    for tokenizer in (byte_tokenizer, char_tokenizer):
+        one_by_one = [tokenizer.encode(text) for text in batch]
+        assert tokenizer.encode_batch(batch, num_threads=2) == one_by_one
+        ids, offsets = tokenizer.encode_batch(batch, return_numpy=True)
+        assert ids.dtype == np.uint32 and offsets.dtype == np.int64 and len(offsets) == len(batch) + 1
+        assert [ids[offsets[i]:offsets[i + 1]].tolist() for i in range(len(batch))] == one_by_one
+        assert tokenizer.decode_batch(one_by_one) == [tokenizer.decode(ids) for ids in one_by_one]
+
+
+def test_decode_accepts_numpy_arrays(tokenizer):
+    ids = tokenizer.encode("숫자 123 and words")
+    assert tokenizer.decode(np.array(ids, dtype=np.uint32)) == tokenizer.decode(ids)
+
+
+# ---- the native core against the reference ------------------------------------------------------------------
+@settings(max_examples=100)
+@given(
+    corpus=st.lists(short_texts, min_size=1, max_size=6),
+    level=st.sampled_from(["byte", "char"]),
+    num_merges=st.integers(0, 40),
+    min_frequency=st.sampled_from([1, 2, 3]),
+    character_coverage=st.sampled_from([1.0, 0.9995, 0.9, 0.6]),
+    probes=st.lists(short_texts, max_size=4),
+)
+def test_native_training_and_encoding_equal_the_reference(
+    corpus, level, num_merges, min_frequency, character_coverage, probes
+):
+    corpus = [char_normalize(text) for text in corpus] if level == "char" else corpus
+    alphabet_bound = len(set("".join(corpus))) + 1 if level == "char" else 0  # +1: the '▁' space mark
+    vocab_size = len(DEFAULT_SPECIAL_TOKENS) + NUM_BYTES + alphabet_bound + num_merges
+    reference = ReferenceBPE.train(corpus, vocab_size, level, DEFAULT_SPECIAL_TOKENS, min_frequency,
+                                   character_coverage)
+    native = Tokenizer.train(corpus, vocab_size, level, min_frequency=min_frequency,
+                             character_coverage=character_coverage)
+    assert native._tokens == reference.tokens
+    assert native._merges == reference.merges
+    for text in corpus + [char_normalize(text) for text in probes]:
+        assert native.encode(text) == reference.encode(text)
+
+
+@pytest.mark.parametrize("level", ["byte", "char"])
+def test_native_equals_the_reference_on_corpus_lines(level, ko_en_dir):
+    lines = [line for language in ("ko", "en")
+             for line in (ko_en_dir / f"train.{language}").read_text(encoding="utf-8").splitlines()[:60]]
+    base_size = Tokenizer.train(lines, vocab_size=10**6, level=level, min_frequency=10**9).vocab_size
+    vocab_size = base_size + 150
+    native = Tokenizer.train(lines, vocab_size, level)
+    reference = ReferenceBPE.train(lines, vocab_size, level)
+    assert native._tokens == reference.tokens and native._merges == reference.merges
+    held_out = (ko_en_dir / "valid.ko").read_text(encoding="utf-8").splitlines()[:30]
+    assert [native.encode(line) for line in held_out] == [reference.encode(line) for line in held_out]
+
+
+def test_training_is_deterministic_across_thread_counts(demo_files):
+    for level in ("byte", "char"):
+        one = Tokenizer.train(demo_files, vocab_size=900, level=level, num_threads=1)
+        two = Tokenizer.train(demo_files, vocab_size=900, level=level, num_threads=2)
+        assert one._tokens == two._tokens and one._merges == two._merges
+
+
+def test_training_on_files_equals_training_on_lines(demo_files):
+    lines = [line for path in demo_files for line in path.read_text(encoding="utf-8").splitlines()]
+    for level in ("byte", "char"):
+        from_files = Tokenizer.train(demo_files, vocab_size=900, level=level)
+        from_lines = Tokenizer.train(iter(lines), vocab_size=900, level=level)
+        assert from_files._merges == from_lines._merges
+
+
+def test_char_level_training_normalises_files(tmp_path):
+    lines = ["한국어 café ▁mark", "둘째 줄 e\u0301"] * 20
+    decomposed = tmp_path / "decomposed.txt"  # NFD, with Windows line ends
+    decomposed.write_bytes("".join(unicodedata.normalize("NFD", line) + "\r\n" for line in lines).encode())
+    from_file = Tokenizer.train([decomposed], vocab_size=350, level="char", min_frequency=1)
+    from_lines = Tokenizer.train([char_normalize(line) for line in lines], vocab_size=350, level="char",
+                                 min_frequency=1)
+    assert from_file._tokens == from_lines._tokens and from_file._merges == from_lines._merges
+
+
+@pytest.mark.parametrize("first_line", ["좋아요", unicodedata.normalize("NFD", "좋아요")])
+def test_char_level_training_rejects_invalid_utf8_naming_file_and_line(tmp_path, first_line):
+    path = tmp_path / "broken.txt"
+    path.write_bytes(f"{first_line}\nfine\n".encode() + b"bad \xff byte\n")
+    with pytest.raises(ValueError, match=r"broken\.txt:3"):
+        Tokenizer.train([path], vocab_size=600, level="char")
+
+
+def test_invalid_utf8_after_an_unnormalised_block_names_file_and_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(fastlm.tokenizer, "_FILE_CHECK_BYTES", 16)  # the NFD line is seen before the bad byte
+    path = tmp_path / "broken.txt"
+    path.write_bytes((unicodedata.normalize("NFD", "좋아요") + "\nfine\n").encode() + b"bad \xff byte\n")
+    with pytest.raises(ValueError, match=r"broken\.txt:3"):
+        Tokenizer.train([path], vocab_size=600, level="char")
+
+
+def test_byte_level_training_accepts_any_bytes_in_files(tmp_path):
+    path = tmp_path / "binary.txt"
+    path.write_bytes(b"ab\xffab\xff\n" * 10)
+    tokenizer = Tokenizer.train([path], vocab_size=270, level="byte", special_tokens=())
+    assert tokenizer.decode_bytes(tokenizer.encode(b"ab\xffab\xff")) == b"ab\xffab\xff"
+
+
+# ---- special tokens ------------------------------------------------------------------------------------------
+def test_special_token_ids_and_properties(tokenizer):
+    assert tokenizer.special_tokens == DEFAULT_SPECIAL_TOKENS
+    assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.mask_id) == (0, 1, 2, 3)
+    assert tokenizer.special_ids == frozenset({0, 1, 2, 3})
+
+
+def test_missing_special_tokens_give_none(demo_files):
+    tokenizer = Tokenizer.train(demo_files, vocab_size=400, special_tokens=("<s>",))
+    assert (tokenizer.bos_id, tokenizer.pad_id, tokenizer.eos_id, tokenizer.mask_id) == (0, None, None, None)
+
+
+def test_special_strings_in_text_are_plain_text(tokenizer):
+    text = "<s>안녕</s><mask> <pad>"
+    ids = tokenizer.encode(text)
+    assert not set(ids) & tokenizer.special_ids
+    assert tokenizer.decode(ids) == text
+
+
+def test_allowed_special_encodes_the_named_specials(tokenizer):
+    text = "<s>안녕 world</s><mask>"
+    ids = tokenizer.encode(text, allowed_special={"<s>", "</s>"})
+    assert ids[0] == tokenizer.bos_id and tokenizer.eos_id in ids and tokenizer.mask_id not in ids
+    assert tokenizer.decode(ids) == text
+    all_ids = tokenizer.encode(text, allowed_special="all")
+    assert all_ids[-1] == tokenizer.mask_id and tokenizer.decode(all_ids) == text
+    assert tokenizer.encode_batch([text, "x"], allowed_special="all") == [all_ids, tokenizer.encode("x")]
+    ids, offsets = tokenizer.encode_batch([text, "x"], allowed_special="all", return_numpy=True)
+    assert ids.dtype == np.uint32 and ids[offsets[0]:offsets[1]].tolist() == all_ids
+    assert offsets.tolist() == [0, len(all_ids), len(all_ids) + len(tokenizer.encode("x"))]
+
+
+def test_allowed_special_prefers_the_longest_match(demo_files):
+    tokenizer = Tokenizer.train(demo_files, vocab_size=400, special_tokens=("<a>", "<a><b>"))
+    assert tokenizer.encode("<a><b><a>", allowed_special="all") == [1, 0]
+
+
+def test_allowed_special_must_name_special_tokens(tokenizer):
+    with pytest.raises(ValueError, match="<unk>"):
+        tokenizer.encode("x", allowed_special={"<unk>"})
+
+
+# ---- vocabulary ----------------------------------------------------------------------------------------------
+def test_token_to_id_inverts_id_to_token(tokenizer):
+    for token_id in range(tokenizer.vocab_size):
+        assert tokenizer.token_to_id(tokenizer.id_to_token(token_id)) == token_id
+    assert tokenizer.token_to_id("no such token at all") is None
+
+
+# ---- files ---------------------------------------------------------------------------------------------------
+def test_save_and_load_round_trip(tokenizer, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(path)
+    loaded = Tokenizer.load(path)
+    assert (loaded.level, loaded.special_tokens, loaded.normalization) == (
+        tokenizer.level, tokenizer.special_tokens, tokenizer.normalization)
+    for text in HARD_CASES[:8]:
+        assert loaded.encode(text) == tokenizer.encode(text)
+
+
+def corrupt_versions(record: dict) -> dict[str, str]:
+    """Names of ways to break a saved file -> the file's text."""
+    text = json.dumps(record)
+    broken = {"truncated": text[: len(text) // 2], "not json": "hello", "empty": ""}
+    for key, value in [("format", "other"), ("version", 2), ("level", "word"), ("merges", [[0, 1]]),
+                       ("tokens", record["tokens"][:-1]), ("special_tokens", ["<x>"]), ("normalization", "nfd")]:
+        broken[f"{key}={str(value)[:20]}"] = json.dumps({**record, key: value})
+    broken["merge out of range"] = json.dumps({**record, "merges": [[10**6, 5]] + record["merges"][1:]})
+    broken["token bytes not base64"] = json.dumps({**record, "tokens": ["%%%"] + record["tokens"][1:]})
+    missing = dict(record)
+    del missing["merges"]
+    broken["no merges"] = json.dumps(missing)
+    return broken
+
+
+def test_load_rejects_corrupt_files_naming_the_path(byte_tokenizer, tmp_path):
+    good = tmp_path / "good.json"
+    byte_tokenizer.save(good)
+    record = json.loads(good.read_text())
+    for name, text in corrupt_versions(record).items():
+        path = tmp_path / "bad.json"
+        path.write_text(text)
+        with pytest.raises(ValueError, match="bad.json") as error:
+            Tokenizer.load(path)
+        assert "bad.json" in str(error.value), name
+
+
+def test_pickle_round_trip(tokenizer):
+    copy = pickle.loads(pickle.dumps(tokenizer))
+    assert copy.encode(HARD_CASES[4]) == tokenizer.encode(HARD_CASES[4]) and copy.level == tokenizer.level
+
+
+def test_save_leaves_no_temporary_files(byte_tokenizer, tmp_path):
+    byte_tokenizer.save(tmp_path / "a.json")
+    byte_tokenizer.save(tmp_path / "a.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------
+def test_decode_out_of_range_raises(tokenizer):
+    for bad in ([tokenizer.vocab_size], [-1], [0, 10**9]):
+        with pytest.raises(ValueError, match="out of range"):
+            tokenizer.decode(bad)
+    with pytest.raises(ValueError, match="out of range"):
+        tokenizer.decode(np.array([tokenizer.vocab_size]))
+    with pytest.raises(ValueError, match="out of range"):
+        tokenizer.decode_batch([[1], [tokenizer.vocab_size + 5]])
+    for not_integers in (["a"], [1.5], [5, 1.0]):
+        with pytest.raises(TypeError):
+            tokenizer.decode(not_integers)
+
+
+@pytest.mark.parametrize("level", ["byte", "char"])
+def test_vocab_size_below_the_alphabet_raises(level, demo_files):
+    with pytest.raises(ValueError, match="vocab_size"):
+        Tokenizer.train(demo_files, vocab_size=100, level=level)
+
+
+def test_bad_arguments_raise_clear_errors(byte_tokenizer, char_tokenizer, demo_files):
+    with pytest.raises(ValueError, match="level"):
+        Tokenizer.train(demo_files, vocab_size=1000, level="word")
+    with pytest.raises(ValueError, match="normalization"):
+        Tokenizer.train(demo_files, vocab_size=1000, level="char", normalization="nfd")
+    with pytest.raises(TypeError, match="text must be str"):
+        byte_tokenizer.encode(42)
+    with pytest.raises(TypeError, match="bytes only at byte level"):
+        char_tokenizer.encode(b"abc")
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        byte_tokenizer.encode_batch(["ok", None])
+    with pytest.raises(TypeError, match=r"files_or_iterable\[2\]"):
+        Tokenizer.train(["a", "b", 3], vocab_size=300)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        Tokenizer.train("missing.txt", vocab_size=300)
+    with pytest.raises(ValueError, match="num_threads"):
+        byte_tokenizer.encode_batch(["x"], num_threads=0)
+
+
+def test_demo_sample_is_line_aligned_and_small(demo_files):
+    korean, english = (path.read_text(encoding="utf-8").splitlines() for path in demo_files)
+    assert len(korean) == len(english) >= 300 and all(korean) and all(english)
+    assert sum(path.stat().st_size for path in demo_files) < 1 << 20
+
+
+def test_demo_trains_both_levels_and_round_trips(capsys):
+    demo()
+    output = capsys.readouterr().out
+    assert "byte level" in output and "char level" in output
+    assert output.count("'오늘 저녁에 친구와 함께 영화를 봤어요.'") == 4  # shown then decoded, at both levels
