@@ -1,0 +1,729 @@
+"""Fused softmax attention: Triton forward and backward kernels, their launchers, the torch custom op with its
+autograd, and the plain-torch reference path.
+
+    o = softmax(q k^T * sm_scale + mask) v        q: (B, H, Nq, D)   k, v: (B, Hkv, Nk, D)   H % Hkv == 0
+
+Query head h reads key/value head h // (H // Hkv) (grouped-query / multi-query attention). The causal mask is
+aligned to the bottom right: query i sees key j iff j <= i + Nk - Nq, so prefill and KV-cache decoding (Nq = 1)
+are one call. `kv_lens[b]` keys are valid in sequence b. A query row that sees no key outputs zeros.
+
+The forward is FlashAttention-2's online softmax in base 2 (log2(e) folded into the scale so the loop uses exp2):
+per query block it keeps the running row max, row sum and an fp32 accumulator, and saves the row's log-sum-exp
+(base 2, +inf for rows that see no key) for the backward. The backward is deterministic: one kernel owns each
+key block and sums dK, dV over its queries (and over the query heads of its group), another owns each query
+block and sums dQ over its keys; nothing is added atomically. `deterministic=False` instead adds dQ atomically
+from the key-block kernel, saving the second pass at the price of bitwise reproducibility.
+
+Dropout draws keep/drop from Philox keyed by a per-call seed, counter = (batch*H + head, query, key): the
+backward regenerates exactly the forward's mask; `dropout_keep_mask` returns it for tests and debugging.
+"""
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlm.kernels.utils import (
+    check_same_device,
+    check_tensor,
+    debug_checks_enabled,
+    dot_precision,
+    next_power_of_2,
+    select_impl,
+    tuning_configs,
+    upcast_under_interpreter,
+)
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+LOG2_E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton device functions shared by the kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(base, rows, cols, stride_row, stride_col, n_rows, n_cols, UPCAST: tl.constexpr):
+    """Load base[rows, cols] (zeros outside n_rows x n_cols), in fp32 when the interpreter cannot do bf16."""
+    tile = tl.load(
+        base + rows[:, None] * stride_row + cols[None, :] * stride_col,
+        mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols),
+        other=0.0,
+    )
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _store_tile(base, tile, rows, cols, stride_row, stride_col, n_rows, n_cols):
+    tl.store(
+        base + rows[:, None] * stride_row + cols[None, :] * stride_col,
+        tile.to(base.dtype.element_ty),
+        mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols),
+    )
+
+
+@triton.jit
+def _query_block_program(H, group_size, BLOCK_M: tl.constexpr):
+    """What a program of a query-block grid (query block, batch x head) works on."""
+    start_m = tl.program_id(0) * BLOCK_M
+    batch_head = tl.program_id(1)
+    batch = batch_head // H
+    head = batch_head % H
+    return start_m, batch_head, batch, head, head // group_size, start_m + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def _head_start(base, batch, head, stride_batch, stride_head):
+    """Pointer to tensor[batch, head]; 64-bit, since batch x stride can pass 2^31 elements."""
+    return base + batch.to(tl.int64) * stride_batch + head * stride_head
+
+
+@triton.jit
+def _valid_key_count(KV_LENS, batch, Nk, HAS_KV_LENS: tl.constexpr):
+    if HAS_KV_LENS:
+        # Clamped: on a GPU the range of kv_lens is checked only in debug mode, and a bad length must never make a
+        # kernel read outside k and v.
+        return tl.minimum(tl.maximum(tl.load(KV_LENS + batch).to(tl.int32), 0), Nk)
+    else:
+        return Nk
+
+
+@triton.jit
+def _visible(query_rows, key_cols, valid_keys, causal_shift, CAUSAL: tl.constexpr):
+    """Which (query, key) pairs attend: key < valid_keys and, when causal, key <= query + causal_shift."""
+    visible = key_cols < valid_keys
+    if CAUSAL:
+        visible = visible & (key_cols <= query_rows + causal_shift)
+    return visible
+
+
+@triton.jit
+def _dropout_seed(SEED, DROPOUT: tl.constexpr):
+    seed = 0  # unused without dropout, when SEED is None
+    if DROPOUT:
+        seed = tl.load(SEED)
+    return seed
+
+
+@triton.jit
+def _dropout_keep(seed, batch_head, query_rows, key_cols, Nq, Nk, dropout_p):
+    """Keep (True) or drop each (query, key) pair: one Philox draw per pair, the same in forward and backward."""
+    counter = (batch_head.to(tl.int64) * Nq + query_rows) * Nk + key_cols
+    return tl.rand(seed, counter) >= dropout_p
+
+
+@triton.jit
+def _key_blocks(start_m, valid_keys, causal_shift, Nq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr):
+    """Key range of the query block starting at start_m: blocks in [0, unmasked_end) are wholly visible,
+    [unmasked_end, end) need the mask, keys >= end are seen by no row of the block and are skipped."""
+    if CAUSAL:
+        last_row = tl.minimum(start_m + BLOCK_M, Nq) - 1
+        end = tl.minimum(valid_keys, tl.maximum(last_row + causal_shift + 1, 0))
+        unmasked_end = tl.minimum(valid_keys, tl.maximum(start_m + causal_shift + 1, 0))
+    else:
+        end = valid_keys
+        unmasked_end = valid_keys
+    return (unmasked_end // BLOCK_N) * BLOCK_N, end
+
+
+@triton.jit
+def _query_blocks(start_n, valid_keys, causal_shift, Nq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr):
+    """Query range of the key block starting at start_n: [begin, masked_end) need the mask, [masked_end, end) see
+    the whole block, rows before begin see none of it. A block wholly past valid_keys gets an empty range."""
+    end = tl.where(start_n < valid_keys, Nq, 0)
+    if CAUSAL:
+        first_row = tl.maximum(start_n - causal_shift, 0)
+        begin = tl.minimum((first_row // BLOCK_M) * BLOCK_M, end)
+        first_full_row = tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0)
+        masked_end = tl.minimum(tl.cdiv(first_full_row, BLOCK_M) * BLOCK_M, end)
+    else:
+        begin = 0
+        masked_end = 0
+    # A block that crosses valid_keys has padding columns: every query block needs the mask.
+    masked_end = tl.where(start_n + BLOCK_N > valid_keys, end, masked_end)
+    return begin, masked_end, end
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _forward_step(acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                  start_n, offs_m, offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, Nq, Nk,
+                  dropout_p, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Fold one key block into the running (acc, row_sum, row_max) of the online softmax."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_tile(K_head, offs_n, offs_d, stride_kn, stride_kd, valid_keys, D, UPCAST)
+    v = _load_tile(V_head, offs_n, offs_d, stride_vn, stride_vd, valid_keys, D, UPCAST)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+    if MASKED:
+        visible = _visible(offs_m[:, None], offs_n[None, :], valid_keys, causal_shift, CAUSAL)
+        scores = tl.where(visible, scores, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(scores, 1))
+    # A row that has seen only masked keys still has max -inf: shift it by 0 so exp2 gives 0 rather than NaN.
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    probs = tl.math.exp2(scores - shift[:, None])
+    rescale = tl.math.exp2(row_max - shift)
+    row_sum = row_sum * rescale + tl.sum(probs, 1)  # the softmax denominator counts dropped keys too
+    if DROPOUT:
+        keep = _dropout_keep(seed, batch_head, offs_m[:, None], offs_n[None, :], Nq, Nk, dropout_p)
+        probs = tl.where(keep, probs, 0.0)  # the 1 / (1 - p) rescale is applied once, at the end
+    acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, row_sum, new_max
+
+
+@triton.jit
+def _forward_kernel(
+    Q, K, V, O, LSE, KV_LENS, SEED,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, Nq, Nk, D, group_size, qk_scale, dropout_p, dropout_scale,
+    CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m, batch_head, batch, head, kv_head, offs_m = _query_block_program(H, group_size, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    Q_head = _head_start(Q, batch, head, stride_qb, stride_qh)
+    K_head = _head_start(K, batch, kv_head, stride_kb, stride_kh)
+    V_head = _head_start(V, batch, kv_head, stride_vb, stride_vh)
+    seed = _dropout_seed(SEED, DROPOUT)
+
+    q = _load_tile(Q_head, offs_m, offs_d, stride_qm, stride_qd, Nq, D, UPCAST)
+    valid_keys = _valid_key_count(KV_LENS, batch, Nk, HAS_KV_LENS)
+    causal_shift = Nk - Nq
+    unmasked_end, end = _key_blocks(start_m, valid_keys, causal_shift, Nq, BLOCK_M, BLOCK_N, CAUSAL)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for start_n in range(0, unmasked_end, BLOCK_N):
+        acc, row_sum, row_max = _forward_step(
+            acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
+            offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, Nq, Nk, dropout_p,
+            False, CAUSAL, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
+    for start_n in range(unmasked_end, end, BLOCK_N):
+        acc, row_sum, row_max = _forward_step(
+            acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
+            offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, Nq, Nk, dropout_p,
+            True, CAUSAL, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
+
+    sees_keys = row_sum > 0.0
+    out = acc * (dropout_scale / tl.where(sees_keys, row_sum, 1.0))[:, None]
+    O_head = _head_start(O, batch, head, stride_ob, stride_oh)
+    _store_tile(O_head, out, offs_m, offs_d, stride_om, stride_od, Nq, D)
+    # +inf for rows that see no key: the backward's exp2(score - lse) is then 0 there, never NaN.
+    lse = tl.where(sees_keys, row_max + tl.math.log2(tl.where(sees_keys, row_sum, 1.0)), float("inf"))
+    tl.store(LSE + batch_head.to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
+
+
+def _gpu_configs(shapes: Sequence[Tuple[int, int, int, int]]) -> list:
+    """Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages): a short curated list, since every candidate costs a
+    compile on the first call of each new shape."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+            for m, n, warps, stages in shapes]
+
+
+def _fits_shared_memory(config: triton.Config, block_d: int, outer_block: str, inner_block: str,
+                        resident_tiles: int) -> bool:
+    """Rough shared memory of the resident outer tiles plus two pipelined inner tiles (k and v, or q and dO) per
+    stage, in 16-bit elements, against the ~227 KiB one block may use on an H100/H200."""
+    outer = resident_tiles * config.kwargs[outer_block] * block_d
+    inner = 2 * config.num_stages * config.kwargs[inner_block] * block_d
+    return 2 * (outer + inner) <= 200 * 1024
+
+
+def _prune_configs(outer_block: str, inner_block: str, resident_tiles: int, rows_arg: str):
+    """Drop configs that cannot fit in shared memory, and size the outer block to tiny row counts (decoding)."""
+
+    def prune(configs, named_args, **kwargs):
+        block_d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D"))
+        fitting = [c for c in configs if _fits_shared_memory(c, block_d, outer_block, inner_block, resident_tiles)]
+        small = [c for c in fitting if c.kwargs[outer_block] <= 16]
+        if named_args[rows_arg] <= 16 and small:
+            return small
+        return [c for c in fitting if c.kwargs[outer_block] > 16] or fitting or configs[-1:]
+
+    return prune
+
+
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16})  # unequal blocks exercise the range logic
+_TUNING_KEY = ["Nq", "Nk", "BLOCK_D", "CAUSAL", "HAS_KV_LENS", "DROPOUT", "DOT_PRECISION"]
+
+_forward = triton.autotune(
+    configs=tuning_configs(_gpu_configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 4),
+                                         (64, 64, 4, 3), (64, 32, 4, 4), (16, 64, 4, 3), (16, 128, 4, 2)]),
+                           _INTERPRETER_CONFIG),
+    key=_TUNING_KEY,
+    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_M", "BLOCK_N", 1, "Nq")},
+)(_forward_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_dot_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
+                    stride_dob, stride_doh, stride_dom, stride_dod, H, Nq, D,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta = rowsum(dO * O): the softmax backward's correction term, computed once rather than per key block."""
+    _, batch_head, batch, head, _, offs_m = _query_block_program(H, 1, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(_head_start(O, batch, head, stride_ob, stride_oh), offs_m, offs_d, stride_om, stride_od,
+                   Nq, D, True)
+    do = _load_tile(_head_start(DO, batch, head, stride_dob, stride_doh), offs_m, offs_d, stride_dom, stride_dod,
+                    Nq, D, True)
+    tl.store(DELTA + batch_head.to(tl.int64) * Nq + offs_m, tl.sum(o * do, 1), mask=offs_m < Nq)
+
+
+@triton.jit
+def _key_block_grads_step(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, DQ_head,
+                          stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd,
+                          start_m, offs_n, offs_d, valid_keys, causal_shift, D, qk_scale, sm_scale, seed, batch_head,
+                          Nq, Nk, dropout_p, dropout_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                          DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ACCUMULATE_DQ: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Add one query block's share of dK and dV (tiles transposed: keys along rows, queries along columns)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_tile(Q_head, offs_m, offs_d, stride_qm, stride_qd, Nq, D, UPCAST)
+    do = _load_tile(DO_head, offs_m, offs_d, stride_dom, stride_dod, Nq, D, UPCAST)
+    # Rows past Nq get lse = +inf, hence probability 0.
+    lse = tl.load(LSE_head + offs_m, mask=offs_m < Nq, other=float("inf"))
+    delta = tl.load(DELTA_head + offs_m, mask=offs_m < Nq, other=0.0)
+    scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+    if MASKED:  # masked before exp2: a hidden score may exceed the row's lse and overflow
+        visible = _visible(offs_m[None, :], offs_n[:, None], valid_keys, causal_shift, CAUSAL)
+        scores_t = tl.where(visible, scores_t, float("-inf"))
+    probs_t = tl.math.exp2(scores_t - lse[None, :])
+    dprobs_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep_t = _dropout_keep(seed, batch_head, offs_m[None, :], offs_n[:, None], Nq, Nk, dropout_p)
+        dropped_probs_t = tl.where(keep_t, probs_t * dropout_scale, 0.0)
+        dprobs_t = tl.where(keep_t, dprobs_t * dropout_scale, 0.0)
+    else:
+        dropped_probs_t = probs_t
+    dv += tl.dot(dropped_probs_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dscores_t = probs_t * (dprobs_t - delta[None, :])
+    dk += tl.dot(dscores_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    if ACCUMULATE_DQ:
+        dq = tl.dot(tl.trans(dscores_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
+        tl.atomic_add(DQ_head + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq,
+                      mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D))
+    return dk, dv
+
+
+@triton.jit
+def _key_block_grads_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, KV_LENS, SEED,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, Hkv, Nq, Nk, D, group_size, qk_scale, sm_scale, dropout_p, dropout_scale,
+    CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    ACCUMULATE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK, dV of one key block, summed over every query head of its group: one writer per element, no atomics."""
+    start_n = tl.program_id(0) * BLOCK_N
+    batch_kv_head = tl.program_id(1)
+    batch = batch_kv_head // Hkv
+    kv_head = batch_kv_head % Hkv
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    seed = _dropout_seed(SEED, DROPOUT)
+
+    valid_keys = _valid_key_count(KV_LENS, batch, Nk, HAS_KV_LENS)
+    k = _load_tile(_head_start(K, batch, kv_head, stride_kb, stride_kh), offs_n, offs_d, stride_kn, stride_kd,
+                   valid_keys, D, UPCAST)
+    v = _load_tile(_head_start(V, batch, kv_head, stride_vb, stride_vh), offs_n, offs_d, stride_vn, stride_vd,
+                   valid_keys, D, UPCAST)
+    causal_shift = Nk - Nq
+    begin, masked_end, end = _query_blocks(start_n, valid_keys, causal_shift, Nq, BLOCK_M, BLOCK_N, CAUSAL)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for head in range(kv_head * group_size, (kv_head + 1) * group_size):
+        batch_head = batch * H + head
+        Q_head = _head_start(Q, batch, head, stride_qb, stride_qh)
+        DO_head = _head_start(DO, batch, head, stride_dob, stride_doh)
+        DQ_head = _head_start(DQ, batch, head, stride_dqb, stride_dqh)
+        LSE_head = LSE + batch_head.to(tl.int64) * Nq
+        DELTA_head = DELTA + batch_head.to(tl.int64) * Nq
+        for start_m in range(begin, masked_end, BLOCK_M):
+            dk, dv = _key_block_grads_step(
+                dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, DQ_head, stride_qm, stride_qd, stride_dom,
+                stride_dod, stride_dqm, stride_dqd, start_m, offs_n, offs_d, valid_keys, causal_shift, D, qk_scale,
+                sm_scale, seed, batch_head, Nq, Nk, dropout_p, dropout_scale,
+                True, CAUSAL, DROPOUT, UPCAST, ACCUMULATE_DQ, DOT_PRECISION, BLOCK_M)
+        for start_m in range(masked_end, end, BLOCK_M):
+            dk, dv = _key_block_grads_step(
+                dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, DQ_head, stride_qm, stride_qd, stride_dom,
+                stride_dod, stride_dqm, stride_dqd, start_m, offs_n, offs_d, valid_keys, causal_shift, D, qk_scale,
+                sm_scale, seed, batch_head, Nq, Nk, dropout_p, dropout_scale,
+                False, CAUSAL, DROPOUT, UPCAST, ACCUMULATE_DQ, DOT_PRECISION, BLOCK_M)
+
+    _store_tile(_head_start(DK, batch, kv_head, stride_dkb, stride_dkh), dk * sm_scale, offs_n, offs_d,
+                stride_dkn, stride_dkd, Nk, D)
+    _store_tile(_head_start(DV, batch, kv_head, stride_dvb, stride_dvh), dv, offs_n, offs_d,
+                stride_dvn, stride_dvd, Nk, D)
+
+
+@triton.jit
+def _query_block_grads_step(dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                            start_n, offs_m, offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, Nq, Nk,
+                            dropout_p, dropout_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                            DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+    """Add one key block's share of dQ."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_tile(K_head, offs_n, offs_d, stride_kn, stride_kd, valid_keys, D, UPCAST)
+    v = _load_tile(V_head, offs_n, offs_d, stride_vn, stride_vd, valid_keys, D, UPCAST)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:  # masked before exp2: a hidden score may exceed the row's lse and overflow
+        scores = tl.where(_visible(offs_m[:, None], offs_n[None, :], valid_keys, causal_shift, CAUSAL), scores,
+                          float("-inf"))
+    probs = tl.math.exp2(scores - lse[:, None])
+    dprobs = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed, batch_head, offs_m[:, None], offs_n[None, :], Nq, Nk, dropout_p)
+        dprobs = tl.where(keep, dprobs * dropout_scale, 0.0)
+    dscores = probs * (dprobs - delta[:, None])
+    return dq + tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _query_block_grads_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KV_LENS, SEED,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, Nq, Nk, D, group_size, qk_scale, sm_scale, dropout_p, dropout_scale,
+    CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ of one query block: walks the same key blocks as the forward."""
+    start_m, batch_head, batch, head, kv_head, offs_m = _query_block_program(H, group_size, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    K_head = _head_start(K, batch, kv_head, stride_kb, stride_kh)
+    V_head = _head_start(V, batch, kv_head, stride_vb, stride_vh)
+    seed = _dropout_seed(SEED, DROPOUT)
+
+    q = _load_tile(_head_start(Q, batch, head, stride_qb, stride_qh), offs_m, offs_d, stride_qm, stride_qd,
+                   Nq, D, UPCAST)
+    do = _load_tile(_head_start(DO, batch, head, stride_dob, stride_doh), offs_m, offs_d, stride_dom, stride_dod,
+                    Nq, D, UPCAST)
+    lse = tl.load(LSE + batch_head.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
+    delta = tl.load(DELTA + batch_head.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    valid_keys = _valid_key_count(KV_LENS, batch, Nk, HAS_KV_LENS)
+    causal_shift = Nk - Nq
+    unmasked_end, end = _key_blocks(start_m, valid_keys, causal_shift, Nq, BLOCK_M, BLOCK_N, CAUSAL)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, unmasked_end, BLOCK_N):
+        dq = _query_block_grads_step(
+            dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
+            offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, Nq, Nk, dropout_p, dropout_scale,
+            False, CAUSAL, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
+    for start_n in range(unmasked_end, end, BLOCK_N):
+        dq = _query_block_grads_step(
+            dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
+            offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, Nq, Nk, dropout_p, dropout_scale,
+            True, CAUSAL, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
+    _store_tile(_head_start(DQ, batch, head, stride_dqb, stride_dqh), dq * sm_scale, offs_m, offs_d,
+                stride_dqm, stride_dqd, Nq, D)
+
+
+# Key-block kernels: BLOCK_N keys stay resident while BLOCK_M query rows stream past.
+_KEY_BLOCK_CONFIGS = tuning_configs(
+    _gpu_configs([(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 1)]),
+    _INTERPRETER_CONFIG,
+)
+
+_key_block_grads = triton.autotune(
+    configs=_KEY_BLOCK_CONFIGS,
+    key=_TUNING_KEY,
+    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_N", "BLOCK_M", 2, "Nk")},
+)(_key_block_grads_kernel)
+
+# The same kernel adding dQ atomically: autotuning reruns it, so the dQ buffer must be zeroed before each trial.
+_key_block_grads_accumulating_dq = triton.autotune(
+    configs=_KEY_BLOCK_CONFIGS,
+    key=_TUNING_KEY,
+    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_N", "BLOCK_M", 2, "Nk")},
+    reset_to_zero=["DQ"],
+)(_key_block_grads_kernel)
+
+_query_block_grads = triton.autotune(
+    configs=tuning_configs(_gpu_configs([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]),
+                           _INTERPRETER_CONFIG),
+    key=_TUNING_KEY,
+    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_M", "BLOCK_N", 2, "Nq")},
+)(_query_block_grads_kernel)
+
+
+@triton.jit
+def _dropout_mask_kernel(KEEP, SEED, Nq, Nk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    batch_head = tl.program_id(2)
+    keep = _dropout_keep(tl.load(SEED), batch_head, offs_m[:, None], offs_n[None, :], Nq, Nk, dropout_p)
+    tl.store(KEEP + (batch_head.to(tl.int64) * Nq + offs_m[:, None]) * Nk + offs_n[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _common_meta(q: torch.Tensor, kv_lens: Optional[torch.Tensor], causal: bool, dropout_p: float) -> dict:
+    """Compile-time flags and scalars every kernel of one call shares."""
+    return dict(
+        CAUSAL=causal,
+        HAS_KV_LENS=kv_lens is not None,
+        DROPOUT=dropout_p > 0.0,
+        UPCAST=upcast_under_interpreter(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_D=next_power_of_2(q.shape[-1], minimum=16),
+    )
+
+
+def _launch_forward(q, k, v, kv_lens, seed, causal: bool, sm_scale: float, dropout_p: float):
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, heads, q_len), device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    _forward[grid](
+        q, k, v, out, lse, kv_lens, seed,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads, q_len, k_len, head_dim, heads // kv_heads, sm_scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p),
+        **_common_meta(q, kv_lens, causal, dropout_p),
+    )
+    return out, lse
+
+
+def _launch_backward(grad_out, q, k, v, out, lse, kv_lens, seed, causal: bool, sm_scale: float, dropout_p: float,
+                     deterministic: bool):
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    meta = _common_meta(q, kv_lens, causal, dropout_p)
+    delta = torch.empty_like(lse)
+    _row_dot_kernel[(triton.cdiv(q_len, 32), batch * heads)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, q_len, head_dim,
+        BLOCK_M=32, BLOCK_D=meta["BLOCK_D"],
+    )
+    grad_k = torch.empty_like(k)
+    grad_v = torch.empty_like(v)
+    # Non-deterministic mode adds dQ atomically in fp32, so it needs a zeroed fp32 buffer.
+    grad_q = torch.empty_like(q) if deterministic else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+    scalars = (sm_scale * LOG2_E, sm_scale, dropout_p, 1.0 / (1.0 - dropout_p))
+    key_kernel = _key_block_grads if deterministic else _key_block_grads_accumulating_dq
+    key_kernel[lambda m: (triton.cdiv(k_len, m["BLOCK_N"]), batch * kv_heads)](
+        q, k, v, grad_out, lse, delta, grad_k, grad_v, grad_q, kv_lens, seed,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_k.stride(), *grad_v.stride(),
+        *grad_q.stride(), heads, kv_heads, q_len, k_len, head_dim, heads // kv_heads, *scalars,
+        ACCUMULATE_DQ=not deterministic, **meta,
+    )
+    if not deterministic:
+        return grad_q.to(q.dtype), grad_k, grad_v
+    _query_block_grads[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * heads)](
+        q, k, v, grad_out, lse, delta, grad_q, kv_lens, seed,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_q.stride(),
+        heads, q_len, k_len, head_dim, heads // kv_heads, *scalars, **meta,
+    )
+    return grad_q, grad_k, grad_v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The custom op (torch.compile sees one opaque node) and its autograd
+# ----------------------------------------------------------------------------------------------------------------
+# Signatures use typing.Optional/Tuple, not `X | None` / `tuple[...]`: torch 2.4's schema inference reads only those.
+
+
+@torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
+def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: Optional[torch.Tensor],
+                          seed: Optional[torch.Tensor], causal: bool, sm_scale: float, dropout_p: float,
+                          deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    # `deterministic` does not change the forward: it is an input only so the backward can read it.
+    return _launch_forward(q, k, v, kv_lens, seed, causal, sm_scale, dropout_p)
+
+
+@_attention_forward_op.register_fake
+def _attention_forward_fake(q, k, v, kv_lens, seed, causal, sm_scale, dropout_p, deterministic):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
+def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           out: torch.Tensor, lse: torch.Tensor, kv_lens: Optional[torch.Tensor],
+                           seed: Optional[torch.Tensor], causal: bool, sm_scale: float, dropout_p: float,
+                           deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(grad_out, q, k, v, out, lse, kv_lens, seed, causal, sm_scale, dropout_p, deterministic)
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(grad_out, q, k, v, out, lse, kv_lens, seed, causal, sm_scale, dropout_p, deterministic):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_lens, seed, causal, sm_scale, dropout_p, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_lens, seed)
+    ctx.flags = (causal, sm_scale, dropout_p, deterministic)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, kv_lens, seed = ctx.saved_tensors
+    grad_q, grad_k, grad_v = _attention_backward_op(grad_out, q, k, v, out, lse, kv_lens, seed, *ctx.flags)
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None
+
+
+_attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference path and the public API
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                        kv_lens: Optional[torch.Tensor], sm_scale: float,
+                        dropout_keep: Optional[torch.Tensor] = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Plain-torch attention with the kernel's semantics, differentiable by autograd; computes in at least fp32.
+
+    `dropout_keep` (bool, (B, H, Nq, Nk)) are the kept attention weights, rescaled by 1 / (1 - dropout_p).
+    """
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    compute = torch.promote_types(q.dtype, torch.float32)
+    # Query heads grouped under their key/value head, so k and v broadcast instead of being repeated.
+    queries = q.to(compute).reshape(batch, kv_heads, group, q_len, head_dim)
+    keys = k.to(compute).unsqueeze(2)  # (B, Hkv, 1, Nk, D)
+    values = v.to(compute).unsqueeze(2)
+    scores = queries @ keys.transpose(-1, -2) * sm_scale  # (B, Hkv, G, Nq, Nk)
+
+    key_index = torch.arange(k_len, device=q.device)
+    visible = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device)
+    if causal:
+        query_index = torch.arange(q_len, device=q.device)
+        visible = key_index[None, :] <= query_index[:, None] + (k_len - q_len)
+    visible = visible.expand(batch, 1, 1, q_len, k_len)
+    if kv_lens is not None:
+        visible = visible & (key_index < kv_lens.view(batch, 1, 1, 1, 1))
+    scores = scores.masked_fill(~visible, float("-inf"))
+
+    row_max = scores.amax(-1, keepdim=True).detach()
+    row_max = torch.where(row_max == float("-inf"), 0.0, row_max)  # rows that see no key: exp gives 0, not NaN
+    weights = torch.exp(scores - row_max)
+    row_sum = weights.sum(-1, keepdim=True)
+    probs = weights / torch.where(row_sum > 0, row_sum, 1.0)
+    if dropout_keep is not None:
+        probs = probs * dropout_keep.view(batch, kv_heads, group, q_len, k_len) / (1.0 - dropout_p)
+    return (probs @ values).reshape(batch, heads, q_len, head_dim).to(q.dtype)
+
+
+def _validate(q, k, v, kv_lens, sm_scale, dropout_p) -> None:
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, tensor, ndim=4, dtypes=SUPPORTED_DTYPES)
+    if kv_lens is not None:
+        check_tensor("kv_lens", kv_lens, ndim=1, dtypes=(torch.int32, torch.int64))
+    check_same_device("q", q, k=k, v=v, kv_lens=kv_lens)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    batch, heads, q_len, head_dim = q.shape
+    kv_batch, kv_heads, k_len, kv_dim = k.shape
+    if min(q.shape) < 1 or min(k.shape) < 1:
+        raise ValueError(f"every dimension must be >= 1, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if kv_batch != batch:
+        raise ValueError(f"k.shape[0]={kv_batch}: expected the batch size of q, {batch}")
+    if heads % kv_heads != 0:
+        raise ValueError(f"k.shape[1]={kv_heads}: expected a divisor of the number of query heads, {heads}")
+    if kv_dim != head_dim:
+        raise ValueError(f"k.shape[3]={kv_dim}: expected the head dim of q, {head_dim}")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"q.shape[3]={head_dim}: head dims up to {MAX_HEAD_DIM} are supported")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p={dropout_p!r}: expected a number in [0, 1)")
+    if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale)):
+        raise ValueError(f"sm_scale={sm_scale!r}: expected a finite number or None")
+    if kv_lens is not None:
+        if kv_lens.shape[0] != batch:
+            raise ValueError(f"kv_lens.shape={tuple(kv_lens.shape)}: expected ({batch},), one length per sequence")
+        # Reading GPU values costs a host sync, so there only in debug mode; the kernels clamp lengths anyway.
+        if not kv_lens.is_cuda or debug_checks_enabled():
+            low, high = int(kv_lens.min()), int(kv_lens.max())
+            if low < 0 or high > k_len:
+                raise ValueError(f"kv_lens has values in [{low}, {high}]: expected lengths in [0, {k_len}]")
+
+
+def _draw_dropout_seed(generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """One Philox key per call, from `generator` or torch's default generator of `device`: no host sync."""
+    seed_device = generator.device if generator is not None else device
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=seed_device, generator=generator)
+    return seed.to(device)
+
+
+def dropout_keep_mask(batch: int, heads: int, q_len: int, k_len: int, dropout_p: float, *,
+                      generator: Optional[torch.Generator] = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The bool (B, H, Nq, Nk) keep mask the Triton kernels use when `generator` is in the same state as at the
+    `attention` call: for tests and debugging."""
+    seed = _draw_dropout_seed(generator, torch.device(device))
+    keep = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=device)
+    block = 32
+    _dropout_mask_kernel[(triton.cdiv(q_len, block), triton.cdiv(k_len, block), batch * heads)](
+        keep, seed, q_len, k_len, dropout_p, BLOCK_M=block, BLOCK_N=block)
+    return keep.bool()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              kv_lens: Optional[torch.Tensor] = None, sm_scale: Optional[float] = None, dropout_p: float = 0.0,
+              generator: Optional[torch.Generator] = None, impl: str = "auto",
+              deterministic: bool = True) -> torch.Tensor:
+    """Softmax attention, the drop-in of `F.scaled_dot_product_attention` for the layout (B, H, N, D).
+
+    q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D) with H % Hkv == 0; fp16, bf16 or fp32 (fp32 accumulation); D <= 256.
+    causal: query i sees keys j <= i + Nk - Nq (bottom-right aligned). kv_lens: int (B,), valid keys per sequence.
+    sm_scale: defaults to 1 / sqrt(D). dropout_p: attention dropout, its mask drawn from `generator`.
+    impl: "auto" | "triton" | "torch" (see fastlm.kernels.utils). deterministic: bitwise-reproducible gradients;
+    False adds dQ atomically instead (one backward pass fewer).
+    Returns (B, H, Nq, D); rows that see no key are zeros, with zero gradient.
+    """
+    _validate(q, k, v, kv_lens, sm_scale, dropout_p)
+    sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    dropout_p = float(dropout_p)
+    if select_impl(impl, q, k, v) == "torch":
+        dropout_keep = None
+        if dropout_p > 0.0:
+            shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            seed_device = generator.device if generator is not None else q.device
+            dropout_keep = (torch.rand(shape, device=seed_device, generator=generator) >= dropout_p).to(q.device)
+        return attention_reference(q, k, v, causal=causal, kv_lens=kv_lens, sm_scale=sm_scale,
+                                   dropout_keep=dropout_keep, dropout_p=dropout_p)
+    seed = _draw_dropout_seed(generator, q.device) if dropout_p > 0.0 else None
+    out, _ = _attention_forward_op(q, k, v, kv_lens, seed, causal, sm_scale, dropout_p, deterministic)
+    return out

@@ -1,0 +1,546 @@
+"""Fused softmax cross-entropy, and the output layer fused with it (`linear_cross_entropy`).
+
+Per row the loss is `F.cross_entropy`'s, with label smoothing eps as torch defines it, plus PaLM's z-loss:
+
+    loss = (1 - eps) * (lse - x[target]) + eps * (lse - mean(x)) + z_loss * lse**2,   lse = logsumexp(x)
+
+and its gradient, which the Triton kernel writes in the same launch that computes the loss:
+
+    dloss/dx = softmax(x) * (1 + 2 * z_loss * lse) - (1 - eps) * onehot(target) - eps / V
+
+Design (why it looks like this):
+- One Triton program per row streams it with an online max and sum (no overflow for logits up to +-1e4). For
+  `cross_entropy` the forward reads the logits once (loss, logsumexp) and the backward once more, writing the
+  gradient already multiplied by grad_output: three passes over [N, V] per training step, no extra [N, V] buffer,
+  no host sync (Liger's in-place trick needs `grad_output == 1` checked on the host to be as cheap). For
+  `linear_cross_entropy` the same kernel writes loss and gradient in one launch per chunk.
+- `linear_cross_entropy` never holds [N, V] logits: it walks row chunks of at most `CHUNK_BYTES` (fp32 logits, plus
+  their gradient in the input dtype for half inputs on CUDA). Per chunk: one GEMM gives fp32 logits (cuBLAS keeps
+  half inputs on tensor cores and accumulates in fp32), the same row kernel gives loss, argmax hit and gradient G,
+  then d_hidden = G @ W (one GEMM) and d_weight += G^T @ hidden_chunk (one GEMM accumulating in place into fp32),
+  d_bias += column sums of G. With "mean"/"sum" this happens in the forward (grad_output, a scalar, only rescales
+  the result), so training costs three GEMMs as unfused torch does, with no recomputation; "none" needs per-row
+  grad_outputs, so its backward walks the chunks again. The same walk in plain torch is the CPU reference path,
+  whose memory is bounded the same way.
+  Extra memory = one chunk + the fp32 d_weight accumulator (4 * V * Hd bytes: fp32 accumulation across chunks
+  instead of bf16 sums that drop small updates). For large V * Hd that exceeds a 64 MiB budget, and each chunk
+  reads and writes the accumulator; a tiled Triton GEMM kernel keeping G on chip (Cut-Cross-Entropy's design) is
+  the way past both, not attempted here without a GPU to validate and tune it.
+- Every target is ignored -> loss 0 and zero gradient, where F.cross_entropy gives NaN for "mean": a NaN in a
+  training step is what our users must never see.
+- Targets outside [0, V) that are not ignore_index: with CPU targets (or FASTLM_DEBUG=1) a ValueError is raised
+  eagerly; with CUDA targets checking would need a host sync, so the kernel instead writes NaN into that row's loss
+  and gradient, which poisons the reduced loss: never a silently wrong number, and no sync in the training step.
+- No host synchronisation anywhere (the mean's divisor and the accuracy count stay on the device), so both
+  functions run under torch.compile as the custom ops `fastlm::cross_entropy` and `fastlm::linear_cross_entropy`.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlm.kernels.utils import check_same_device, debug_checks_enabled, next_power_of_2, select_impl
+
+REDUCTIONS = ("mean", "sum", "none")
+
+# One row chunk of linear_cross_entropy (its fp32 logits, and their half-precision gradient for half inputs on CUDA)
+# stays under this many bytes.
+CHUNK_BYTES = 64 * 2**20
+# Widest slice of a row one Triton program loads at once: 4096 fp32 values are 16 per thread at 8 warps.
+MAX_BLOCK_V = 4096
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _check_options(ignore_index: int, label_smoothing: float, z_loss: float, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}: expected one of {REDUCTIONS}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing}: expected a float in [0, 1]")
+    if not z_loss >= 0.0:
+        raise ValueError(f"z_loss={z_loss}: expected a float >= 0")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index={ignore_index!r}: expected an int")
+
+
+def _check_target(target: torch.Tensor, rows: int, what: str) -> None:
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target has dtype {target.dtype}: expected torch.int64 or torch.int32 class indices")
+    if target.numel() != rows:
+        raise ValueError(f"target has shape {tuple(target.shape)}: expected {rows} class indices, one per {what}")
+
+
+def _validate_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise ValueError if a target is outside [0, num_classes) and not ignore_index (synchronises with the device)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(
+            f"target contains {value}: expected class indices in [0, {num_classes}) or ignore_index={ignore_index}"
+        )
+
+
+def _mean_divisor(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """1 / (number of non-ignored rows), as a 1-element fp32 device tensor; 1 when all are ignored (loss 0, not NaN)."""
+    valid = (target != ignore_index).sum().clamp_min(1)
+    return valid.to(torch.float32).reciprocal().reshape(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The row kernel, one program per row. Pass 1 (COMPUTE_LOSS): loss, logsumexp and, if asked, whether the first
+# argmax is the target. Pass 2 (WRITE_GRAD): the scaled gradient, from pass 1's logsumexp or from a stored one.
+
+
+@triton.jit
+def _cross_entropy_rows_kernel(
+    logits_ptr, logits_row_stride,
+    target_ptr,
+    loss_ptr, lse_ptr, correct_ptr,
+    grad_ptr, grad_row_stride,
+    grad_scale_ptr, grad_scale_stride,
+    num_classes, ignore_index, label_smoothing, z_loss,
+    BLOCK_V: tl.constexpr,
+    COMPUTE_LOSS: tl.constexpr,
+    SMOOTHING: tl.constexpr,
+    FIND_ARGMAX: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    # int64 offsets: N * V passes 2**31 at N=16384, V=131072.
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(target_ptr + row).to(tl.int64)
+    ignored = target == ignore_index
+    out_of_range = (target < 0) | (target >= num_classes)
+    row_logits = logits_ptr + row * logits_row_stride
+    columns = tl.arange(0, BLOCK_V)
+
+    if COMPUTE_LOSS:
+        # Loads upcast to fp32 at once: all arithmetic is fp32 whatever the input dtype (which is also what keeps
+        # bf16 correct under the interpreter).
+        target_logit = tl.load(row_logits + target, mask=~out_of_range, other=0.0).to(tl.float32)
+        # Online max and sum of exponentials; the sum of logits if label smoothing needs it, the first argmax if
+        # accuracy does (each is one more reduction per block).
+        running_max = -float("inf")
+        running_sum = 0.0
+        logit_sum = 0.0
+        best_value = -float("inf")
+        best_index = 0
+        for start in range(0, num_classes, BLOCK_V):
+            index = start + columns
+            in_row = index < num_classes
+            x = tl.load(row_logits + index, mask=in_row, other=-float("inf")).to(tl.float32)
+            block_max = tl.max(x, axis=0)
+            new_max = tl.maximum(running_max, block_max)
+            # Each block holds at least one real logit, so new_max is finite and exp(-inf) = 0 starts the sum.
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+            running_max = new_max
+            if SMOOTHING:
+                logit_sum += tl.sum(tl.where(in_row, x, 0.0), axis=0)
+            if FIND_ARGMAX:
+                block_best = start + tl.argmax(x, axis=0, tie_break_left=True)
+                # Strict comparison: the earliest maximum wins, as in torch.argmax.
+                best_index = tl.where(block_max > best_value, block_best, best_index)
+                best_value = tl.maximum(best_value, block_max)
+        lse = running_max + tl.log(running_sum)
+        # Differences of lse with logits first: exact when they nearly cancel (a confident, correct row).
+        loss = (1.0 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - logit_sum / num_classes)
+        loss += z_loss * lse * lse
+        loss = tl.where(ignored, 0.0, loss)
+        loss = tl.where(out_of_range & ~ignored, float("nan"), loss)
+        tl.store(loss_ptr + row, loss)
+        tl.store(lse_ptr + row, lse)
+        if FIND_ARGMAX:
+            tl.store(correct_ptr + row, (best_index == target) & ~ignored)
+    else:
+        lse = tl.load(lse_ptr + row)
+
+    if WRITE_GRAD:
+        # grad_scale: one value for all rows (stride 0; 1/(non-ignored rows) for "mean") or one per row (stride 1).
+        scale = tl.load(grad_scale_ptr + row * grad_scale_stride).to(tl.float32)
+        scale = tl.where(ignored, 0.0, scale)
+        scale = tl.where(out_of_range & ~ignored, float("nan"), scale)
+        softmax_scale = 1.0 + 2.0 * z_loss * lse
+        uniform = label_smoothing / num_classes
+        row_grad = grad_ptr + row * grad_row_stride
+        for start in range(0, num_classes, BLOCK_V):
+            index = start + columns
+            in_row = index < num_classes
+            x = tl.load(row_logits + index, mask=in_row, other=-float("inf")).to(tl.float32)
+            grad = tl.exp(x - lse) * softmax_scale - uniform - tl.where(index == target, 1.0 - label_smoothing, 0.0)
+            tl.store(row_grad + index, (grad * scale).to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+def _rows_triton(logits, target, lse, grad_out, grad_scale, ignore_index, label_smoothing, z_loss, find_argmax):
+    rows, num_classes = logits.shape
+    compute_loss = lse is None
+    write_grad = grad_out is not None
+    loss = torch.empty(rows, dtype=torch.float32, device=logits.device) if compute_loss else None
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device) if compute_loss else lse
+    correct = torch.empty(rows, dtype=torch.bool, device=logits.device) if find_argmax else None
+    if rows == 0:
+        return loss, lse, correct
+    block_v = min(next_power_of_2(num_classes, minimum=16), MAX_BLOCK_V)
+    _cross_entropy_rows_kernel[(rows,)](
+        logits, logits.stride(0),
+        target,
+        loss if compute_loss else lse, lse, correct if find_argmax else lse,  # unused pointers: any tensor
+        grad_out if write_grad else logits, grad_out.stride(0) if write_grad else 0,
+        grad_scale if write_grad else lse, int(write_grad and grad_scale.numel() > 1),
+        num_classes, ignore_index, label_smoothing, z_loss,
+        BLOCK_V=block_v,
+        COMPUTE_LOSS=compute_loss,
+        SMOOTHING=label_smoothing > 0,
+        FIND_ARGMAX=find_argmax,
+        WRITE_GRAD=write_grad,
+        num_warps=8 if block_v >= 2048 else 4,
+    )
+    return loss, lse, correct
+
+
+def _rows_torch(logits, target, lse, grad_out, grad_scale, ignore_index, label_smoothing, z_loss, find_argmax):
+    """The plain-torch reference of the row kernel: same outputs, same NaN rows for out-of-range targets."""
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    num_classes = logits.shape[1]
+    x = logits.to(compute)
+    target = target.long()
+    ignored = target == ignore_index
+    out_of_range = (target < 0) | (target >= num_classes)
+    safe_target = torch.where(out_of_range, 0, target)
+    poison = torch.where(out_of_range & ~ignored, float("nan"), 0.0).to(compute)
+    loss = correct = None
+    if lse is None:
+        lse = torch.logsumexp(x, dim=1)
+        target_logit = x.gather(1, safe_target[:, None]).squeeze(1)
+        loss = (1.0 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - x.mean(dim=1))
+        loss = loss + z_loss * lse * lse
+        loss = torch.where(ignored, 0.0, loss) + poison
+        correct = (x.argmax(dim=1) == target) & ~ignored if find_argmax else None
+    if grad_out is not None:
+        lse = lse.to(compute)
+        scale = torch.where(ignored, 0.0, grad_scale.to(compute).expand(len(target))) + poison
+        grad = torch.exp(x - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None] - label_smoothing / num_classes
+        grad.scatter_add_(1, safe_target[:, None], torch.full_like(lse, label_smoothing - 1.0)[:, None])
+        grad_out.copy_(grad * scale[:, None])
+    return loss, lse, correct
+
+
+def _cross_entropy_rows(
+    logits, target, *, ignore_index, label_smoothing, z_loss, triton_path,
+    lse=None, grad_out=None, grad_scale=None, find_argmax=False,
+):
+    """The row kernel (or its torch reference) on `logits` [rows, V]. Returns (loss, lse, correct) per row:
+    without `lse`, computes loss and lse (and, if find_argmax, whether each row's first argmax is its target; else
+    None); with `lse` from an earlier call, skips to the gradient (loss None). If `grad_out` is given (may be
+    `logits` itself) writes the gradient times `grad_scale` (1 element, shared, or one per row) into it."""
+    rows_fn = _rows_triton if triton_path else _rows_torch
+    return rows_fn(logits, target, lse, grad_out, grad_scale, ignore_index, label_smoothing, z_loss, find_argmax)
+
+
+def _reduce(loss_rows: torch.Tensor, target: torch.Tensor, reduction: str, ignore_index: int) -> torch.Tensor:
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total * _mean_divisor(target, ignore_index)[0] if reduction == "mean" else total
+
+
+def _grad_scale(grad_loss: torch.Tensor, target: torch.Tensor, reduction: str, ignore_index: int) -> torch.Tensor:
+    """d loss / d loss_rows as the row kernel takes it: one fp32 value for all rows, or one per row ("none")."""
+    scale = grad_loss.float().reshape(-1)
+    return scale * _mean_divisor(target, ignore_index) if reduction == "mean" else scale
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cross_entropy: custom ops, autograd, public function. The forward reads the logits once (loss and logsumexp);
+# the backward reads them once more and writes the gradient already multiplied by grad_output. A gradient written
+# by the forward would cost one more [N, V] buffer and, to apply grad_output, one more pass over it.
+
+
+@torch.library.custom_op("fastlm::cross_entropy", mutates_args=())
+def _cross_entropy_op(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+    reduction: str, triton_path: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss in logits' dtype, fp32 logsumexp per row for the backward)."""
+    loss_rows, lse, _ = _cross_entropy_rows(
+        logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        triton_path=triton_path,
+    )
+    return _reduce(loss_rows, target, reduction, ignore_index).to(logits.dtype), lse.float()
+
+
+@_cross_entropy_op.register_fake
+def _(logits, target, ignore_index, label_smoothing, z_loss, reduction, triton_path):
+    loss = logits.new_empty((logits.shape[0],) if reduction == "none" else ())
+    return loss, logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::cross_entropy_backward", mutates_args=())
+def _cross_entropy_backward_op(
+    logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_scale: torch.Tensor, ignore_index: int,
+    label_smoothing: float, z_loss: float, triton_path: bool,
+) -> torch.Tensor:
+    grad = torch.empty_like(logits)
+    _cross_entropy_rows(
+        logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        triton_path=triton_path, lse=lse, grad_out=grad, grad_scale=grad_scale,
+    )
+    return grad
+
+
+@_cross_entropy_backward_op.register_fake
+def _(logits, target, lse, grad_scale, ignore_index, label_smoothing, z_loss, triton_path):
+    return torch.empty_like(logits)
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    logits, target, ignore_index, label_smoothing, z_loss, reduction, triton_path = inputs
+    ctx.save_for_backward(logits, target, output[1])
+    ctx.reduction = reduction
+    ctx.options = (ignore_index, label_smoothing, z_loss, triton_path)
+
+
+def _cross_entropy_backward(ctx, grad_loss, _grad_lse):
+    logits, target, lse = ctx.saved_tensors
+    grad_scale = _grad_scale(grad_loss, target, ctx.reduction, ctx.options[0])
+    grad_logits = _cross_entropy_backward_op(logits, target, lse, grad_scale, *ctx.options)
+    return grad_logits, None, None, None, None, None, None
+
+
+_cross_entropy_op.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """`F.cross_entropy(logits, target)` for logits [N, V] or [B, T, V], plus `z_loss * logsumexp**2` per row.
+
+    Differences from torch: all targets ignored gives loss 0 and zero gradient (torch: NaN); out-of-range targets
+    raise on CPU and give NaN on CUDA (see the module docstring). Loss has logits' dtype; arithmetic is fp32.
+    """
+    _check_options(ignore_index, label_smoothing, z_loss, reduction)
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits has shape {tuple(logits.shape)}: expected [N, V] or [B, T, V]")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits has shape {tuple(logits.shape)}: expected at least one class")
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.stride(1) != 1:
+        flat = flat.contiguous()
+    _check_target(target, flat.shape[0], "row of logits")
+    check_same_device("logits", logits, target=target)
+    flat_target = target.reshape(-1).contiguous()
+    if not flat_target.is_cuda or debug_checks_enabled():
+        _validate_targets(flat_target, flat.shape[1], ignore_index)
+    triton_path = select_impl(impl, logits, target) == "triton"
+    loss, _ = _cross_entropy_op(flat, flat_target, ignore_index, float(label_smoothing), float(z_loss), reduction,
+                                triton_path)
+    return loss.reshape(logits.shape[:-1]) if reduction == "none" else loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# linear_cross_entropy: chunked walk over rows, custom ops, public function
+
+
+def _chunk_rows(num_rows: int, bytes_per_row: int) -> int:
+    """Rows per chunk so that a chunk's logits and gradient fit CHUNK_BYTES; a multiple of 16 (GEMM tiles)."""
+    rows = max(16, CHUNK_BYTES // bytes_per_row // 16 * 16)
+    return max(1, min(num_rows, rows))
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b with an `out_dtype` result; half inputs (CUDA) still accumulate in fp32 inside cuBLAS."""
+    return torch.mm(a, b) if a.dtype == out_dtype else torch.mm(a, b, out_dtype=out_dtype)
+
+
+def _add_matmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b in out's (fp32) precision, in place: no [V, Hd] temporary per chunk."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+
+
+def _linear_cross_entropy_chunks(
+    hidden, weight, bias, target, grad_scale, *, ignore_index, label_smoothing, z_loss, triton_path
+):
+    """Walk row chunks: per-row loss and argmax hits, and if `grad_scale` is given (1 element, or one per row) the
+    gradients of sum(grad_scale * loss_rows) w.r.t. hidden, weight and bias (an empty tensor when bias is None)."""
+    rows, num_classes = hidden.shape[0], weight.shape[0]
+    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    # GEMM inputs: as given on CUDA (half inputs use tensor cores, as torch's unfused path does); elsewhere the
+    # compute dtype, converting the weight once rather than per chunk.
+    gemm_dtype = hidden.dtype if hidden.is_cuda else compute
+    weight_gemm = weight.to(gemm_dtype)
+    bias_compute = None if bias is None else bias.to(compute)
+    loss = torch.empty(rows, dtype=compute, device=hidden.device)
+    correct = torch.empty(rows, dtype=torch.bool, device=hidden.device)
+    with_grad = grad_scale is not None
+    if with_grad:
+        grad_hidden = torch.empty_like(hidden)
+        # fp32 accumulation across chunks: adding many chunks' products in bf16 would lose the small updates.
+        grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device)
+        grad_bias = torch.zeros(num_classes, dtype=compute, device=weight.device) if bias is not None else None
+    # Logits in the compute dtype; the kernel writes their gradient over them, or beside them for half GEMMs.
+    separate_grad = with_grad and gemm_dtype != compute
+    bytes_per_row = num_classes * (compute.itemsize + (gemm_dtype.itemsize if separate_grad else 0))
+    step = _chunk_rows(rows, bytes_per_row)
+    # Autocast already chose the input dtype (in linear_cross_entropy); here the dtypes above must hold.
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            hidden_chunk = hidden[start:stop].to(gemm_dtype)
+            logits = _matmul(hidden_chunk, weight_gemm.t(), compute)
+            if bias_compute is not None:
+                logits += bias_compute
+            grad_logits = logits
+            if separate_grad:
+                grad_logits = torch.empty(logits.shape, dtype=gemm_dtype, device=logits.device)
+            # One launch: loss, argmax hit and gradient (written over the logits, or beside them).
+            chunk_loss, _, chunk_correct = _cross_entropy_rows(
+                logits, target[start:stop], ignore_index=ignore_index, label_smoothing=label_smoothing,
+                z_loss=z_loss, triton_path=triton_path, grad_out=grad_logits if with_grad else None,
+                grad_scale=grad_scale[start:stop] if with_grad and grad_scale.numel() > 1 else grad_scale,
+                find_argmax=True,
+            )
+            loss[start:stop], correct[start:stop] = chunk_loss, chunk_correct
+            if with_grad:
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(dim=0, dtype=compute)
+                grad_hidden[start:stop] = torch.mm(grad_logits, weight_gemm)
+                _add_matmul_(grad_weight, grad_logits.t(), hidden_chunk)
+    if not with_grad:
+        return loss, correct, None, None, None
+    grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else hidden.new_empty(0)
+    return loss, correct, grad_hidden, grad_weight.to(weight.dtype), grad_bias
+
+
+@torch.library.custom_op("fastlm::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, ignore_index: int,
+    label_smoothing: float, z_loss: float, reduction: str, compute_grad: bool, triton_path: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, correct count, then for "mean"/"sum" with compute_grad the gradients for grad_output = 1 w.r.t.
+    hidden, weight, bias; empty tensors otherwise, the backward then recomputes them)."""
+    grads_now = compute_grad and reduction != "none"
+    loss_rows, correct, grad_hidden, grad_weight, grad_bias = _linear_cross_entropy_chunks(
+        hidden, weight, bias, target,
+        _grad_scale(torch.ones((), device=hidden.device), target, reduction, ignore_index) if grads_now else None,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, triton_path=triton_path,
+    )
+    loss = _reduce(loss_rows, target, reduction, ignore_index).to(hidden.dtype)
+    if not grads_now:
+        grad_hidden, grad_weight, grad_bias = (hidden.new_empty(0) for _ in range(3))
+    return loss, correct.sum(), grad_hidden, grad_weight, grad_bias
+
+
+@_linear_cross_entropy_op.register_fake
+def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction, compute_grad, triton_path):
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else ())
+    count = hidden.new_empty((), dtype=torch.int64)
+    if compute_grad and reduction != "none":
+        grad_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
+        return loss, count, torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+    return loss, count, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
+
+
+@torch.library.custom_op("fastlm::linear_cross_entropy_backward", mutates_args=())
+def _linear_cross_entropy_backward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+    grad_loss_rows: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float, triton_path: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for reduction "none": recompute every chunk with its rows' grad_output."""
+    _, _, grad_hidden, grad_weight, grad_bias = _linear_cross_entropy_chunks(
+        hidden, weight, bias, target, grad_loss_rows.contiguous(),
+        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, triton_path=triton_path,
+    )
+    return grad_hidden, grad_weight, grad_bias
+
+
+@_linear_cross_entropy_backward_op.register_fake
+def _(hidden, weight, bias, target, grad_loss_rows, ignore_index, label_smoothing, z_loss, triton_path):
+    grad_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
+    return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+
+
+def _linear_cross_entropy_setup(ctx, inputs, output):
+    hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction, _, triton_path = inputs
+    ctx.has_bias = bias is not None
+    ctx.reduction = reduction
+    ctx.options = (ignore_index, label_smoothing, z_loss, triton_path)
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, bias, target)
+    else:
+        ctx.save_for_backward(*output[2:])
+
+
+def _linear_cross_entropy_backward(ctx, grad_loss, _grad_count, *_grad_of_grads):
+    if ctx.reduction == "none":
+        hidden, weight, bias, target = ctx.saved_tensors
+        grads = _linear_cross_entropy_backward_op(hidden, weight, bias, target, grad_loss, *ctx.options)
+    else:
+        grads = [grad * grad_loss.to(grad.dtype) for grad in ctx.saved_tensors]
+    grad_hidden, grad_weight, grad_bias = grads
+    return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None, None, None, None
+
+
+_linear_cross_entropy_op.register_autograd(_linear_cross_entropy_backward, setup_context=_linear_cross_entropy_setup)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    return_accuracy: bool = False,
+    impl: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`cross_entropy(hidden @ weight.T + bias, target)` for hidden [N, Hd] or [B, T, Hd], weight [V, Hd], without
+    ever holding the [N, V] logits. Gradients reach hidden, weight (e.g. a tied embedding: autograd adds them to the
+    lookup's) and bias. With return_accuracy=True returns (loss, correct) where correct is the int64 device count
+    of non-ignored rows whose first argmax is the target.
+    """
+    _check_options(ignore_index, label_smoothing, z_loss, reduction)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden has shape {tuple(hidden.shape)}: expected [N, Hd] or [B, T, Hd]")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(
+            f"weight has shape {tuple(weight.shape)}: expected [V, {hidden.shape[-1]}] with V >= 1 (hidden's last dim)"
+        )
+    check_same_device("hidden", hidden, weight=weight, bias=bias, target=target)
+    if weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        raise ValueError(f"weight.dtype={weight.dtype}: expected hidden's dtype {hidden.dtype}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}: expected ({weight.shape[0]},)")
+    if torch.is_autocast_enabled(hidden.device.type):
+        # As F.linear under autocast: the GEMMs take the autocast dtype; gradients flow back through the casts.
+        autocast_dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(autocast_dtype), weight.to(autocast_dtype)
+        bias = None if bias is None else bias.to(autocast_dtype)
+    flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    _check_target(target, flat.shape[0], "row of hidden")
+    flat_target = target.reshape(-1).contiguous()
+    if not flat_target.is_cuda or debug_checks_enabled():
+        _validate_targets(flat_target, weight.shape[0], ignore_index)
+    triton_path = select_impl(impl, hidden, weight, target) == "triton"
+    compute_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    loss, correct, *_ = _linear_cross_entropy_op(
+        flat, weight.contiguous(), bias, flat_target, ignore_index, float(label_smoothing), float(z_loss), reduction,
+        compute_grad, triton_path,
+    )
+    if reduction == "none":
+        loss = loss.reshape(hidden.shape[:-1])
+    return (loss, correct) if return_accuracy else loss

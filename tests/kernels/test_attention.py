@@ -1,0 +1,311 @@
+"""fastlm.kernels.attention against a float64 oracle: the Triton kernels (compiled on CUDA, interpreted on CPU) and
+the plain-torch reference path, forward and every gradient, masks, dropout, determinism and validation."""
+
+import contextlib
+import math
+import re
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from fastlm.kernels import attention
+from fastlm.kernels.attention import dropout_keep_mask
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Max error allowed, relative to max(|expected|, 1): 16-bit inputs are rounded, and on a GPU the attention weights
+# and score gradients enter the tensor-core products in that 16-bit dtype.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+DTYPES = list(TOLERANCE)
+
+
+def visible_keys(q_len, k_len, batch, causal, kv_lens):
+    """(B, 1, Nq, Nk) bool: which keys each query attends to, written from the spec rather than from the kernel."""
+    query = torch.arange(q_len)[:, None]
+    key = torch.arange(k_len)[None, :]
+    visible = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool)
+    if causal:
+        visible = visible & (key <= query + (k_len - q_len))
+    if kv_lens is not None:
+        visible = visible & (key < kv_lens.cpu().view(batch, 1, 1, 1))
+    return visible.to(DEVICE)
+
+
+def float64_oracle(q, k, v, *, causal=False, kv_lens=None, sm_scale=None, dropout_keep=None, dropout_p=0.0):
+    """SDPA in float64 with an explicit boolean mask; rows that see no key are zero. With `dropout_keep`, the same
+    math written out, since SDPA cannot take a given dropout mask."""
+    group = q.shape[1] // k.shape[1]
+    q, k, v = q.double(), k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    visible = visible_keys(q.shape[2], k.shape[2], q.shape[0], causal, kv_lens)
+    sees_a_key = visible.any(-1, keepdim=True)
+    # Rows that see nothing get an all-true mask (finite, no NaN in autograd) and are zeroed after.
+    mask = visible | ~sees_a_key
+    if dropout_keep is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=sm_scale)
+    else:
+        scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
+        weights = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")), dim=-1)
+        out = (weights * dropout_keep / (1.0 - dropout_p)) @ v
+    return torch.where(sees_a_key, out, 0.0)
+
+
+def assert_close(actual, expected, dtype, what, *, unit=1.0):
+    """Max error within TOLERANCE[dtype] of max(|expected|, unit): `unit` is the size rounding errors scale with
+    when the expected values are near 0 (dk, after cancellation, scales with q)."""
+    assert actual.shape == expected.shape, what
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    error = (actual.double() - expected).abs().max().item()
+    bound = TOLERANCE[dtype] * max(expected.abs().max().item(), unit)
+    assert error <= bound, f"{what}: max error {error:.3g} > {bound:.3g}"
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Every new floating tensor starts as NaN, so an output element a kernel forgets to write is caught."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    with mock.patch.object(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw))), \
+            mock.patch.object(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw))):
+        yield
+
+
+def make_inputs(batch, heads, kv_heads, q_len, k_len, head_dim, dtype, *, scale=1.0, transposed=False, seed=0):
+    """q, k, v requiring grad; `scale` multiplies q: logits far past exp's range unless the row max is subtracted
+    (scaling k as well would push them past fp32's precision, where no kernel can recompute them consistently);
+    `transposed` makes (B, N, H, D) storage."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensor(h, n, factor):
+        shape = (batch, n, h, head_dim) if transposed else (batch, h, n, head_dim)
+        data = (torch.randn(shape, generator=generator, dtype=torch.float64) * factor).to(DEVICE, dtype)
+        return (data.transpose(1, 2) if transposed else data).requires_grad_()
+
+    return tensor(heads, q_len, scale), tensor(kv_heads, k_len, 1.0), tensor(kv_heads, k_len, 1.0)
+
+
+def run_with_grads(fn, q, k, v, grad_out):
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+def check_against_oracle(case, impl, poison):
+    q, k, v = make_inputs(case["batch"], case["heads"], case["kv_heads"], case["q_len"], case["k_len"],
+                          case["head_dim"], case["dtype"], scale=case["scale"], transposed=case["transposed"])
+    kv_lens = case["kv_lens"]
+    kv_lens = None if kv_lens is None else torch.tensor(kv_lens, device=DEVICE)
+    options = dict(causal=case["causal"], kv_lens=kv_lens, sm_scale=case["sm_scale"])
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grad_out = grad_out.to(DEVICE, q.dtype)
+
+    with poisoned_allocations() if poison else contextlib.nullcontext():
+        got = run_with_grads(lambda *t: attention(*t, **options, impl=impl), q, k, v, grad_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected = run_with_grads(lambda *t: float64_oracle(*t, **options), q64, k64, v64, grad_out.double())
+    units = (1.0, 1.0, case["scale"], 1.0)
+    for name, a, e, unit in zip(("out", "dq", "dk", "dv"), got, expected, units):
+        assert a.dtype == case["dtype"], name
+        assert_close(a, e, case["dtype"], f"{name} {case}", unit=unit)
+
+
+@st.composite
+def attention_cases(draw, lengths, max_batch_heads):
+    kv_heads = draw(st.sampled_from([1, 2]))
+    group = draw(st.sampled_from([1, 2, 3]))
+    batch = draw(st.integers(1, max(1, max_batch_heads // (kv_heads * group))))
+    k_len = draw(lengths)
+    kv_lens = draw(st.one_of(
+        st.none(),
+        st.lists(st.one_of(st.just(0), st.just(k_len), st.integers(0, k_len)), min_size=batch, max_size=batch),
+    ))
+    return dict(
+        batch=batch, heads=kv_heads * group, kv_heads=kv_heads, q_len=draw(lengths), k_len=k_len,
+        head_dim=draw(st.sampled_from([16, 24, 32, 64, 80])), dtype=draw(st.sampled_from(DTYPES)),
+        causal=draw(st.booleans()), kv_lens=kv_lens, scale=draw(st.sampled_from([1.0, 1.0, 30.0, 1000.0])),
+        sm_scale=draw(st.sampled_from([None, None, 0.3])), transposed=draw(st.booleans()),
+    )
+
+
+# The interpreter costs ~1 ms per tile step: lengths and batch x heads stay small on CPU.
+KERNEL_LENGTHS = st.one_of(st.sampled_from([1, 7, 16, 33, 65, 129]), st.integers(1, 48))
+
+
+def targeted_case(**overrides):
+    return dict(batch=1, heads=1, kv_heads=1, q_len=16, k_len=16, head_dim=16, dtype=torch.float32, causal=False,
+                kv_lens=None, scale=1.0, sm_scale=None, transposed=False) | overrides
+
+
+@settings(max_examples=30)
+@given(case=attention_cases(KERNEL_LENGTHS, max_batch_heads=4))
+@example(case=targeted_case(batch=2, heads=4, kv_heads=2, q_len=65, k_len=129, head_dim=64, dtype=torch.bfloat16,
+                            causal=True, kv_lens=[100, 129], scale=1000.0))
+@example(case=targeted_case(batch=2, heads=2, q_len=129, k_len=7, head_dim=80, dtype=torch.float16, causal=True,
+                            kv_lens=[7, 3]))
+@example(case=targeted_case(q_len=20, k_len=37, head_dim=256, dtype=torch.bfloat16, kv_lens=[30]))
+@example(case=targeted_case(heads=2, q_len=33, k_len=40, head_dim=128, causal=True, transposed=True))
+def test_triton_kernels_match_float64_reference(case):
+    check_against_oracle(case, "triton", poison=True)
+
+
+@settings(max_examples=40)
+@given(case=attention_cases(st.sampled_from([1, 7, 65, 129, 1000]), max_batch_heads=6))
+def test_reference_path_matches_float64_reference(case):
+    check_against_oracle(case, "torch", poison=False)
+
+
+@pytest.mark.parametrize("causal_shift", [-17, -1, 0, 1, 14, 15, 16, 17, 31])
+def test_triton_causal_diagonal_at_every_offset_to_the_blocks(causal_shift):
+    # Nk - Nq moves the diagonal across block edges, where the skipped/unmasked/masked block ranges change.
+    check_against_oracle(targeted_case(q_len=40, k_len=40 + causal_shift, causal=True), "triton", poison=True)
+
+
+def test_triton_long_sequence_small_head():
+    # Causal with padded keys: most key blocks are skipped, which keeps the interpreter's time sane.
+    check_against_oracle(targeted_case(q_len=999, k_len=1000, causal=True, kv_lens=[777]), "triton", poison=False)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_rows_that_see_no_key_are_zero_with_zero_gradient(impl):
+    # kv_lens = 0 hides every key of sequence 0; causal with Nq > Nk hides every key from the first Nq - Nk rows.
+    q, k, v = make_inputs(2, 2, 1, 40, 24, 16, torch.float32)
+    out = attention(q, k, v, causal=True, kv_lens=torch.tensor([0, 24], device=DEVICE), impl=impl)
+    grad_q, grad_k, grad_v = torch.autograd.grad(out.sum(), (q, k, v))
+    assert torch.isfinite(out).all() and torch.isfinite(grad_q).all()
+    assert (out[0] == 0).all() and (grad_q[0] == 0).all() and (grad_k[0] == 0).all() and (grad_v[0] == 0).all()
+    assert (out[1, :, :16] == 0).all() and (grad_q[1, :, :16] == 0).all()
+    assert (out[1, :, 16:] != 0).any()
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_dropout_keeps_one_minus_p_of_the_weight(impl):
+    # With q = 0 every visible key gets weight 1/Nk, and v = 1 turns each output into (kept keys / Nk) / (1 - p).
+    batch, heads, q_len, k_len, p = 2, 2, 64, 96, 0.3
+    q = torch.zeros(batch, heads, q_len, 16, device=DEVICE)
+    v = torch.ones(batch, heads, k_len, 16, device=DEVICE)
+    out = attention(q, v, v, dropout_p=p, generator=torch.Generator().manual_seed(0), impl=impl)
+    kept = out[..., 0].double() * (1 - p)
+    sigma = math.sqrt(p * (1 - p) / (kept.numel() * k_len))
+    assert abs(kept.mean().item() - (1 - p)) < 5 * sigma
+    assert torch.allclose(out[..., 1:], out[..., :1])  # one mask for the whole row of v
+
+
+def test_dropout_mask_statistics_and_independence():
+    keep = dropout_keep_mask(2, 3, 64, 96, 0.2, generator=torch.Generator().manual_seed(3), device=DEVICE)
+    sigma = math.sqrt(0.2 * 0.8 / keep.numel())
+    assert abs(keep.double().mean().item() - 0.8) < 5 * sigma
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+
+
+@pytest.mark.parametrize("causal,kv_lens", [(False, None), (True, [33, 0])])
+def test_dropout_forward_and_backward_use_the_same_mask(causal, kv_lens):
+    batch, heads, kv_heads, q_len, k_len, p = 2, 2, 1, 37, 45, 0.25
+    q, k, v = make_inputs(batch, heads, kv_heads, q_len, k_len, 32, torch.float32)
+    kv_lens = None if kv_lens is None else torch.tensor(kv_lens, device=DEVICE)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    options = dict(causal=causal, kv_lens=kv_lens)
+
+    with poisoned_allocations():
+        got = run_with_grads(lambda *t: attention(*t, **options, dropout_p=p, impl="triton",
+                                                  generator=torch.Generator().manual_seed(11)), q, k, v, grad_out)
+    keep = dropout_keep_mask(batch, heads, q_len, k_len, p, generator=torch.Generator().manual_seed(11), device=DEVICE)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected = run_with_grads(lambda *t: float64_oracle(*t, **options, dropout_keep=keep, dropout_p=p),
+                              q64, k64, v64, grad_out.double())
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
+        assert_close(a, e, torch.float32, name)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_dropout_is_reproducible_from_the_generator(impl):
+    q, k, v = make_inputs(1, 2, 2, 20, 30, 16, torch.float32)
+
+    def run(seed):
+        return attention(q, k, v, dropout_p=0.5, generator=torch.Generator().manual_seed(seed), impl=impl)
+
+    assert torch.equal(run(5), run(5))
+    assert not torch.equal(run(5), run(6))
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_zero_dropout_is_bitwise_the_no_dropout_path(impl):
+    q, k, v = make_inputs(1, 2, 1, 33, 17, 24, torch.float16)
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    without = run_with_grads(lambda *t: attention(*t, causal=True, impl=impl), q, k, v, torch.ones_like(q))
+    with_zero = run_with_grads(lambda *t: attention(*t, causal=True, dropout_p=0.0, generator=generator, impl=impl),
+                               q, k, v, torch.ones_like(q))
+    assert all(torch.equal(a, b) for a, b in zip(without, with_zero))
+    assert torch.equal(generator.get_state(), state)  # no seed drawn
+
+
+def test_backward_is_deterministic_and_the_atomic_variant_is_correct():
+    q, k, v = make_inputs(2, 4, 2, 45, 70, 32, torch.bfloat16)
+    kv_lens = torch.tensor([70, 31], device=DEVICE)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE, q.dtype)
+
+    def grads(deterministic):
+        return run_with_grads(lambda *t: attention(*t, causal=True, kv_lens=kv_lens, impl="triton",
+                                                   deterministic=deterministic), q, k, v, grad_out)
+
+    first, second = grads(True), grads(True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), grads(False), first):
+        assert_close(a, b.double(), torch.bfloat16, name)
+
+
+def test_auto_runs_the_reference_path_off_gpu_and_the_kernel_on_gpu():
+    q, k, v = make_inputs(1, 2, 2, 9, 9, 16, torch.float32)
+    expected_impl = "triton" if DEVICE == "cuda" else "torch"
+    assert torch.equal(attention(q, k, v, causal=True), attention(q, k, v, causal=True, impl=expected_impl))
+
+
+def test_torch_compile_keeps_one_graph():
+    q, k, v = make_inputs(1, 2, 1, 21, 21, 16, torch.float32)
+    compiled = torch.compile(lambda *t: attention(*t, causal=True, impl="triton"), fullgraph=True,
+                             backend="aot_eager")
+    got = run_with_grads(compiled, q, k, v, torch.ones_like(q))
+    eager = run_with_grads(lambda *t: attention(*t, causal=True, impl="triton"), q, k, v, torch.ones_like(q))
+    assert all(torch.equal(a, b) for a, b in zip(got, eager))
+
+
+def _bad_calls():
+    q = torch.randn(2, 4, 8, 16)
+    k = torch.randn(2, 2, 8, 16)
+    return [
+        ("q must have 4 dimensions", dict(q=q[0])),
+        ("q.dtype", dict(q=q.double(), k=k.double(), v=k.double())),
+        ("q, k, v must share one dtype", dict(k=k.half())),
+        ("k and v", dict(v=torch.randn(2, 2, 9, 16))),
+        ("k.shape[0]=1", dict(k=k[:1], v=k[:1])),
+        ("k.shape[1]=3", dict(k=torch.randn(2, 3, 8, 16), v=torch.randn(2, 3, 8, 16))),
+        ("k.shape[3]=8", dict(k=k[..., :8], v=k[..., :8])),
+        ("q.shape[3]=300", dict(q=torch.randn(1, 1, 2, 300), k=torch.randn(1, 1, 2, 300), v=torch.randn(1, 1, 2, 300))),
+        ("every dimension", dict(q=q[:, :, :0])),
+        ("kv_lens.dtype", dict(kv_lens=torch.tensor([1.0, 2.0]))),
+        ("kv_lens.shape", dict(kv_lens=torch.tensor([1, 2, 3]))),
+        ("kv_lens has values in [-1, 2]", dict(kv_lens=torch.tensor([-1, 2]))),
+        ("kv_lens has values in [3, 9]", dict(kv_lens=torch.tensor([3, 9]))),
+        ("kv_lens must be a torch.Tensor", dict(kv_lens=[1, 2])),
+        ("dropout_p=1.0", dict(dropout_p=1.0)),
+        ("sm_scale=nan", dict(sm_scale=float("nan"))),
+        ("impl='cuda'", dict(impl="cuda")),
+    ]
+
+
+@pytest.mark.parametrize("message,overrides", _bad_calls(), ids=[m for m, _ in _bad_calls()])
+def test_invalid_arguments_raise_a_value_error_naming_them(message, overrides):
+    args = dict(q=torch.randn(2, 4, 8, 16), k=torch.randn(2, 2, 8, 16), v=torch.randn(2, 2, 8, 16)) | overrides
+    with pytest.raises(ValueError, match=re.escape(message)):
+        attention(**args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_tensors_on_different_devices_are_rejected():
+    with pytest.raises(ValueError, match="k is on cpu"):
+        attention(torch.randn(1, 1, 4, 16, device="cuda"), torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16))
