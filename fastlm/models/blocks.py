@@ -1,0 +1,280 @@
+"""The one set of building blocks shared by EncoderLM, DecoderLM and Seq2SeqLM.
+
+Shapes: B batch, T tokens, D d_model, H query heads, Hkv key/value heads, hd head_dim, S source (memory) tokens.
+Padding convention: `lengths` [B] counts the real tokens of each row; padding sits at the right.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastlm.kernels import attention
+
+from .config import ModelConfig
+from .kv_cache import AttentionCache, KVCache
+
+
+def sinusoidal_table(positions: Tensor, dim: int) -> Tensor:
+    """(B, T) positions -> (B, T, dim) fixed sine/cosine encodings of "Attention Is All You Need"."""
+    frequencies = torch.exp(
+        torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / dim)
+    )
+    angles = positions.float()[..., None] * frequencies          # (B, T, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def apply_rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Rotate (B, heads, T, hd) by angles of (B, T) positions; the halves of hd form the rotated pairs."""
+    half = x.shape[-1] // 2
+    frequencies = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = (positions.float()[..., None] * frequencies)[:, None]   # (B, 1, T, hd/2), broadcast over heads
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    first, second = x[..., :half], x[..., half:]
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
+def attention_mask(n_queries: int, n_keys: int, *, causal: bool, kv_lens: Tensor | None, device) -> Tensor | None:
+    """Boolean (B or 1, 1, Nq, Nk) mask, True = may attend; causal aligned bottom-right like the fastlm kernel."""
+    mask = None
+    if causal:
+        query = torch.arange(n_queries, device=device)[:, None]
+        key = torch.arange(n_keys, device=device)[None, :]
+        mask = (key <= query + n_keys - n_queries)[None, None]
+    if kv_lens is not None:
+        valid = (torch.arange(n_keys, device=device) < kv_lens[:, None])[:, None, None, :]
+        mask = valid if mask is None else mask & valid
+    return mask
+
+
+def scaled_dot_product(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, kv_lens: Tensor | None, dropout_p: float, impl: str
+) -> Tensor:
+    """softmax(q k^T / sqrt(hd)) v for q (B, H, Nq, hd), k/v (B, Hkv, Nk, hd) with one of three implementations."""
+    if impl == "fastlm":
+        return attention(q, k, v, causal=causal, kv_lens=kv_lens, dropout_p=dropout_p)
+    mask = attention_mask(q.shape[2], k.shape[2], causal=causal, kv_lens=kv_lens, device=q.device)
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=k.shape[1] != q.shape[1]
+        )
+    # eager: the teaching version. Each key/value head serves n_heads / n_kv_heads query heads.
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])     # (B, H, Nq, Nk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probabilities = F.dropout(scores.softmax(dim=-1), p=dropout_p)
+    return probabilities @ v
+
+
+class Embeddings(nn.Module):
+    """Token embedding plus the absolute position encoding (none for rope: it is applied inside attention)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.token = nn.Embedding(config.vocab_size, config.d_model)
+        self.position = nn.Embedding(config.max_seq_len, config.d_model) if config.positional == "learned" else None
+        # The fixed sinusoids have unit amplitude; scaling the small-init token embedding by sqrt(D) (as Vaswani et
+        # al. do) keeps the tokens from being drowned by their positions.
+        self.token_scale = math.sqrt(config.d_model) if config.positional == "sinusoidal" else 1.0
+        # Post-norm (BERT) normalises the embeddings; pre-norm leaves that to the first block's norm.
+        post = config.norm_position == "post"
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if post else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """(B, T) ids and (B or 1, T) positions -> (B, T, D)."""
+        x = self.token(input_ids) * self.token_scale
+        if self.config.positional == "learned":
+            x = x + self.position(positions)
+        elif self.config.positional == "sinusoidal":
+            x = x + sinusoidal_table(positions, self.config.d_model).to(x.dtype)
+        return self.dropout(self.norm(x))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads; self-attention (optionally causal) or cross-attention."""
+
+    def __init__(self, config: ModelConfig, *, cross: bool = False):
+        super().__init__()
+        self.config, self.cross = config, cross
+        kv_width = config.kv_heads * config.head_dim
+        self.q_proj = nn.Linear(config.d_model, config.d_model)
+        self.k_proj = nn.Linear(config.d_model, kv_width)
+        self.v_proj = nn.Linear(config.d_model, kv_width)
+        self.out_proj = nn.Linear(config.d_model, config.d_model)
+
+    def _split_heads(self, x: Tensor, n_heads: int) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, n_heads, self.config.head_dim).transpose(1, 2)   # (B, heads, T, hd)
+
+    def _keys_values(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        heads = self.config.kv_heads
+        return self._split_heads(self.k_proj(source), heads), self._split_heads(self.v_proj(source), heads)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        kv_lens: Tensor | None,
+        causal: bool = False,
+        positions: Tensor | None = None,
+        memory: Tensor | None = None,
+        cache: AttentionCache | None = None,
+        stepping: bool = False,
+    ) -> Tensor:
+        """x (B, T, D) -> (B, T, D). Cross-attention reads keys/values from `memory` (B, S, D).
+
+        With a cache, self-attention writes its keys/values at `positions`; when `stepping` (one new token per row,
+        the earlier ones cached) it attends over the whole cache, `kv_lens` marking the valid keys of each row.
+        Cross-attention keys/values are computed from memory once and then read back from the cache."""
+        q = self._split_heads(self.q_proj(x), self.config.n_heads)
+        if self.cross:
+            if cache is not None and cache.keys is not None:
+                k, v = cache.keys, cache.values
+            else:
+                k, v = self._keys_values(memory)
+                if cache is not None:
+                    cache.keys, cache.values = k, v
+        else:
+            k, v = self._keys_values(x)
+            if self.config.positional == "rope":
+                q = apply_rope(q, positions, self.config.rope_theta)
+                k = apply_rope(k, positions, self.config.rope_theta)
+            if cache is not None:
+                cached_k, cached_v = cache.write(k, v, positions)
+                if stepping:
+                    # One query per row, its keys masked by kv_lens alone: the causal mask has nothing left to do.
+                    k, v, causal = cached_k, cached_v, False
+        dropout_p = self.config.attn_dropout if self.training else 0.0
+        out = scaled_dot_product(q, k, v, causal=causal, kv_lens=kv_lens, dropout_p=dropout_p,
+                                 impl=self.config.attn_impl)
+        batch, _, length, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.config.d_model))
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: D -> d_ff -> D with GELU or ReLU, or the gated SwiGLU of PaLM/LLaMA (a d_ff gate times
+    a d_ff value: 1.5x the parameters of the other two at the same d_ff; LLaMA shrinks d_ff by 2/3 to match)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.activation = config.activation
+        gated = config.activation == "swiglu"
+        self.up_proj = nn.Linear(config.d_model, config.d_ff * (2 if gated else 1))
+        self.down_proj = nn.Linear(config.d_ff, config.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.up_proj(x)
+        if self.activation == "swiglu":
+            gate, value = hidden.chunk(2, dim=-1)
+            hidden = F.silu(gate) * value
+        else:
+            hidden = F.gelu(hidden) if self.activation == "gelu" else F.relu(hidden)
+        return self.down_proj(hidden)
+
+
+class Block(nn.Module):
+    """Self-attention, optional cross-attention, feed-forward; each a residual branch with pre- or post-norm."""
+
+    def __init__(self, config: ModelConfig, *, causal: bool, cross_attention: bool = False):
+        super().__init__()
+        self.config, self.causal = config, causal
+        self.self_attn = Attention(config)
+        self.self_attn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.cross_attn = Attention(config, cross=True) if cross_attention else None
+        self.cross_attn_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if cross_attention else None
+        self.ff = FeedForward(config)
+        self.ff_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def _residual(self, x: Tensor, norm: nn.LayerNorm, branch) -> Tensor:
+        if self.config.norm_position == "pre":
+            return x + self.dropout(branch(norm(x)))
+        return norm(x + self.dropout(branch(x)))
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        lengths: Tensor | None,
+        positions: Tensor,
+        memory: Tensor | None = None,
+        memory_lengths: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Tensor:
+        stepping = cache is not None and cache.filled
+        x = self._residual(x, self.self_attn_norm, lambda h: self.self_attn(
+            h, kv_lens=lengths, causal=self.causal, positions=positions, stepping=stepping,
+            cache=cache.attention(layer, "self") if cache is not None else None))
+        if self.cross_attn is not None:
+            x = self._residual(x, self.cross_attn_norm, lambda h: self.cross_attn(
+                h, kv_lens=memory_lengths, memory=memory,
+                cache=cache.attention(layer, "cross") if cache is not None else None))
+        return self._residual(x, self.ff_norm, self.ff)
+
+
+class TransformerStack(nn.Module):
+    """Embeddings, n_layers blocks and the final norm: the body of every model here (causal or bidirectional)."""
+
+    def __init__(self, config: ModelConfig, *, causal: bool, cross_attention: bool = False):
+        super().__init__()
+        self.config, self.causal = config, causal
+        self.embeddings = Embeddings(config)
+        self.blocks = nn.ModuleList(
+            Block(config, causal=causal, cross_attention=cross_attention) for _ in range(config.n_layers)
+        )
+        # Pre-norm leaves the residual stream unnormalised: normalise what leaves the last block (post-norm did).
+        pre = config.norm_position == "pre"
+        self.final_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if pre else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights, zero biases, unit norms (the GPT-2 / BERT init)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        # GPT-2: every residual branch adds to the stream, so the projections into it start 1/sqrt(2 n_layers)
+        # smaller and the stream's variance stays put as depth grows.
+        for block in self.blocks:
+            projections = [block.self_attn.out_proj, block.ff.down_proj]
+            if block.cross_attn is not None:
+                projections.append(block.cross_attn.out_proj)
+            for projection in projections:
+                nn.init.normal_(projection.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        lengths: Tensor | None,
+        *,
+        memory: Tensor | None = None,
+        memory_lengths: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """(B, T) ids -> (B, T, D) hidden states.
+
+        Without a cache, or with an empty one (which this call fills), the ids are whole rows. With a filled cache
+        they are (B, 1): the last token of each row, at position lengths - 1, the earlier ones being cached."""
+        if cache is not None and cache.filled:
+            positions = (lengths - 1)[:, None]
+        else:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        x = self.embeddings(input_ids, positions)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, lengths=lengths, positions=positions, memory=memory, memory_lengths=memory_lengths,
+                      cache=cache, layer=layer)
+        if cache is not None:
+            cache.filled = True
+        return self.final_norm(x)

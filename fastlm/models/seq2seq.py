@@ -1,0 +1,156 @@
+"""Seq2SeqLM: an encoder-decoder translation model, from scratch or merged from a pre-trained EncoderLM and DecoderLM."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import LanguageModel, ModelOutput, ignore_padding, lm_output, run_checks, token_checks
+from .blocks import TransformerStack
+from .config import ModelConfig
+from .decoder import DecoderLM, last_token_states, output_projection
+from .encoder import EncoderLM
+from .kv_cache import KVCache
+
+logger = logging.getLogger("fastlm.models")
+
+CROSS_ATTENTION_INITS = ("random", "copy_self")
+
+
+class Seq2SeqLM(LanguageModel):
+    """A bidirectional encoder over the source and a causal decoder whose blocks also attend to the encoder output.
+
+    The encoder keeps its embedding, the decoder its own (tied to the output projection when its config says so);
+    share_embeddings=True makes them one matrix (the encoder's). A linear projection carries the encoder output to
+    the decoder's width when the two differ."""
+
+    def __init__(self, encoder_config: ModelConfig, decoder_config: ModelConfig, *, share_embeddings: bool = False):
+        super().__init__()
+        if encoder_config.vocab_size != decoder_config.vocab_size:
+            raise ValueError(f"decoder vocab_size = {decoder_config.vocab_size}: expected the encoder's, "
+                             f"{encoder_config.vocab_size} (both sides must use one tokenizer)")
+        if share_embeddings and encoder_config.d_model != decoder_config.d_model:
+            raise ValueError(f"share_embeddings=True with encoder d_model = {encoder_config.d_model} and decoder "
+                             f"d_model = {decoder_config.d_model}: expected equal widths")
+        self.encoder_config, self.share_embeddings = encoder_config, share_embeddings
+        self.config = decoder_config   # generation reads the special ids and max_seq_len of the decoder
+        self.encoder = TransformerStack(encoder_config, causal=False)
+        self.decoder = TransformerStack(decoder_config, causal=True, cross_attention=True)
+        if share_embeddings:
+            # One Parameter for both sides, by plain assignment (before the output projection may tie to it too).
+            self.decoder.embeddings.token.weight = self.encoder.embeddings.token.weight
+        self.memory_proj = None
+        if encoder_config.d_model != decoder_config.d_model:
+            self.memory_proj = nn.Linear(encoder_config.d_model, decoder_config.d_model)
+            nn.init.normal_(self.memory_proj.weight, std=decoder_config.init_std)
+            nn.init.zeros_(self.memory_proj.bias)
+        self.lm_head = output_projection(decoder_config, self.decoder)
+
+    def encode(self, src_ids: Tensor, src_lengths: Tensor | None) -> Tensor:
+        """(B, S) source ids -> (B, S, decoder d_model) memory for the decoder's cross-attention."""
+        memory = self.encoder(src_ids, src_lengths)
+        return self.memory_proj(memory) if self.memory_proj is not None else memory
+
+    def forward(
+        self,
+        src_ids: Tensor,
+        tgt_ids: Tensor,
+        src_lengths: Tensor | None = None,
+        tgt_lengths: Tensor | None = None,
+        labels: Tensor | None = None,
+        return_logits: bool = False,
+    ) -> ModelOutput:
+        """src_ids (B, S); tgt_ids (B, T): the target without a leading <s>, ending with </s>. The decoder reads
+        <s> followed by tgt_ids[:, :-1] (teacher forcing) and position t is scored against labels[t] (pass tgt_ids;
+        positions at or beyond tgt_lengths are ignored)."""
+        run_checks(token_checks(self.encoder_config, src_ids, src_lengths, None, names=("src_ids", "src_lengths", ""))
+                   + token_checks(self.config, tgt_ids, tgt_lengths, labels, names=("tgt_ids", "tgt_lengths", "labels")))
+        memory = self.encode(src_ids, src_lengths)                            # (B, S, D)
+        start = tgt_ids.new_full((tgt_ids.shape[0], 1), self.config.bos_id)
+        decoder_input = torch.cat([start, tgt_ids[:, :-1]], dim=1)            # (B, T), same lengths as tgt_ids
+        hidden = self.decoder(decoder_input, tgt_lengths, memory=memory, memory_lengths=src_lengths)
+        targets = ignore_padding(labels, tgt_lengths) if labels is not None else None
+        return lm_output(hidden, self.lm_head, targets, return_logits)
+
+    @torch.no_grad()
+    def next_token_logits(
+        self, input_ids: Tensor, lengths: Tensor, memory: Tensor, memory_lengths: Tensor | None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """(B, vocab_size) logits after each row's last real decoder token, attending to `memory` (from encode).
+        Inputs as for DecoderLM.next_token_logits (the decoder input starts with <s>)."""
+        stepping = cache is not None and cache.filled
+        hidden = self.decoder(input_ids, lengths, memory=memory, memory_lengths=memory_lengths, cache=cache)
+        return self.lm_head(last_token_states(hidden, lengths, stepping))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        encoder: EncoderLM | str | Path,
+        decoder: DecoderLM | str | Path,
+        *,
+        cross_attention_init: str = "random",
+        share_embeddings: bool = False,
+    ) -> Seq2SeqLM:
+        """Merge a pre-trained EncoderLM and DecoderLM (objects or checkpoint directories).
+
+        Every tensor of the encoder stack and the decoder stack is copied; each decoder block gains cross-attention
+        (random init, or "copy_self": copied from its self-attention and its norm). The MLM head is dropped. The new
+        tensors and their parameter count are logged on the "fastlm.models" logger."""
+        if cross_attention_init not in CROSS_ATTENTION_INITS:
+            raise ValueError(f"cross_attention_init = {cross_attention_init!r}: expected one of {CROSS_ATTENTION_INITS}")
+        encoder = EncoderLM.load(encoder) if isinstance(encoder, (str, Path)) else encoder
+        decoder = DecoderLM.load(decoder) if isinstance(decoder, (str, Path)) else decoder
+        if not isinstance(encoder, EncoderLM):
+            raise ValueError(f"encoder of type {type(encoder).__name__}: expected an EncoderLM or its directory")
+        if not isinstance(decoder, DecoderLM):
+            raise ValueError(f"decoder of type {type(decoder).__name__}: expected a DecoderLM or its directory")
+        model = cls(encoder.config, decoder.config, share_embeddings=share_embeddings)
+        missing, unexpected = model.decoder.load_state_dict(decoder.body.state_dict(), strict=False)
+        if unexpected or any(".cross_attn" not in name for name in missing):
+            raise ValueError(f"decoder state does not fit: unexpected {unexpected}, missing {missing}")
+        # The encoder is loaded after the decoder so that a shared embedding ends up holding the encoder's values.
+        model.encoder.load_state_dict(encoder.body.state_dict())
+        if not decoder.config.tie_embeddings:
+            model.lm_head.load_state_dict(decoder.lm_head.state_dict())
+        if cross_attention_init == "copy_self":
+            for block in model.decoder.blocks:
+                block.cross_attn.load_state_dict(block.self_attn.state_dict())
+                block.cross_attn_norm.load_state_dict(block.self_attn_norm.state_dict())
+        new = {f"decoder.{name}": model.decoder.get_parameter(name) for name in missing}
+        if model.memory_proj is not None:
+            new.update({f"memory_proj.{name}": tensor for name, tensor in model.memory_proj.named_parameters()})
+        _log_new_tensors(new, cross_attention_init, share_embeddings)
+        like = next(decoder.parameters())
+        return model.to(device=like.device, dtype=like.dtype)
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"encoder": self.encoder_config.to_dict(), "decoder": self.config.to_dict(),
+                "share_embeddings": self.share_embeddings}
+
+    @classmethod
+    def from_config_dict(cls, values: dict[str, Any]) -> Seq2SeqLM:
+        return cls(ModelConfig.from_dict(values["encoder"]), ModelConfig.from_dict(values["decoder"]),
+                   share_embeddings=values["share_embeddings"])
+
+    def attention_spans(self) -> list[tuple[int, int, int]]:
+        """Per target token, with as many source tokens as target tokens: encoder self-attention over the source,
+        decoder self-attention over the target and cross-attention over the source."""
+        source, target = self.encoder_config, self.config
+        return [(source.n_layers, source.d_model, source.max_seq_len),
+                (target.n_layers, target.d_model, target.max_seq_len),
+                (target.n_layers, target.d_model, source.max_seq_len)]
+
+
+def _log_new_tensors(new: dict[str, Tensor], cross_attention_init: str, share_embeddings: bool) -> None:
+    total = sum(tensor.numel() for tensor in new.values())
+    lines = [f"  {name} {tuple(tensor.shape)}: {tensor.numel():,}" for name, tensor in new.items()]
+    logger.info("Seq2SeqLM.from_pretrained: %d new tensors, %s parameters (cross-attention init %r, any "
+                "memory_proj random):\n%s", len(new), f"{total:,}", cross_attention_init, "\n".join(lines))
+    if share_embeddings:
+        logger.info("Seq2SeqLM.from_pretrained: the decoder's token embedding is replaced by the encoder's "
+                    "(share_embeddings=True)")

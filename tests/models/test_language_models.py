@@ -1,0 +1,173 @@
+"""EncoderLM and DecoderLM: causality, padding, weight tying, loss/labels, kernels vs torch, save/load, bad input."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_helpers import (assert_same_loss_and_gradients, force_triton_kernels, random_batch,
+                           tiny_config)
+from safetensors import safe_open
+
+from fastlm.models import DecoderLM, EncoderLM, ModelConfig
+
+MODELS = {"encoder": EncoderLM, "decoder": DecoderLM}
+VARIANTS = [
+    dict(),
+    dict(positional="rope", n_kv_heads=2, activation="swiglu"),
+    dict(positional="sinusoidal", norm_position="post", activation="relu", attn_impl="sdpa"),
+    dict(attn_impl="eager", n_kv_heads=1, tie_embeddings=False),
+]
+
+
+def _model(kind: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return MODELS[kind](tiny_config(**overrides)).eval()
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_decoder_is_causal_bitwise(overrides):
+    model = _model("decoder", **overrides)
+    ids, lengths = random_batch(model.config, [24, 24])
+    changed = ids.clone()
+    changed[:, 10:] = torch.randint(4, model.config.vocab_size, changed[:, 10:].shape)
+    before = model(ids, lengths, return_logits=True).logits
+    after = model(changed, lengths, return_logits=True).logits
+    assert torch.equal(before[:, :10], after[:, :10])
+    assert not torch.equal(before[:, 10:], after[:, 10:])
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_extra_padding_leaves_real_tokens_unchanged(kind, overrides):
+    model = _model(kind, **overrides)
+    ids, lengths = random_batch(model.config, [9, 14, 5])
+    # Widen with non-pad garbage: only `lengths` may decide what is real.
+    garbage = torch.randint(4, model.config.vocab_size, (3, 25))
+    real = torch.arange(25)[None, :] < lengths[:, None]
+    padded = torch.where(real, torch.cat([ids, garbage[:, 14:]], dim=1), garbage)
+    short = model(ids, lengths, labels=ids, return_logits=True)
+    long = model(padded, lengths, labels=padded, return_logits=True)
+    for row, length in enumerate(lengths.tolist()):
+        torch.testing.assert_close(long.logits[row, :length], short.logits[row, :length], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(long.loss, short.loss)
+    assert long.n_targets == short.n_targets
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_loss_and_accuracy_match_the_logits(kind):
+    model = _model(kind)
+    ids, lengths = random_batch(model.config, [12, 7])
+    labels = ids.clone()
+    if kind == "encoder":
+        labels[:, ::2] = -100                     # MLM: only "masked" positions carry a target
+        targets = labels.masked_fill(torch.arange(12)[None] >= lengths[:, None], -100)
+    else:                                         # causal: position t predicts token t + 1 of its own row
+        targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+        targets = targets.masked_fill(torch.arange(12)[None] >= lengths[:, None] - 1, -100)
+    out = model(ids, lengths, labels=labels, return_logits=True)
+    expected = F.cross_entropy(out.logits.reshape(-1, model.config.vocab_size), targets.reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+    valid = targets != -100
+    assert out.n_targets == valid.sum()
+    correct = ((out.logits.argmax(-1) == targets) & valid).sum()
+    torch.testing.assert_close(out.accuracy, correct / valid.sum())
+    assert model(ids, lengths).loss is None and model(ids, lengths).logits is None
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_tied_embedding_is_one_tensor_and_both_uses_get_gradient(kind):
+    tied = _model(kind)
+    embedding = tied.body.embeddings.token.weight
+    output = tied.head.output.weight if kind == "encoder" else tied.lm_head.weight
+    assert output is embedding
+    assert sum(1 for p in tied.parameters() if p is embedding) == 1
+    # The same weights untied: the tied gradient must be the sum of the input-side and output-side gradients.
+    untied = MODELS[kind](ModelConfig.from_dict({**tied.config.to_dict(), "tie_embeddings": False})).eval()
+    untied.load_state_dict(tied.state_dict())
+    ids, lengths = random_batch(tied.config, [10, 6])
+    tied(ids, lengths, labels=ids).loss.backward()
+    untied(ids, lengths, labels=ids).loss.backward()
+    untied_output = untied.head.output.weight if kind == "encoder" else untied.lm_head.weight
+    input_grad, output_grad = untied.body.embeddings.token.weight.grad, untied_output.grad
+    assert input_grad.abs().sum() > 0 and output_grad.abs().sum() > 0
+    torch.testing.assert_close(embedding.grad, input_grad + output_grad)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_fastlm_kernels_sdpa_and_eager_agree(kind, monkeypatch):
+    force_triton_kernels(monkeypatch)
+    small = dict(vocab_size=64, d_model=32, n_heads=2, n_kv_heads=1, n_layers=2, d_ff=64, positional="rope")
+    ids, lengths = random_batch(tiny_config(**small), [16, 11], seed=3)
+    results = {}
+    for impl in ("fastlm", "sdpa", "eager"):
+        model = _model(kind, seed=1, attn_impl=impl, **small)
+        loss = model(ids, lengths, labels=ids).loss
+        loss.backward()
+        results[impl] = loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+    assert_same_loss_and_gradients(results)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_save_load_round_trip(kind, tie_embeddings, tmp_path):
+    model = _model(kind, positional="rope", tie_embeddings=tie_embeddings)
+    model.save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == MODELS[kind].__name__
+    with safe_open(tmp_path / "model.safetensors", "pt") as stored:
+        assert len(list(stored.keys())) == len(list(model.parameters()))   # a tied tensor is stored once
+    loaded = MODELS[kind].load(tmp_path).eval()
+    assert loaded.config == model.config
+    for (name, expected), (_, actual) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(actual, expected), name
+    output = loaded.head.output.weight if kind == "encoder" else loaded.lm_head.weight
+    assert (output is loaded.body.embeddings.token.weight) == tie_embeddings
+    ids, lengths = random_batch(model.config, [8, 5])
+    assert torch.equal(loaded(ids, lengths, labels=ids).loss, model(ids, lengths, labels=ids).loss)
+    other = EncoderLM if kind == "decoder" else DecoderLM
+    with pytest.raises(ValueError, match="model_type"):
+        other.load(tmp_path)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_bad_input_names_the_argument(kind):
+    model = _model(kind)
+    vocab, longest = model.config.vocab_size, model.config.max_seq_len
+    ids, lengths = random_batch(model.config, [6, 4])
+    bad_calls = [
+        (dict(input_ids=ids.masked_fill(ids == ids[0, 0], vocab)), "input_ids contains 96"),
+        (dict(input_ids=ids.masked_fill(ids == ids[0, 0], -1)), "input_ids contains -1"),
+        (dict(input_ids=ids.float()), "input_ids"),
+        (dict(input_ids=ids[0]), "input_ids"),
+        (dict(input_ids=torch.ones(1, longest + 1, dtype=torch.long)), "max_seq_len"),
+        (dict(input_ids=ids, lengths=torch.tensor([6, 4, 2])), "lengths of shape"),
+        (dict(input_ids=ids, lengths=torch.tensor([7, 4])), "lengths contains 7"),
+        (dict(input_ids=ids, lengths=torch.tensor([6, 0])), "lengths contains 0"),
+        (dict(input_ids=ids, labels=ids[:, :3]), "labels of shape"),
+        (dict(input_ids=ids, labels=ids.masked_fill(ids == ids[0, 0], -5)), "labels has 1 negative"),
+        (dict(input_ids=ids, labels=ids.masked_fill(ids == ids[0, 0], vocab + 3)), "labels contains 99"),
+    ]
+    for arguments, message in bad_calls:
+        with pytest.raises(ValueError, match=message):
+            model(**arguments)
+
+
+def test_optimizer_groups_and_accounting():
+    model = _model("decoder", tie_embeddings=False)
+    optimizer = model.configure_optimizers(weight_decay=0.1, lr=1e-3)
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"])
+    embeddings = {id(model.body.embeddings.token.weight), id(model.body.embeddings.position.weight)}
+    assert embeddings <= {id(p) for p in plain["params"]}
+    assert id(model.lm_head.weight) in {id(p) for p in decayed["params"]}    # untied: a plain projection
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    total = sum(p.numel() for p in model.parameters())
+    assert model.num_params() == total
+    embedding_count = sum(p.numel() for p in model.parameters() if id(p) in embeddings)
+    assert model.num_params(exclude_embeddings=True) == total - embedding_count
+    config = model.config
+    assert model.estimate_flops_per_token() == 6 * total + 12 * config.n_layers * config.d_model * config.max_seq_len
+    tied = _model("decoder")
+    assert tied.num_params() == total - config.vocab_size * config.d_model
