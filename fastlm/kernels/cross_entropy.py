@@ -4,7 +4,7 @@ Per row the loss is `F.cross_entropy`'s, with label smoothing eps as torch defin
 
     loss = (1 - eps) * (lse - x[target]) + eps * (lse - mean(x)) + z_loss * lse**2,   lse = logsumexp(x)
 
-and its gradient, which the Triton kernel writes in the same launch that computes the loss:
+and its gradient:
 
     dloss/dx = softmax(x) * (1 + 2 * z_loss * lse) - (1 - eps) * onehot(target) - eps / V
 
@@ -28,11 +28,13 @@ Design (why it looks like this):
   the way past both, not attempted here without a GPU to validate and tune it.
 - Every target is ignored -> loss 0 and zero gradient, where F.cross_entropy gives NaN for "mean": a NaN in a
   training step is what our users must never see.
-- Targets outside [0, V) that are not ignore_index: with CPU targets (or FASTLM_DEBUG=1) a ValueError is raised
-  eagerly; with CUDA targets checking would need a host sync, so the kernel instead writes NaN into that row's loss
-  and gradient, which poisons the reduced loss: never a silently wrong number, and no sync in the training step.
-- No host synchronisation anywhere (the mean's divisor and the accuracy count stay on the device), so both
-  functions run under torch.compile as the custom ops `fastlm::cross_entropy` and `fastlm::linear_cross_entropy`.
+- Targets outside [0, V) that are not ignore_index: with CPU targets in eager mode (or FASTLM_DEBUG=1) a ValueError
+  is raised; with CUDA targets (or under torch.compile) checking would need a host sync, so the kernel instead
+  writes NaN into that row's loss and gradient, which poisons the reduced loss: never a silently wrong number, and
+  no sync in the training step.
+- No host synchronisation on CUDA (the mean's divisor and the accuracy count stay on the device; only
+  FASTLM_DEBUG=1 adds the eager target check). Both functions are torch custom ops (`fastlm::cross_entropy`,
+  `fastlm::linear_cross_entropy`, with fake implementations and autograd formulas) for torch.compile.
 """
 
 import torch
@@ -73,7 +75,11 @@ def _check_target(target: torch.Tensor, rows: int, what: str) -> None:
 
 
 def _validate_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise ValueError if a target is outside [0, num_classes) and not ignore_index (synchronises with the device)."""
+    """Raise ValueError if a target is outside [0, num_classes) and not ignore_index. The check reads the values on
+    the host, so it runs for CPU targets in eager mode, and elsewhere (CUDA, torch.compile) only with FASTLM_DEBUG=1:
+    without it such rows get a NaN loss instead (see the module docstring)."""
+    if (target.is_cuda or torch.compiler.is_compiling()) and not debug_checks_enabled():
+        return
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         value = int(target[bad][0])
@@ -336,8 +342,7 @@ def cross_entropy(
     _check_target(target, flat.shape[0], "row of logits")
     check_same_device("logits", logits, target=target)
     flat_target = target.reshape(-1).contiguous()
-    if not flat_target.is_cuda or debug_checks_enabled():
-        _validate_targets(flat_target, flat.shape[1], ignore_index)
+    _validate_targets(flat_target, flat.shape[1], ignore_index)
     triton_path = select_impl(impl, logits, target) == "triton"
     loss, _ = _cross_entropy_op(flat, flat_target, ignore_index, float(label_smoothing), float(z_loss), reduction,
                                 triton_path)
@@ -421,6 +426,10 @@ def _linear_cross_entropy_chunks(
     return loss, correct, grad_hidden, grad_weight.to(weight.dtype), grad_bias
 
 
+def _loss_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if input_dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op("fastlm::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, ignore_index: int,
@@ -434,7 +443,8 @@ def _linear_cross_entropy_op(
         _grad_scale(torch.ones((), device=hidden.device), target, reduction, ignore_index) if grads_now else None,
         ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, triton_path=triton_path,
     )
-    loss = _reduce(loss_rows, target, reduction, ignore_index).to(hidden.dtype)
+    # The loss stays in fp32 (fp64 for fp64 inputs) whatever the input dtype: a bf16 loss would log as 10.4375.
+    loss = _reduce(loss_rows, target, reduction, ignore_index).to(_loss_dtype(hidden.dtype))
     if not grads_now:
         grad_hidden, grad_weight, grad_bias = (hidden.new_empty(0) for _ in range(3))
     return loss, correct.sum(), grad_hidden, grad_weight, grad_bias
@@ -442,7 +452,7 @@ def _linear_cross_entropy_op(
 
 @_linear_cross_entropy_op.register_fake
 def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction, compute_grad, triton_path):
-    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else ())
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=_loss_dtype(hidden.dtype))
     count = hidden.new_empty((), dtype=torch.int64)
     if compute_grad and reduction != "none":
         grad_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
@@ -509,7 +519,8 @@ def linear_cross_entropy(
     """`cross_entropy(hidden @ weight.T + bias, target)` for hidden [N, Hd] or [B, T, Hd], weight [V, Hd], without
     ever holding the [N, V] logits. Gradients reach hidden, weight (e.g. a tied embedding: autograd adds them to the
     lookup's) and bias. With return_accuracy=True returns (loss, correct) where correct is the int64 device count
-    of non-ignored rows whose first argmax is the target.
+    of non-ignored rows whose first argmax is the target. The loss is fp32 for fp32/fp16/bf16 inputs (unlike
+    `cross_entropy`, which keeps F.cross_entropy's dtype rule), so training logs keep their precision.
     """
     _check_options(ignore_index, label_smoothing, z_loss, reduction)
     if hidden.dim() not in (2, 3):
@@ -531,8 +542,7 @@ def linear_cross_entropy(
     flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     _check_target(target, flat.shape[0], "row of hidden")
     flat_target = target.reshape(-1).contiguous()
-    if not flat_target.is_cuda or debug_checks_enabled():
-        _validate_targets(flat_target, weight.shape[0], ignore_index)
+    _validate_targets(flat_target, weight.shape[0], ignore_index)
     triton_path = select_impl(impl, hidden, weight, target) == "triton"
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)

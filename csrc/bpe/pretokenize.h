@@ -1,0 +1,38 @@
+// The pre-splits: text -> pre-tokens ("words"); BPE merges never cross a pre-token boundary.
+//
+// Byte level: the GPT-4 (cl100k) pattern
+//   (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+// as a hand-written state machine over code points, giving exactly what `regex.findall` gives (the classes come
+// from unicode_tables.h, generated from `regex` itself). Bytes that are not valid UTF-8 count as one "other" code
+// point each (never \p{L}, \p{N} or \s), so any byte string splits and the pieces concatenate back to the input.
+//
+// Char level (sentencepiece style), on already-normalised UTF-8:
+//   1. marking: every U+0020 space becomes U+2581 '▁' and one '▁' is prepended (the "dummy prefix"), so
+//      "I go" -> "▁I▁go"; an empty text stays empty. Decoding turns every '▁' back into a space and removes the
+//      one leading space the prefix added. Other whitespace (tab, newline...) is kept as an ordinary character.
+//   2. splitting: a piece starts at every '▁'; and between two adjacent code points (neither of them '▁') whose
+//      groups differ, the groups being: Hangul letter, Han letter, other letter, number, anything else. A '▁'
+//      glues to what follows it: "▁서울에서2024년" -> "▁서울에서", "2024", "년"; "▁Seoul에서" -> "▁Seoul", "에서".
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "bpe/level.h"
+
+namespace fastlm::bpe {
+
+inline constexpr char kSpaceMark[] = "\xE2\x96\x81";  // U+2581 '▁' in UTF-8
+inline constexpr uint32_t kSpaceMarkCodePoint = 0x2581;
+
+// Splits `text` with the cl100k pattern; the pieces view into `text`.
+void split_cl100k(std::string_view text, std::vector<std::string_view>& pieces);
+
+// Marks spaces of `text` into `marked` (see above) and splits it; the pieces view into `marked`.
+void split_char_level(std::string_view text, std::string& marked, std::vector<std::string_view>& pieces);
+
+// The pre-split of a level: pieces view into `text` (byte) or into `scratch` (char).
+void pretokenize(Level level, std::string_view text, std::string& scratch, std::vector<std::string_view>& pieces);
+
+}  // namespace fastlm::bpe
