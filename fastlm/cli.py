@@ -1,0 +1,330 @@
+"""The `fastlm` command line (also `python -m fastlm`, and `torchrun ... -m fastlm pretrain ...`).
+
+Subcommands: tokenizer train|encode|decode, prepare, pretrain, finetune, translate, eval, plot, demo.
+Training commands take a preset (`--preset tiny|small|base`) and `--key value` overrides of TrainConfig fields;
+`--model.KEY value` overrides a ModelConfig field. Every mistake a user can make ends in one line on stderr and
+exit code 2 (set FASTLM_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from fastlm.train.config import PRESETS, ConfigError, parse_overrides, resolve
+from fastlm.train.trainer import TrainingDiverged
+
+USAGE_ERROR = 2
+MODEL_PREFIX = "model."
+PLAIN_TEXT_SUFFIXES = ("", ".txt", ".ko", ".en")
+
+
+class UsageError(Exception):
+    """A command-line mistake: reported as one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # No abbreviations: `--re 1` must stay an unknown override, not become --resume.
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+    def error(self, message: str):  # argparse's default prints the whole usage block first
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+# ----- tokenizer -----
+
+def _sentences(paths: list[str]):
+    """Every sentence of the input files, both sides of parallel formats (.tsv, .csv, .xlsx)."""
+    from fastlm.data.readers import open_reader
+
+    for path in paths:
+        for item in open_reader(path):
+            yield from (item if isinstance(item, tuple) else (item,))
+
+
+def cmd_tokenizer_train(args) -> None:
+    from fastlm.tokenizer import Tokenizer
+
+    _require_files(args.input, "--input")
+    plain = all(Path(p).suffix.lower() in PLAIN_TEXT_SUFFIXES for p in args.input)
+    source = list(args.input) if plain else _sentences(args.input)  # plain files are read natively, in parallel
+    tokenizer = Tokenizer.train(source, vocab_size=args.vocab_size, level=args.level,
+                                min_frequency=args.min_frequency)
+    tokenizer.save(args.output)
+    print(f"tokenizer: {tokenizer.vocab_size} tokens ({args.level} level) -> {args.output}")
+
+
+def _text_lines(texts: list[str]) -> list[str]:
+    return texts if texts else [line.rstrip("\n") for line in sys.stdin]
+
+
+def cmd_tokenizer_encode(args) -> None:
+    from fastlm.train.tasks import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    for text in _text_lines(args.text):
+        print(" ".join(map(str, tokenizer.encode(text))))
+
+
+def cmd_tokenizer_decode(args) -> None:
+    from fastlm.train.tasks import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    lines = [" ".join(args.ids)] if args.ids else _text_lines([])
+    for line in lines:
+        try:
+            ids = [int(token) for token in line.split()]
+        except ValueError:
+            raise UsageError(f"tokenizer decode: {line!r}: expected token ids separated by spaces") from None
+        print(tokenizer.decode(ids))
+
+
+# ----- data -----
+
+def cmd_prepare(args) -> None:
+    from fastlm.data.prepare import prepare_corpus, prepare_parallel_corpus
+    from fastlm.data.readers import open_reader
+    from fastlm.train.tasks import load_tokenizer
+
+    _require_files(args.input, "--input")
+    tokenizer = load_tokenizer(args.tokenizer)
+    reader = open_reader(*args.input)
+    options = dict(num_threads=args.threads, progress=not args.quiet)
+    if args.shard_size:
+        options["shard_size"] = args.shard_size
+    if getattr(reader, "parallel", False):
+        corpus = prepare_parallel_corpus(reader, tokenizer, args.output, **options)
+        print(f"prepared {len(corpus)} sentence pairs -> {args.output} (src/, tgt/)")
+    else:
+        corpus = prepare_corpus(reader, tokenizer, args.output, **options)
+        print(f"prepared {len(corpus)} sentences, {corpus.num_tokens} tokens -> {args.output}")
+
+
+# ----- training -----
+
+def _configs(args, extra: list[str]):
+    """(TrainConfig, model overrides) from the preset and the `--key value` pairs argparse did not consume."""
+    overrides = parse_overrides(extra)
+    model_overrides = {k[len(MODEL_PREFIX):]: v for k, v in overrides.items() if k.startswith(MODEL_PREFIX)}
+    train_overrides = {k: v for k, v in overrides.items() if not k.startswith(MODEL_PREFIX)}
+    return resolve(args.preset, train_overrides), model_overrides
+
+
+def _report(result, label: str) -> None:
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if isinstance(v, (int, float)))
+    print(f"{label}: {shown} in {result.seconds:.0f} s; model -> {result.model_dir}, curves -> "
+          f"{result.run_dir / 'loss.png'}")
+
+
+def _distributed(run):
+    """Run `run(world)` inside the process group torchrun describes (a world of one otherwise)."""
+    from fastlm.train.distributed import close_world, init_world
+
+    world = init_world()
+    try:
+        result = run(world)
+    finally:
+        close_world(world)
+    if world.is_main:
+        return result
+    return None
+
+
+def cmd_pretrain(args, extra: list[str]) -> None:
+    from fastlm.train.tasks import pretrain
+
+    config, model_overrides = _configs(args, extra)
+    result = _distributed(lambda world: pretrain(args.arch, args.tokenizer, args.train, args.valid, args.run_dir,
+                                                 config, model_overrides=model_overrides, resume=args.resume,
+                                                 world=world))
+    if result is not None:
+        _report(result, f"pretrain {args.arch}")
+
+
+def cmd_finetune(args, extra: list[str]) -> None:
+    from fastlm.train.tasks import finetune
+
+    config, model_overrides = _configs(args, extra)
+    if model_overrides:
+        raise UsageError("finetune: --model.* overrides do not apply: the architecture comes from the pre-trained "
+                         "encoder and decoder")
+    result = _distributed(lambda world: finetune(
+        args.encoder, args.decoder, args.tokenizer, args.train, args.valid, args.run_dir, config,
+        cross_attention_init=args.cross_attention_init, share_embeddings=args.share_embeddings,
+        bleu_sentences=args.bleu_sentences, num_beams=args.beam, resume=args.resume, world=world))
+    if result is not None:
+        _report(result, "finetune")
+
+
+# ----- using models -----
+
+def cmd_translate(args) -> None:
+    import torch
+
+    from fastlm.models import Seq2SeqLM
+    from fastlm.train.tasks import check_vocab, load_model, load_tokenizer, translate_texts
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    model = load_model(args.model, map_location="cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(model, Seq2SeqLM):
+        raise UsageError(f"translate --model {args.model}: a {type(model).__name__}, expected a fine-tuned Seq2SeqLM")
+    check_vocab(model, tokenizer, f"translate --model {args.model}")
+    if args.text and args.input:
+        raise UsageError("translate: give sentences or --input FILE, not both")
+    if args.input:
+        _require_files([args.input], "--input")
+        texts = [line.rstrip("\n") for line in open(args.input, encoding="utf-8")]
+    else:
+        texts = _text_lines(args.text)
+    for line in translate_texts(model, tokenizer, texts, num_beams=args.beam, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size):
+        print(line)
+
+
+def cmd_eval(args, extra: list[str]) -> None:
+    from fastlm.train.tasks import evaluate
+
+    config, model_overrides = _configs(args, extra)
+    if model_overrides:
+        raise UsageError("eval: --model.* overrides do not apply to a saved model")
+    metrics = evaluate(args.model, args.tokenizer, args.data, config, bleu_sentences=args.bleu_sentences,
+                       num_beams=args.beam)
+    print(json.dumps(metrics))
+
+
+def cmd_plot(args) -> None:
+    from fastlm.train.plot import plot_run
+
+    print(plot_run(args.run_dir, args.output))
+
+
+def cmd_demo(args) -> None:
+    from fastlm.demo import run_demo
+
+    run_demo(args.workdir, scale=args.scale)
+
+
+# ----- parser -----
+
+def _require_files(paths: list[str], option: str) -> None:
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{option} {path}: no such file")
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", required=True, help="tokenizer file (from `fastlm tokenizer train`)")
+    parser.add_argument("--train", required=True, help="prepared training corpus (from `fastlm prepare`)")
+    parser.add_argument("--valid", help="prepared validation corpus (evaluated every eval_interval steps)")
+    parser.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints and the model go")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="TrainConfig preset")
+    parser.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="fastlm", description=__doc__.split("\n\n")[0],
+                           epilog="Training commands accept --KEY VALUE overrides of TrainConfig (e.g. --lr 3e-4 "
+                                  "--max_steps 500) and --model.KEY VALUE overrides of ModelConfig.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    tokenizer = commands.add_parser("tokenizer", help="train a BPE tokenizer, encode or decode text")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, parser_class=OneLineParser)
+    train = tokenizer_commands.add_parser("train", help="train a tokenizer on text files")
+    train.add_argument("--input", nargs="+", required=True, help="text files (.tsv/.csv/.xlsx pairs: both sides)")
+    train.add_argument("--output", required=True, help="tokenizer file to write")
+    train.add_argument("--vocab-size", type=int, default=32000)
+    train.add_argument("--level", choices=("byte", "char"), default="byte")
+    train.add_argument("--min-frequency", type=int, default=2)
+    train.set_defaults(run=cmd_tokenizer_train)
+    encode = tokenizer_commands.add_parser("encode", help="print token ids of each sentence (arguments or stdin)")
+    encode.add_argument("--tokenizer", required=True)
+    encode.add_argument("text", nargs="*")
+    encode.set_defaults(run=cmd_tokenizer_encode)
+    decode = tokenizer_commands.add_parser("decode", help="print the text of space-separated ids (args or stdin)")
+    decode.add_argument("--tokenizer", required=True)
+    decode.add_argument("ids", nargs="*")
+    decode.set_defaults(run=cmd_tokenizer_decode)
+
+    prepare = commands.add_parser("prepare", help="tokenise a corpus into memory-mapped shards")
+    prepare.add_argument("--tokenizer", required=True)
+    prepare.add_argument("--input", nargs="+", required=True,
+                         help="one text file; or two line-aligned files (x.ko x.en), a .tsv, or an AI-hub "
+                              ".xlsx/.csv for sentence pairs")
+    prepare.add_argument("--output", required=True, help="corpus directory to write")
+    prepare.add_argument("--shard-size", type=int, help="sentences per shard")
+    prepare.add_argument("--threads", type=int, help="encoder threads (default: all cores)")
+    prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+    prepare.set_defaults(run=cmd_prepare)
+
+    pretrain = commands.add_parser("pretrain", help="pre-train an encoder (masked LM) or a decoder (causal LM)")
+    pretrain.add_argument("--arch", required=True, choices=("encoder", "decoder"))
+    _add_training_options(pretrain)
+    pretrain.set_defaults(run=cmd_pretrain, takes_overrides=True)
+
+    finetune = commands.add_parser("finetune", help="merge a pre-trained encoder and decoder and train on pairs")
+    finetune.add_argument("--encoder", required=True, help="pre-trained encoder (run or model directory)")
+    finetune.add_argument("--decoder", required=True, help="pre-trained decoder (run or model directory)")
+    _add_training_options(finetune)
+    finetune.add_argument("--cross-attention-init", choices=("random", "copy_self"), default="random")
+    finetune.add_argument("--share-embeddings", action="store_true")
+    finetune.add_argument("--bleu-sentences", type=int, default=64, help="validation pairs translated for BLEU")
+    finetune.add_argument("--beam", type=int, default=4)
+    finetune.set_defaults(run=cmd_finetune, takes_overrides=True)
+
+    translate = commands.add_parser("translate", help="translate sentences (arguments, --input FILE, or stdin)")
+    translate.add_argument("--model", required=True, help="fine-tuned model (run or model directory)")
+    translate.add_argument("--tokenizer", required=True)
+    translate.add_argument("--input", help="file with one sentence per line")
+    translate.add_argument("--beam", type=int, default=4)
+    translate.add_argument("--max-new-tokens", type=int, default=64)
+    translate.add_argument("--batch-size", type=int, default=32)
+    translate.add_argument("text", nargs="*")
+    translate.set_defaults(run=cmd_translate)
+
+    evaluate = commands.add_parser("eval", help="loss, perplexity, accuracy (and BLEU) of a model on a corpus")
+    evaluate.add_argument("--model", required=True, help="model (run or model directory)")
+    evaluate.add_argument("--tokenizer", required=True)
+    evaluate.add_argument("--data", required=True, help="prepared corpus (parallel for a translation model)")
+    evaluate.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="batch shape preset")
+    evaluate.add_argument("--bleu-sentences", type=int, default=0)
+    evaluate.add_argument("--beam", type=int, default=4)
+    evaluate.set_defaults(run=cmd_eval, takes_overrides=True)
+
+    plot = commands.add_parser("plot", help="draw a run's loss curves to PNG")
+    plot.add_argument("run_dir")
+    plot.add_argument("--output", help="PNG path (default: RUN_DIR/loss.png)")
+    plot.set_defaults(run=cmd_plot)
+
+    demo = commands.add_parser("demo", help="the whole pipeline on the bundled ko-en sample (~3 min on 2 cores)")
+    demo.add_argument("--workdir", help="keep the outputs here (default: a temporary directory)")
+    demo.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.1: a smoke test)")
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "takes_overrides", False):
+            raise UsageError(f"fastlm {args.command}: unrecognized arguments: {' '.join(extra)}")
+        if getattr(args, "takes_overrides", False):
+            args.run(args, extra)
+        else:
+            args.run(args)
+    except (UsageError, ConfigError, ValueError, OSError) as error:
+        if os.environ.get("FASTLM_DEBUG"):
+            raise
+        message = str(error)
+        print(message if message.startswith("fastlm") else f"fastlm: error: {message}", file=sys.stderr)
+        return USAGE_ERROR
+    except TrainingDiverged as error:  # not a usage error, but still a message rather than a traceback
+        if os.environ.get("FASTLM_DEBUG"):
+            raise
+        print(f"fastlm: {error}", file=sys.stderr)
+        return 1
+    return 0

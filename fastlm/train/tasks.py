@@ -1,0 +1,233 @@
+"""The three training jobs (masked-LM encoder, causal decoder, ko->en fine-tuning) wired from their parts:
+tokenizer, prepared corpora, batch sources, model, Trainer. The command line and the demo both call these."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastlm.data.batches import CausalLMBatches, MaskedLMBatches, TranslationBatches
+from fastlm.data.corpus import ParallelCorpus, TokenizedCorpus
+from fastlm.models import DecoderLM, EncoderLM, ModelConfig, Seq2SeqLM
+from fastlm.tokenizer import Tokenizer
+from fastlm.train.config import TrainConfig, typed_overrides
+from fastlm.train.distributed import World
+from fastlm.train.evaluation import corpus_bleu, evaluate_loss
+from fastlm.train.plot import plot_run
+from fastlm.train.trainer import Trainer
+
+MODEL_CLASSES = {cls.__name__: cls for cls in (EncoderLM, DecoderLM, Seq2SeqLM)}
+ARCHS = {"encoder": EncoderLM, "decoder": DecoderLM}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    model_dir: Path
+    metrics: dict  # the last evaluation
+    seconds: float
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist (make one with `fastlm tokenizer train`)")
+    return Tokenizer.load(path)
+
+
+def model_dir_of(path: str | Path) -> Path:
+    """A model directory (config.json + model.safetensors), given it or the run directory that holds it."""
+    path = Path(path)
+    for candidate in (path, path / "model"):
+        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+            return candidate
+    raise FileNotFoundError(f"{str(path)!r} is neither a model directory nor a run directory with model/ in it")
+
+
+def load_model(path: str | Path, map_location: str | torch.device | None = None):
+    """Whatever model a directory holds (EncoderLM, DecoderLM or Seq2SeqLM), by its config.json."""
+    directory = model_dir_of(path)
+    model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(f"{directory}/config.json: model_type={model_type!r}, expected one of "
+                         f"{', '.join(MODEL_CLASSES)}")
+    return MODEL_CLASSES[model_type].load(directory, map_location=map_location)
+
+
+def check_vocab(model, tokenizer: Tokenizer, where: str) -> None:
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"{where}: the model's vocab_size={model.config.vocab_size} differs from the tokenizer's "
+                         f"vocab_size={tokenizer.vocab_size}: use the tokenizer the model was trained with")
+
+
+def model_config(config: TrainConfig, tokenizer: Tokenizer, overrides: dict[str, str]) -> ModelConfig:
+    """The preset named by the train config, sized to the tokenizer and its special ids, plus --model.* overrides."""
+    specials = {"pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+    missing = [name for name, value in specials.items() if value is None]
+    if missing:
+        raise ValueError(f"the tokenizer has no {', '.join(missing)}: train it with the default special tokens")
+    values = {"vocab_size": tokenizer.vocab_size, **specials, **typed_overrides(ModelConfig, overrides, prefix="model.")}
+    result = ModelConfig.preset(config.model_preset, **values)
+    if config.max_len > result.max_seq_len:
+        raise ValueError(f"max_len={config.max_len}: longer than the model's max_seq_len={result.max_seq_len}")
+    return result
+
+
+def open_corpus(path: str | Path, tokenizer: Tokenizer) -> TokenizedCorpus:
+    if not (Path(path) / "meta.json").is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a prepared corpus (make one with `fastlm prepare`)")
+    corpus = TokenizedCorpus(path)
+    corpus.check_tokenizer(tokenizer)
+    return corpus
+
+
+def open_parallel(path: str | Path, tokenizer: Tokenizer) -> ParallelCorpus:
+    for side in ("src", "tgt"):
+        if not (Path(path) / side / "meta.json").is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not a prepared parallel corpus (no {side}/meta.json; make one "
+                                    "with `fastlm prepare --parallel`)")
+    corpus = ParallelCorpus(path)
+    corpus.src.check_tokenizer(tokenizer)
+    return corpus
+
+
+def lm_batches(arch: str, corpus: TokenizedCorpus, tokenizer: Tokenizer, config: TrainConfig, *, shuffle: bool):
+    if arch == "encoder":
+        return MaskedLMBatches(corpus, batch_size=config.batch_size, max_len=config.max_len,
+                               mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
+                               special_ids=tokenizer.special_ids, mask_prob=config.mask_prob, seed=config.seed,
+                               shuffle=shuffle)
+    return CausalLMBatches(corpus, batch_size=config.batch_size, block_len=config.max_len, eos_id=tokenizer.eos_id,
+                           seed=config.seed, shuffle=shuffle)
+
+
+def translation_batches(corpus: ParallelCorpus, tokenizer: Tokenizer, config: TrainConfig, *, shuffle: bool):
+    return TranslationBatches(corpus.src, corpus.tgt, batch_size=config.batch_size, max_src_len=config.max_len,
+                              max_tgt_len=config.max_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                              pad_id=tokenizer.pad_id, seed=config.seed, shuffle=shuffle)
+
+
+def _train(model, train_batches, valid_batches, config: TrainConfig, run_dir: Path, *, world: World | None,
+           resume: bool, run_info: dict, extra_eval=None) -> RunResult:
+    started = time.perf_counter()
+    trainer = Trainer(model, train_batches, config, run_dir, valid_batches=valid_batches, extra_eval=extra_eval,
+                      world=world, run_info=run_info)
+    if resume and not trainer.resume():
+        raise FileNotFoundError(f"--resume: {run_dir}/checkpoints holds no checkpoint to resume from")
+    metrics = trainer.fit()
+    trainer.export_model(run_dir / "model")
+    if trainer.world.is_main:
+        plot_run(run_dir)
+    return RunResult(run_dir, run_dir / "model", metrics, time.perf_counter() - started)
+
+
+def pretrain(arch: str, tokenizer_path: str | Path, train_dir: str | Path, valid_dir: str | Path | None,
+             run_dir: str | Path, config: TrainConfig, *, model_overrides: dict[str, str] | None = None,
+             resume: bool = False, world: World | None = None) -> RunResult:
+    """Pre-train an EncoderLM (masked LM) or a DecoderLM (causal LM) on prepared corpora."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r}: expected one of {', '.join(ARCHS)}")
+    tokenizer = load_tokenizer(tokenizer_path)
+    train = lm_batches(arch, open_corpus(train_dir, tokenizer), tokenizer, config, shuffle=True)
+    valid = lm_batches(arch, open_corpus(valid_dir, tokenizer), tokenizer, config, shuffle=False) if valid_dir else None
+    architecture = model_config(config, tokenizer, model_overrides or {})
+    torch.manual_seed(config.seed)  # the same initial weights on every rank and in every run with this seed
+    model = ARCHS[arch](architecture)
+    run_info = {"task": f"pretrain-{arch}", "model": architecture.to_dict(),
+                "data": {"tokenizer": str(tokenizer_path), "train": str(train_dir), "valid": str(valid_dir)}}
+    return _train(model, train, valid, config, Path(run_dir), world=world, resume=resume, run_info=run_info)
+
+
+def finetune(encoder: str | Path, decoder: str | Path, tokenizer_path: str | Path, train_dir: str | Path,
+             valid_dir: str | Path | None, run_dir: str | Path, config: TrainConfig, *,
+             cross_attention_init: str = "random", share_embeddings: bool = False, bleu_sentences: int = 64,
+             num_beams: int = 4, resume: bool = False, world: World | None = None) -> RunResult:
+    """Merge a pre-trained encoder and decoder into a Seq2SeqLM and train it on prepared sentence pairs; BLEU and
+    sample translations on the first `bleu_sentences` validation pairs at every evaluation."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    model = Seq2SeqLM.from_pretrained(load_model(encoder), load_model(decoder),
+                                      cross_attention_init=cross_attention_init, share_embeddings=share_embeddings)
+    check_vocab(model, tokenizer, f"finetune --decoder {decoder}")
+    train = translation_batches(open_parallel(train_dir, tokenizer), tokenizer, config, shuffle=True)
+    valid, extra_eval = None, None
+    if valid_dir:
+        pairs = open_parallel(valid_dir, tokenizer)
+        valid = translation_batches(pairs, tokenizer, config, shuffle=False)
+        if bleu_sentences:
+            def extra_eval(seq2seq) -> dict:
+                return bleu_on_pairs(seq2seq, tokenizer, pairs, bleu_sentences, num_beams=num_beams,
+                                     max_new_tokens=config.max_len)
+    run_info = {"task": "finetune", "model": model.config_dict(),
+                "data": {"tokenizer": str(tokenizer_path), "train": str(train_dir), "valid": str(valid_dir),
+                         "encoder": str(encoder), "decoder": str(decoder)}}
+    return _train(model, train, valid, config, Path(run_dir), world=world, resume=resume, run_info=run_info,
+                  extra_eval=extra_eval)
+
+
+@torch.no_grad()
+def translate_texts(model: Seq2SeqLM, tokenizer: Tokenizer, texts: list[str], *, num_beams: int = 4,
+                    max_new_tokens: int = 64, batch_size: int = 32) -> list[str]:
+    """Beam-search translations of `texts`, each source encoded as in training: <s> sentence </s>, truncated."""
+    from fastlm.generation import generate
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    max_src = model.encoder_config.max_seq_len
+    outputs: list[str] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = [[tokenizer.bos_id, *tokenizer.encode(text)[:max_src - 2], tokenizer.eos_id]
+                 for text in texts[start:start + batch_size]]
+        lengths = torch.tensor([len(ids) for ids in chunk])
+        src_ids = torch.full((len(chunk), int(lengths.max())), tokenizer.pad_id, dtype=torch.long)
+        for row, ids in enumerate(chunk):
+            src_ids[row, :len(ids)] = torch.tensor(ids)
+        generated = generate(model, src_ids=src_ids.to(device), src_lengths=lengths.to(device), strategy="beam",
+                             num_beams=num_beams, max_new_tokens=max_new_tokens)
+        outputs.extend(tokenizer.decode(_until_eos(row, tokenizer)) for row in generated.tolist())
+    model.train(was_training)
+    return outputs
+
+
+def bleu_on_pairs(model: Seq2SeqLM, tokenizer: Tokenizer, pairs: ParallelCorpus, count: int, *, num_beams: int,
+                  max_new_tokens: int, shown: int = 3) -> dict:
+    """BLEU of the model's translations of the first `count` pairs, and `shown` of them as "source => output"."""
+    count = min(count, len(pairs))
+    sources = [tokenizer.decode(pairs.src[i]) for i in range(count)]
+    references = [tokenizer.decode(pairs.tgt[i]) for i in range(count)]
+    hypotheses = translate_texts(model, tokenizer, sources, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    samples = [f"{source}  =>  {output}" for source, output in zip(sources[:shown], hypotheses[:shown])]
+    return {"bleu": corpus_bleu(hypotheses, references), "samples": samples}
+
+
+def _until_eos(ids: list[int], tokenizer: Tokenizer) -> list[int]:
+    """Generated ids up to the first </s>, without <s> or padding."""
+    if tokenizer.eos_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_id)]
+    return [i for i in ids if i not in (tokenizer.bos_id, tokenizer.pad_id)]
+
+
+def evaluate(model_path: str | Path, tokenizer_path: str | Path, data_dir: str | Path, config: TrainConfig, *,
+             bleu_sentences: int = 0, num_beams: int = 4) -> dict:
+    """Loss, perplexity and accuracy of a saved model on a prepared corpus (parallel for a Seq2SeqLM, which also
+    gets BLEU on its first `bleu_sentences` pairs)."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    model = load_model(model_path)
+    check_vocab(model, tokenizer, f"eval --model {model_path}")
+    world = World(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(world.device)
+    if isinstance(model, Seq2SeqLM):
+        pairs = open_parallel(data_dir, tokenizer)
+        batches = translation_batches(pairs, tokenizer, config, shuffle=False)
+    else:
+        arch = "encoder" if isinstance(model, EncoderLM) else "decoder"
+        batches = lm_batches(arch, open_corpus(data_dir, tokenizer), tokenizer, config, shuffle=False)
+    metrics = evaluate_loss(model, batches, world=world, max_batches=batches.num_batches(0))
+    if isinstance(model, Seq2SeqLM) and bleu_sentences:
+        metrics["bleu"] = bleu_on_pairs(model, tokenizer, pairs, bleu_sentences, num_beams=num_beams,
+                                        max_new_tokens=config.max_len)["bleu"]
+    return {key: (value if math.isfinite(value) else None) for key, value in metrics.items()}

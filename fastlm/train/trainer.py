@@ -1,0 +1,282 @@
+"""The training loop: gradient accumulation, clipping, the non-finite guard, evaluation, checkpoints, resume.
+
+Data comes from a batch source (`num_batches(epoch)`, `batch(epoch, index)`, deterministic from its seed), so the
+whole data position is two integers. An optimizer step uses the global micro-batch indices
+`index .. index + grad_accum * world_size - 1`; rank r takes those congruent to r modulo the world size, which makes
+W processes with accumulation A compute the same step as one process with accumulation A * W.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastlm.train import distributed
+from fastlm.train.checkpoint import CheckpointDir, capture_rng_state, load_checkpoint, restore_rng_state
+from fastlm.train.config import TrainConfig
+from fastlm.train.distributed import World
+from fastlm.train.evaluation import evaluate_loss, to_device
+from fastlm.train.metrics import MetricsLog, ProgressBar
+from fastlm.train.optim import build_optimizer, build_scheduler
+
+CHECKPOINT_FORMAT = "fastlm-checkpoint"
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (unpadded) tokens in a batch: the sum of its *lengths tensors, else the size of its first tensor."""
+    lengths = [value for key, value in batch.items() if key.endswith("lengths")]
+    if lengths:
+        return int(sum(int(value.sum()) for value in lengths))
+    return next(iter(batch.values())).numel()
+
+
+class Trainer:
+    """Trains `model` on `train_batches` as `config` says, writing metrics and checkpoints under `run_dir`.
+
+    `model` must return an output with `.loss`, `.accuracy` and `.n_targets` from `model(**batch)` and offer
+    `configure_optimizers(weight_decay, lr, betas, fused)`. `extra_eval(model) -> dict` adds metrics at each
+    evaluation (BLEU for translation; run on rank 0 only, so not with FSDP). `run_info` (e.g. the model config) is
+    stored with the config in `config.json` and in every checkpoint.
+    """
+
+    def __init__(self, model: nn.Module, train_batches, config: TrainConfig, run_dir: str | Path, *,
+                 valid_batches=None, extra_eval: Callable[[nn.Module], dict] | None = None,
+                 world: World | None = None, run_info: dict | None = None):
+        self.config = config
+        self.world = world if world is not None else World(0, 1, torch.device("cpu"))
+        self.train_batches = train_batches
+        self.valid_batches = valid_batches
+        self.extra_eval = extra_eval
+        self.run_dir = Path(run_dir)
+        self.run_info = run_info or {}
+        if config.fsdp and extra_eval is not None and self.world.is_distributed:
+            raise ValueError("extra_eval needs the whole model on one rank: it cannot run with fsdp=True")
+
+        # Dropout streams differ per rank (each sees different data) but are reproducible from the seed.
+        seed = config.seed + self.world.rank
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+        self.model = model.to(self.world.device)
+        self.wrapped = distributed.wrap_model(self.model, self.world, fsdp=config.fsdp)
+        self.forward = torch.compile(self.wrapped) if config.compile else self.wrapped
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.checkpoints = CheckpointDir(self.run_dir / "checkpoints", config.keep_last)
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.world.is_main)
+
+        self.step = 0  # optimizer steps taken
+        self.epoch = 0  # data position: the next step starts at global micro-batch `index` of `epoch`
+        self.index = 0
+        self.best_eval_loss = math.inf
+        self.bad_steps = 0  # consecutive non-finite steps
+
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._save_run_config()
+
+    # ----- setup helpers -----
+
+    def _save_run_config(self) -> None:
+        record = {"train": self.config.to_dict(), **self.run_info, "world_size": self.world.world_size}
+        (self.run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        # bf16 autocast only where it pays off and is exact enough to train: CUDA. CPU stays fp32.
+        enabled = self.world.device.type == "cuda" and self.config.precision == "bf16"
+        return torch.autocast(device_type=self.world.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.config.grad_accum * self.world.world_size
+
+    # ----- checkpoints -----
+
+    def save_checkpoint(self, *, is_best: bool) -> Path | None:
+        """Every rank must call this (FSDP gathers shards, RNG states are gathered); rank 0 writes."""
+        model_state, optimizer_state = distributed.full_state_dicts(self.wrapped, self.optimizer,
+                                                                    fsdp=self.config.fsdp)
+        rng_states = distributed.all_gather_objects(capture_rng_state(), self.world)
+        path = None
+        if self.world.is_main:
+            payload = {
+                "format": CHECKPOINT_FORMAT, "version": 1,
+                "step": self.step, "epoch": self.epoch, "index": self.index,
+                "best_eval_loss": self.best_eval_loss, "bad_steps": self.bad_steps,
+                "model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
+                "rng": rng_states, "world_size": self.world.world_size,
+                "config": self.config.to_dict(), "run_info": self.run_info,
+            }
+            path = self.checkpoints.save(payload, self.step, is_best=is_best)
+        distributed.barrier(self.world)
+        return path
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Restore everything from `path` (default: the latest checkpoint of the run); False if there is none."""
+        path = Path(path) if path is not None else self.checkpoints.latest()
+        if path is None:
+            return False
+        state = load_checkpoint(path)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint {str(path)!r}: format {state.get('format')!r}, "
+                             f"expected {CHECKPOINT_FORMAT!r}")
+        if state["world_size"] != self.world.world_size:
+            raise ValueError(f"checkpoint {str(path)!r} was written by {state['world_size']} processes, this run has "
+                             f"{self.world.world_size}: exact resume needs the same world size")
+        distributed.load_full_state_dicts(self.wrapped, self.optimizer, state["model"], state["optimizer"],
+                                          fsdp=self.config.fsdp)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.index = state["step"], state["epoch"], state["index"]
+        self.best_eval_loss, self.bad_steps = state["best_eval_loss"], state["bad_steps"]
+        restore_rng_state(state["rng"][self.world.rank])
+        self.log.truncate_after(self.step)
+        return True
+
+    # ----- the loop -----
+
+    def _next_indices(self) -> tuple[int, list[int]]:
+        """The epoch and this rank's micro-batch indices for the next step; advances the data position."""
+        need = self.micro_batches_per_step
+        if self.index + need > self.train_batches.num_batches(self.epoch):
+            self.epoch, self.index = self.epoch + 1, 0
+            available = self.train_batches.num_batches(self.epoch)
+            if available < need:
+                raise ValueError(f"the training data gives {available} micro-batches per epoch, fewer than one "
+                                 f"optimizer step needs (grad_accum * world_size = {need})")
+        start = self.index
+        self.index += need
+        step_indices = range(start + self.world.rank, start + need, self.world.world_size)
+        return self.epoch, list(step_indices)
+
+    def train_step(self) -> tuple[float, float, int]:
+        """One optimizer step over grad_accum micro-batches: (loss, grad norm, tokens) over all ranks.
+
+        A non-finite loss or gradient norm leaves the weights untouched (no optimizer or scheduler step)."""
+        epoch, indices = self._next_indices()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
+        tokens = 0
+        for position, index in enumerate(indices):
+            batch = self.train_batches.batch(epoch, index)
+            tokens += count_tokens(batch)
+            last = position == len(indices) - 1
+            with distributed.gradient_sync(self.wrapped, enabled=last):
+                with self.autocast():
+                    out = self.forward(**to_device(batch, self.world.device))
+                (out.loss / len(indices)).backward()
+            loss_sum += out.loss.detach().double()
+        # One reduction for loss and tokens. The guard must read loss and gradient norm on the host: those two
+        # reads are the step's only synchronisations.
+        stats = torch.stack([loss_sum / len(indices), torch.tensor(float(tokens), device=loss_sum.device,
+                                                                   dtype=torch.float64)])
+        distributed.all_reduce_sum(stats, self.world)
+        loss = stats[0].item() / self.world.world_size
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+        return loss, grad_norm, int(stats[1].item())
+
+    def evaluate(self) -> dict:
+        metrics = {}
+        if self.valid_batches is not None:
+            metrics = evaluate_loss(self.wrapped, self.valid_batches, world=self.world,
+                                    max_batches=self.config.eval_batches, autocast=self.autocast)
+        if self.extra_eval is not None and self.world.is_main:
+            was_training = self.model.training
+            self.model.eval()
+            with torch.no_grad(), self.autocast():
+                metrics.update(self.extra_eval(self.model))
+            self.model.train(was_training)
+        return metrics
+
+    def fit(self) -> dict:
+        """Train until `max_steps`; returns the last evaluation's metrics (or the last train loss)."""
+        config = self.config
+        self.model.train()
+        progress = ProgressBar(config.max_steps, enabled=config.progress and self.world.is_main,
+                               every=config.log_interval)
+        last_metrics: dict = {}
+        tick = time.perf_counter()
+        while self.step < config.max_steps:
+            loss, grad_norm, tokens = self.train_step()
+            now = time.perf_counter()
+            tokens_per_s, tick = tokens / max(now - tick, 1e-9), now
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                self._handle_bad_step(loss, grad_norm, progress)
+                continue
+            self.bad_steps = 0
+            lr = self.scheduler.get_last_lr()[0]
+            self.log.write("train", self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens,
+                           tokens_per_s=tokens_per_s, epoch=self.epoch)
+            progress.update(self.step, loss=loss, tokens_per_s=tokens_per_s)
+            last_metrics = {"loss": loss}
+            is_last = self.step == config.max_steps
+            improved = False
+            if is_last or (config.eval_interval and self.step % config.eval_interval == 0):
+                last_metrics = self._evaluate_and_log(progress)
+                eval_loss = last_metrics.get("loss")
+                improved = eval_loss is not None and eval_loss < self.best_eval_loss
+                if improved:
+                    self.best_eval_loss = eval_loss
+            if improved or is_last or self.step % config.checkpoint_interval == 0:
+                # Without validation data the newest weights are the best we know.
+                self.save_checkpoint(is_best=improved or (self.valid_batches is None and is_last))
+            tick = time.perf_counter()  # evaluation and checkpoint time is not training throughput
+        progress.close()
+        return last_metrics
+
+    def _evaluate_and_log(self, progress: ProgressBar) -> dict:
+        metrics = self.evaluate()
+        samples = metrics.pop("samples", None)
+        if metrics:
+            self.log.write("eval", self.step, **metrics)
+            shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+            progress.message(f"eval step {self.step}: {shown}")
+        for sample in samples or []:
+            progress.message(f"  {sample}")
+        return metrics
+
+    def _handle_bad_step(self, loss: float, grad_norm: float, progress: ProgressBar) -> None:
+        self.bad_steps += 1
+        self.log.write("skip", self.step, loss=loss, grad_norm=grad_norm, consecutive=self.bad_steps)
+        progress.message(f"step {self.step + 1}: non-finite loss {loss} or gradient norm {grad_norm}; "
+                         f"step skipped ({self.bad_steps}/{self.config.max_bad_steps} in a row)")
+        if self.bad_steps >= self.config.max_bad_steps:
+            latest = self.checkpoints.latest()
+            where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"training stopped after {self.bad_steps} consecutive non-finite steps (after step {self.step}); "
+                f"{where}. Lower lr, raise warmup_steps or check the data.")
+
+    def export_model(self, directory: str | Path) -> None:
+        """Write the trained weights with the model's own `save` (what `finetune` and `translate` load). Under FSDP
+        the shards are gathered into a plain copy of the model (built from its `config_dict`) on rank 0."""
+        model = self.model
+        if self.config.fsdp and self.world.is_distributed:
+            state = distributed.full_model_state_dict(self.wrapped, fsdp=True)
+            if self.world.is_main:
+                model = type(self.model).from_config_dict(self.model.config_dict())
+                model.load_state_dict(state)
+        if self.world.is_main:
+            model.save(directory)
+        distributed.barrier(self.world)

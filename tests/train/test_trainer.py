@@ -1,0 +1,139 @@
+"""The training loop on a toy model: learning, the non-finite guard, exact resume after SIGKILL, and DDP on
+2 gloo processes matching one process with the same global batch."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastlm.train import TrainConfig, Trainer, TrainingDiverged, load_checkpoint
+from fastlm.train.metrics import read_records
+
+sys.path.insert(0, str(Path(__file__).parent))
+from toy_training import ToyBatches, ToyLM  # noqa: E402
+
+TOY_SCRIPT = Path(__file__).parent / "toy_training.py"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def toy_config(**overrides) -> TrainConfig:
+    values = dict(progress=False, warmup_steps=5, max_steps=30, batch_size=4, eval_interval=10, eval_batches=4,
+                  checkpoint_interval=10, lr=3e-2)
+    return TrainConfig(**{**values, **overrides})
+
+
+def subprocess_env() -> dict:
+    # One thread per process: the CI box has 2 cores and the DDP test runs 2 processes.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_records(run_dir / "metrics.jsonl", "train")]
+
+
+def test_toy_model_learns_and_the_run_directory_is_complete(tmp_path):
+    torch.manual_seed(0)
+    trainer = Trainer(ToyLM(), ToyBatches(), toy_config(), tmp_path, valid_batches=ToyBatches(num_batches=4, seed=9),
+                      run_info={"model": {"name": "toy"}})
+    first = trainer.evaluate()["loss"]
+    final = trainer.fit()
+    assert final["loss"] < 0.5 * first and final["accuracy"] > 0.5
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["train"]["lr"] == 3e-2 and saved["model"] == {"name": "toy"}
+    assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl", "eval")] == [10, 20, 30]
+    assert trainer.checkpoints.latest().name == "step-00000030.pt"
+    assert load_checkpoint(trainer.checkpoints.best)["step"] == 30
+
+
+class PoisonLoss:
+    """A forward hook that turns the loss into NaN on the forward calls listed (0-based)."""
+
+    def __init__(self, calls):
+        self.calls, self.count = set(calls), 0
+
+    def __call__(self, module, args, kwargs, output):
+        poisoned = self.count in self.calls
+        self.count += 1
+        if poisoned:
+            output.loss = output.loss * float("nan")
+        return output
+
+
+def test_a_nan_loss_skips_the_step_and_leaves_the_weights_untouched(tmp_path):
+    torch.manual_seed(0)
+    model = ToyLM()
+    trainer = Trainer(model, ToyBatches(), toy_config(max_steps=6, eval_interval=0, max_bad_steps=3), tmp_path)
+    model.register_forward_hook(PoisonLoss({2, 3}), with_kwargs=True)
+    trainer.train_step(), trainer.train_step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss, _, _ = trainer.train_step()
+    assert math.isnan(loss) and trainer.step == 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    trainer.fit()
+    skips = read_records(tmp_path / "metrics.jsonl", "skip")
+    assert [r["consecutive"] for r in skips] == [1]  # the step above was run by hand, not by fit
+    assert trainer.step == 6
+
+
+def test_consecutive_nans_stop_the_run_with_the_last_good_checkpoint_intact(tmp_path):
+    torch.manual_seed(0)
+    model = ToyLM()
+    trainer = Trainer(model, ToyBatches(), toy_config(max_steps=20, checkpoint_interval=4, eval_interval=0,
+                                                      max_bad_steps=3), tmp_path)
+    model.register_forward_hook(PoisonLoss(range(6, 100)), with_kwargs=True)
+    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite steps .*step-00000004.pt"):
+        trainer.fit()
+    good = load_checkpoint(tmp_path / "checkpoints" / "step-00000004.pt")
+    assert good["step"] == 4 and all(torch.isfinite(v).all() for v in good["model"].values())
+    assert [r["consecutive"] for r in read_records(tmp_path / "metrics.jsonl", "skip")] == [1, 2, 3]
+
+
+def run_toy(run_dir: Path, *args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    command = [sys.executable, *launcher, str(TOY_SCRIPT), str(run_dir), *args]
+    return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240, check=True)
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
+    args = ("--max_steps", "40", "--checkpoint_interval", "10", "--delay", "0.02")
+    run_toy(tmp_path / "straight", *args)
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, str(TOY_SCRIPT), str(interrupted), *args], env=subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (interrupted / "checkpoints" / "step-00000020.pt").exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "the run never wrote its step-20 checkpoint"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(step for step, _ in train_losses(interrupted))
+    assert killed_at < 40, "the run finished before it was killed: nothing was resumed"
+
+    run_toy(interrupted, *args, "--resume")
+    assert train_losses(interrupted) == train_losses(tmp_path / "straight")  # bit for bit, dropout included
+    straight = torch.load(tmp_path / "straight" / "model" / "toy.pt")
+    resumed = torch.load(interrupted / "model" / "toy.pt")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, sharding):
+    common = ("--max_steps", "8", "--dropout", "0", "--eval_interval", "4")
+    run_toy(tmp_path / "single", *common, "--grad_accum", "2")
+    run_toy(tmp_path / "ddp", *common, "--fsdp", str(sharding == "fsdp"),
+            launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
+    single, ddp = train_losses(tmp_path / "single"), train_losses(tmp_path / "ddp")
+    assert [s for s, _ in ddp] == list(range(1, 9))
+    assert [loss for _, loss in ddp] == pytest.approx([loss for _, loss in single], rel=1e-5)
+    evals = [read_records(tmp_path / run / "metrics.jsonl", "eval") for run in ("single", "ddp")]
+    assert [r["loss"] for r in evals[1]] == pytest.approx([r["loss"] for r in evals[0]], rel=1e-5)
+    weights = [torch.load(tmp_path / run / "model" / "toy.pt") for run in ("single", "ddp")]
+    assert all(torch.allclose(weights[0][k], weights[1][k], rtol=1e-4, atol=1e-6) for k in weights[0])
