@@ -115,8 +115,8 @@ def _configs(args, extra: list[str]):
 
 
 def _report(result, label: str) -> None:
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if isinstance(v, (int, float)))
-    print(f"{label}: {shown} in {result.seconds:.0f} s; model -> {result.model_dir}, curves -> "
+    shown = "".join(f"{k} {v:.4g}, " for k, v in result.metrics.items() if isinstance(v, (int, float)))
+    print(f"{label}: {shown}{result.seconds:.0f} s; model -> {result.model_dir}, curves -> "
           f"{result.run_dir / 'loss.png'}")
 
 
