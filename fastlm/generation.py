@@ -6,6 +6,8 @@ per row, self-attention keys/values accumulate in the cache and the cross-attent
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable
 
 import torch
@@ -48,8 +50,12 @@ def generate(
     Returns int64 (B * num_return_sequences, L): the generated tokens only (the prompt is not repeated). Row
     b * num_return_sequences + i is the i-th sequence of input b (beam search: best score first). A row ends with
     eos_id where one was generated, then pad_id up to L, the longest row (L <= max_new_tokens).
+
+    Generation never runs past the model's positions: the longest prompt (for Seq2SeqLM, <s>) plus max_new_tokens - 1
+    must fit max_seq_len, else a ValueError before any step. NaN logits (a diverged model) are a ValueError too.
     """
-    _check_options(strategy, max_new_tokens, num_beams, temperature, top_k, top_p, num_return_sequences)
+    _check_options(strategy, max_new_tokens, num_beams, temperature, top_k, top_p, length_penalty,
+                   num_return_sequences)
     model_was_training = model.training
     model.eval()
     try:
@@ -73,9 +79,15 @@ def generate(
         model.train(model_was_training)
 
 
-def _check_options(strategy, max_new_tokens, num_beams, temperature, top_k, top_p, num_return_sequences) -> None:
+def _check_options(strategy, max_new_tokens, num_beams, temperature, top_k, top_p, length_penalty,
+                   num_return_sequences) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy = {strategy!r}: expected one of {STRATEGIES}")
+    counts = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, top_k=top_k,
+                  num_return_sequences=num_return_sequences)
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} = {value!r}: expected an integer")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens = {max_new_tokens}: expected >= 1")
     if num_beams < 1:
@@ -86,6 +98,8 @@ def _check_options(strategy, max_new_tokens, num_beams, temperature, top_k, top_
         raise ValueError(f"top_k = {top_k}: expected >= 0 (0 = no top-k filter)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p = {top_p}: expected a probability in (0, 1]")
+    if not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty = {length_penalty}: expected a finite number")
     most = {"greedy": 1, "sample": None, "beam": num_beams}[strategy]
     if num_return_sequences < 1 or (most is not None and num_return_sequences > most):
         raise ValueError(f"num_return_sequences = {num_return_sequences}: expected between 1 and "
@@ -146,7 +160,12 @@ class _Rows:
             inputs = self.ids[:, : self._prompt_width]                 # the prompt fills the cache
         else:
             inputs = self.ids.gather(1, (self.lengths - 1)[:, None])   # only the newest token; the rest is cached
-        return self._next_logits(inputs, self.lengths, self.cache).float()
+        logits = self._next_logits(inputs, self.lengths, self.cache).float()
+        # argmax and beam scores would quietly turn NaN into tokens, and sampling would fail inside multinomial.
+        # Decoding syncs every step anyway (to stop at eos), so this check costs no extra stall.
+        if bool(logits.isnan().any()):
+            raise ValueError("the model's next-token logits contain NaN: its weights or activations are not finite")
+        return logits
 
     def append(self, tokens: Tensor) -> None:
         """Write (R,) tokens after each row's last one. Finished rows keep growing (with pad) so shapes stay even."""

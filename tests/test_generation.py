@@ -136,6 +136,10 @@ def test_training_mode_is_restored():
     (dict(strategy="sample", temperature=0.0), "temperature"),
     (dict(strategy="sample", top_p=0.0), "top_p"),
     (dict(strategy="sample", top_k=-1), "top_k"),
+    (dict(max_new_tokens=2.5), "max_new_tokens = 2.5"),
+    (dict(strategy="beam", num_beams=2.0), "num_beams = 2.0"),
+    (dict(strategy="sample", top_k=True), "top_k = True"),
+    (dict(strategy="beam", length_penalty=float("nan")), "length_penalty"),
 ])
 def test_bad_options_name_the_argument(arguments, message):
     model = _decoder()
@@ -166,3 +170,12 @@ def test_cache_steps_through_the_triton_kernel(monkeypatch):
     expected = generate(model, **_inputs(model), max_new_tokens=4, use_cache=False)
     monkeypatch.setattr(blocks, "attention", functools.partial(attention, impl="triton"))
     assert torch.equal(generate(model, **_inputs(model), max_new_tokens=4), expected)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_nan_logits_are_an_error_not_tokens(strategy):
+    model = _decoder()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="logits contain NaN"):
+        generate(model, **_inputs(model), max_new_tokens=2, strategy=strategy)

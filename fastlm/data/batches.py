@@ -17,6 +17,7 @@ few distinct shapes for torch.compile), never beyond the maximum length.
 from __future__ import annotations
 
 import math
+import numbers
 from functools import lru_cache
 from typing import Protocol
 
@@ -52,9 +53,9 @@ class MaskedLMBatches:
         _check_at_least("max_len", max_len, 3)  # <s>, one token, </s>
         _check_vocab(corpus, vocab_size)
         self.corpus, self.batch_size, self.max_len, self.seed, self.shuffle = corpus, batch_size, max_len, seed, shuffle
-        self.bos_id = _special_id(corpus, "bos_id", bos_id)
-        self.eos_id = _special_id(corpus, "eos_id", eos_id)
-        self.pad_id = _special_id(corpus, "pad_id", pad_id)
+        self.bos_id = _special_id(corpus, "bos_id", bos_id, vocab_size)
+        self.eos_id = _special_id(corpus, "eos_id", eos_id, vocab_size)
+        self.pad_id = _special_id(corpus, "pad_id", pad_id, vocab_size)
         self.policy = MaskingPolicy(mask_id=mask_id, vocab_size=vocab_size, special_ids=frozenset(special_ids),
                                     mask_prob=mask_prob, replace_mask=replace_mask, replace_random=replace_random)
 
@@ -82,6 +83,7 @@ class CausalLMBatches:
                  shuffle: bool = True):
         _check_at_least("batch_size", batch_size, 1)
         _check_at_least("block_len", block_len, 2)
+        _check_id("eos_id", eos_id, corpus.vocab_size)
         self.corpus, self.batch_size, self.block_len, self.eos_id = corpus, batch_size, block_len, eos_id
         self.seed, self.shuffle = seed, shuffle
         marker = int(corpus.add_bos_eos)  # a stored <s> before and </s> after each sentence
@@ -137,6 +139,8 @@ class TranslationBatches:
             raise ValueError(f"max_tokens={max_tokens}, batch_size={batch_size}: expected exactly one of them")
         _check_at_least("max_src_len", max_src_len, 3)  # <s>, one token, </s>
         _check_at_least("max_tgt_len", max_tgt_len, 2)  # one token, </s>
+        for name, special_id in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
+            _check_id(name, special_id, max(src_corpus.vocab_size, tgt_corpus.vocab_size))
         if batch_size is not None:
             _check_at_least("batch_size", batch_size, 1)
         else:
@@ -228,11 +232,18 @@ def _padded(sequences: list[np.ndarray], pad_id: int, max_len: int) -> tuple[tor
     return torch.from_numpy(ids), torch.from_numpy(lengths)
 
 
-def _special_id(corpus: TokenizedCorpus, name: str, given: int | None) -> int:
+def _special_id(corpus: TokenizedCorpus, name: str, given: int | None, vocab_size: int) -> int:
     special_id = given if given is not None else getattr(corpus, name)
     if special_id is None:
         raise ValueError(f"{name}=None: not given, and the tokenizer of {corpus.path} has no such special token")
+    _check_id(name, special_id, vocab_size)
     return special_id
+
+
+def _check_id(name: str, value: int, vocab_size: int) -> None:
+    """An id the batches will hold must be one the model can embed."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+        raise ValueError(f"{name}={value!r}: expected an id in [0, {vocab_size})")
 
 
 def _check_vocab(corpus: TokenizedCorpus, vocab_size: int) -> None:
@@ -241,10 +252,11 @@ def _check_vocab(corpus: TokenizedCorpus, vocab_size: int) -> None:
 
 
 def _check_at_least(name: str, value: int, minimum: int) -> None:
-    if not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}")
 
 
 def _check_index(index: int, num_batches: int) -> None:
-    if not 0 <= index < num_batches:
-        raise IndexError(f"batch index={index} out of range: the epoch has {num_batches} batches")
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < num_batches:
+        raise IndexError(f"batch index={index!r} out of range: the epoch has {num_batches} batches "
+                         f"(expected an integer in [0, {num_batches}))")

@@ -33,7 +33,8 @@ class MaskingPolicy:
             raise ValueError(f"special_ids={sorted(self.special_ids)}: expected ids in [0, {self.vocab_size})")
         if not 0.0 < self.mask_prob <= 1.0:
             raise ValueError(f"mask_prob={self.mask_prob}: expected a probability in (0, 1]")
-        if self.replace_mask < 0 or self.replace_random < 0 or self.replace_mask + self.replace_random > 1.0:
+        # Written as "not (valid)" so that NaN, which fails every comparison, is rejected too.
+        if not (self.replace_mask >= 0 and self.replace_random >= 0 and self.replace_mask + self.replace_random <= 1):
             raise ValueError(f"replace_mask={self.replace_mask}, replace_random={self.replace_random}: "
                              "expected non-negative probabilities summing to at most 1")
         if not 0 <= self.mask_id < self.vocab_size:

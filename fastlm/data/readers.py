@@ -13,8 +13,10 @@ Policy, the same for every reader:
 - Files must be UTF-8 (a leading byte-order mark is dropped). Sentences are stripped of surrounding whitespace.
 - Blank lines are skipped; so is a pair with a blank side (an empty cell in a spreadsheet is common and must not
   shift or stop a corpus). Skipped lines and pairs are counted in `reader.skipped` (for the last pass).
+- Lines end in `\n` or `\r\n`; a carriage return anywhere else (a file with classic-Mac `\r` endings) is an error.
 - Every error is a `CorpusFormatError` (a ValueError) that starts with `file:line`: invalid UTF-8, a wrong column
-  count, a missing column, an empty file (or one with only blank lines), parallel files of different lengths.
+  count, a missing column, an empty file (or one with only blank lines), parallel files of different lengths, a
+  stray carriage return. A directory given as a path is a ValueError when the reader is made.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class Reader:
         if not paths:
             raise ValueError(f"{type(self).__name__} needs at least one path, got none")
         self.paths = [Path(path) for path in paths]
+        for path in self.paths:
+            if path.is_dir():
+                raise ValueError(f"{type(self).__name__} path={str(path)!r}: a directory; expected a corpus file")
         self.skipped = 0  # blank lines or half-blank pairs dropped by the last pass
 
     def __iter__(self) -> Iterator:
@@ -84,7 +89,12 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
                 ) from None
             if number == 1:
                 text = text.removeprefix("\ufeff")
-            yield number, text.removesuffix("\n").removesuffix("\r")
+            text = text.removesuffix("\n").removesuffix("\r")
+            if "\r" in text:
+                # Lines ended by a lone CR (classic Mac) would otherwise be read as one huge sentence.
+                raise CorpusFormatError(path, number, "carriage return inside the line: expected lines ending in "
+                                        "\\n or \\r\\n (convert the file, e.g. with `mac2unix`)")
+            yield number, text
 
 
 class TextLines(Reader):

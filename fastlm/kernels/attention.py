@@ -712,6 +712,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     impl: "auto" | "triton" | "torch" (see fastlm.kernels.utils). deterministic: bitwise-reproducible gradients;
     False adds dQ atomically instead (one backward pass fewer).
     Returns (B, H, Nq, D); rows that see no key are zeros, with zero gradient.
+    Differences from SDPA: every dimension must be >= 1 (SDPA returns an empty tensor for B, H or Nq = 0; here it is
+    a ValueError); a row that sees no key gives zeros (SDPA: NaN); kv_lens outside [0, Nk] is a ValueError for CPU
+    lengths, while CUDA lengths are clamped unless FASTLM_DEBUG=1 (checking costs a host sync). A NaN in q, k or v
+    is not hidden: it reaches the output rows that attend to it, as in SDPA.
     """
     _validate(q, k, v, kv_lens, sm_scale, dropout_p)
     sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])

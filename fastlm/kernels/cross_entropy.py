@@ -67,11 +67,28 @@ def _check_options(ignore_index: int, label_smoothing: float, z_loss: float, red
         raise TypeError(f"ignore_index={ignore_index!r}: expected an int")
 
 
-def _check_target(target: torch.Tensor, rows: int, what: str) -> None:
+def _check_tensors(**named: torch.Tensor | None) -> None:
+    """TypeError naming the first argument that is neither a tensor nor None."""
+    for name, value in named.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} of type {type(value).__name__}: expected a torch.Tensor")
+
+
+def _check_floating(name: str, tensor: torch.Tensor) -> None:
+    # Integer logits would run through integer matmuls and truncating divisions: a silently wrong loss.
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(f"{name}.dtype={tensor.dtype}: expected a floating-point dtype (fp32, fp16 or bf16)")
+
+
+def _check_target(target: torch.Tensor, rows_shape: torch.Size, what: str) -> None:
+    """target must hold one class index per row, in the rows' own shape: a flat [B*T] or transposed [T, B] target
+    for [B, T, V] logits has the right count but would pair rows with the wrong targets."""
     if target.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"target has dtype {target.dtype}: expected torch.int64 or torch.int32 class indices")
-    if target.numel() != rows:
-        raise ValueError(f"target has shape {tuple(target.shape)}: expected {rows} class indices, one per {what}")
+    if target.shape != rows_shape:
+        raise ValueError(
+            f"target has shape {tuple(target.shape)}: expected {tuple(rows_shape)}, one class index per {what}"
+        )
 
 
 def _validate_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -328,10 +345,16 @@ def cross_entropy(
 ) -> torch.Tensor:
     """`F.cross_entropy(logits, target)` for logits [N, V] or [B, T, V], plus `z_loss * logsumexp**2` per row.
 
-    Differences from torch: all targets ignored gives loss 0 and zero gradient (torch: NaN); out-of-range targets
-    raise on CPU and give NaN on CUDA (see the module docstring). Loss has logits' dtype; arithmetic is fp32.
+    target: int64/int32 class indices shaped like logits without the class dim ([N] or [B, T]; a flat target for
+    3-D logits is an error, since a transposed one would pair rows with the wrong targets).
+    Differences from torch: logits are [..., V] (torch's 3-D input is [N, V, d]); all targets ignored (or N = 0)
+    gives loss 0 and zero gradient (torch: NaN); out-of-range targets raise on CPU and give NaN on CUDA (see the
+    module docstring). A NaN or infinite logit is not hidden: its row's loss is NaN or inf. Loss has logits'
+    dtype; arithmetic is fp32.
     """
     _check_options(ignore_index, label_smoothing, z_loss, reduction)
+    _check_tensors(logits=logits, target=target)
+    _check_floating("logits", logits)
     if logits.dim() not in (2, 3):
         raise ValueError(f"logits has shape {tuple(logits.shape)}: expected [N, V] or [B, T, V]")
     if logits.shape[-1] == 0:
@@ -339,7 +362,7 @@ def cross_entropy(
     flat = logits.reshape(-1, logits.shape[-1])
     if flat.stride(1) != 1:
         flat = flat.contiguous()
-    _check_target(target, flat.shape[0], "row of logits")
+    _check_target(target, logits.shape[:-1], "row of logits")
     check_same_device("logits", logits, target=target)
     flat_target = target.reshape(-1).contiguous()
     _validate_targets(flat_target, flat.shape[1], ignore_index)
@@ -523,6 +546,8 @@ def linear_cross_entropy(
     `cross_entropy`, which keeps F.cross_entropy's dtype rule), so training logs keep their precision.
     """
     _check_options(ignore_index, label_smoothing, z_loss, reduction)
+    _check_tensors(hidden=hidden, weight=weight, target=target, bias=bias)
+    _check_floating("hidden", hidden)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden has shape {tuple(hidden.shape)}: expected [N, Hd] or [B, T, Hd]")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
@@ -540,7 +565,7 @@ def linear_cross_entropy(
         hidden, weight = hidden.to(autocast_dtype), weight.to(autocast_dtype)
         bias = None if bias is None else bias.to(autocast_dtype)
     flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    _check_target(target, flat.shape[0], "row of hidden")
+    _check_target(target, hidden.shape[:-1], "row of hidden")
     flat_target = target.reshape(-1).contiguous()
     _validate_targets(flat_target, weight.shape[0], ignore_index)
     triton_path = select_impl(impl, hidden, weight, target) == "triton"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
@@ -16,6 +17,7 @@ from fastlm.kernels import linear_cross_entropy
 from .config import ModelConfig
 
 IGNORE_INDEX = -100   # labels that have no target (padding, unmasked MLM positions)
+INDEX_DTYPES = (torch.int64, torch.int32)   # what ids, lengths and labels may be
 
 
 @dataclass
@@ -40,8 +42,18 @@ def token_checks(
 ) -> list[ValueCheck]:
     """Check shapes now (raising ValueError) and return the value checks, to be run for all inputs with one sync."""
     ids_name, lengths_name, labels_name = names
-    if ids.dim() != 2 or ids.dtype.is_floating_point:
-        raise ValueError(f"{ids_name} of shape {tuple(ids.shape)} and dtype {ids.dtype}: expected integer ids [B, T]")
+    given = [(ids_name, ids)] + [(name, tensor) for name, tensor in ((lengths_name, lengths), (labels_name, labels))
+                                 if tensor is not None]
+    for name, tensor in given:
+        if not isinstance(tensor, Tensor):
+            raise ValueError(f"{name} of type {type(tensor).__name__}: expected a torch.Tensor")
+        # The embedding lookup takes int32/int64 only; bool or uint8 ids would fail deep inside it.
+        if tensor.dtype not in INDEX_DTYPES:
+            raise ValueError(f"{name} of dtype {tensor.dtype}: expected torch.int64 or torch.int32")
+        if tensor.device != ids.device:
+            raise ValueError(f"{name} is on {tensor.device}: expected the device of {ids_name}, {ids.device}")
+    if ids.dim() != 2 or 0 in ids.shape:
+        raise ValueError(f"{ids_name} of shape {tuple(ids.shape)}: expected ids [B, T] with B >= 1 and T >= 1")
     batch, length = ids.shape
     if length > config.max_seq_len:
         raise ValueError(f"{ids_name} has {length} tokens per row: expected at most max_seq_len = {config.max_seq_len}")
@@ -52,9 +64,9 @@ def token_checks(
          if high >= vocab else None),
     ]
     if lengths is not None:
-        if tuple(lengths.shape) != (batch,) or lengths.dtype.is_floating_point:
-            raise ValueError(f"{lengths_name} of shape {tuple(lengths.shape)} and dtype {lengths.dtype}: "
-                             f"expected integer lengths of shape ({batch},)")
+        if tuple(lengths.shape) != (batch,):
+            raise ValueError(f"{lengths_name} of shape {tuple(lengths.shape)}: expected ({batch},), one length per "
+                             f"row of {ids_name}")
         checks += [
             (lengths.min(), lambda low: f"{lengths_name} contains {low}: expected lengths >= 1" if low < 1 else None),
             (lengths.max(), lambda high: f"{lengths_name} contains {high}: expected lengths <= {length} "
@@ -142,13 +154,28 @@ class LanguageModel(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device | None = None) -> LanguageModel:
+        """The model `save` wrote to `directory`. A missing file is a FileNotFoundError; a config.json or
+        model.safetensors that is corrupt or belongs to another model is a ValueError naming the file."""
         directory = Path(directory)
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        model_type = config.pop("model_type", None)
+        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{config_path}: not valid JSON ({error})") from None
+        model_type = config.pop("model_type", None) if isinstance(config, dict) else None
         if model_type != cls.__name__:
-            raise ValueError(f"{directory}/config.json has model_type = {model_type!r}: expected {cls.__name__!r}")
-        model = cls.from_config_dict(config)
-        load_model(model, str(directory / "model.safetensors"))
+            raise ValueError(f"{config_path} has model_type = {model_type!r}: expected {cls.__name__!r}")
+        try:
+            model = cls.from_config_dict(config)
+        except KeyError as error:
+            raise ValueError(f"{config_path}: missing key {error}, expected a config written by save") from None
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"{weights_path}: missing, expected the weights written by save")
+        try:
+            load_model(model, str(weights_path))
+        except (SafetensorError, RuntimeError) as error:
+            raise ValueError(f"{weights_path}: not the weights of the {cls.__name__} in {config_path} "
+                             f"({str(error)[:500]})") from None
         return model.to(map_location) if map_location is not None else model
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

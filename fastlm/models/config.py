@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -43,6 +44,11 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} = {getattr(self, name)}: expected a positive integer")
+        if self.n_kv_heads is not None and self.n_kv_heads <= 0:
+            raise ValueError(f"ModelConfig.n_kv_heads = {self.n_kv_heads}: expected a positive integer or None")
+        for name in ("init_std", "layer_norm_eps", "rope_theta"):
+            if not 0.0 < getattr(self, name) < math.inf:
+                raise ValueError(f"ModelConfig.{name} = {getattr(self, name)}: expected a positive finite number")
         if self.d_model % self.n_heads:
             raise ValueError(f"ModelConfig.d_model = {self.d_model}: expected a multiple of n_heads = {self.n_heads}")
         if self.n_heads % self.kv_heads:

@@ -69,6 +69,9 @@ class Seq2SeqLM(LanguageModel):
         positions at or beyond tgt_lengths are ignored)."""
         run_checks(token_checks(self.encoder_config, src_ids, src_lengths, None, names=("src_ids", "src_lengths", ""))
                    + token_checks(self.config, tgt_ids, tgt_lengths, labels, names=("tgt_ids", "tgt_lengths", "labels")))
+        if tgt_ids.shape[0] != src_ids.shape[0]:
+            raise ValueError(f"tgt_ids of shape {tuple(tgt_ids.shape)}: expected {src_ids.shape[0]} rows, one per row "
+                             f"of src_ids {tuple(src_ids.shape)}")
         memory = self.encode(src_ids, src_lengths)                            # (B, S, D)
         start = tgt_ids.new_full((tgt_ids.shape[0], 1), self.config.bos_id)
         decoder_input = torch.cat([start, tgt_ids[:, :-1]], dim=1)            # (B, T), same lengths as tgt_ids

@@ -155,3 +155,17 @@ def test_translation_settings_are_checked(corpora):
         TranslationBatches(corpora.src, prepare_corpus(iter(["a", "b"]), TOKENIZER, corpora.path / "other",
                                                        progress=False),
                            max_src_len=8, max_tgt_len=8, bos_id=BOS, eos_id=EOS, pad_id=PAD, batch_size=2)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda c: mlm(c.src, batch_size=0), "batch_size=0: expected an integer >= 1"),
+    (lambda c: mlm(c.src, batch_size=True), "batch_size=True"),
+    (lambda c: mlm(c.src, pad_id=TOKENIZER.vocab_size), "pad_id=260: expected an id in \\[0, 260\\)"),
+    (lambda c: CausalLMBatches(c.src, batch_size=2, block_len=8, eos_id=-1), "eos_id=-1"),
+    (lambda c: translation(c, batch_size=2, bos_id=None), "bos_id=None"),
+    (lambda c: mlm(c.src).batch(0, 1.5), "batch index=1.5"),
+    (lambda c: mlm(c.src).batch(0.5, 0), "random stream keys \\(3, 0.5\\): expected integers"),
+], ids=["batch-size-0", "batch-size-bool", "pad-id", "eos-id", "bos-id-none", "float-index", "float-epoch"])
+def test_bad_batch_settings_name_the_argument(corpora, make, message):
+    with pytest.raises((ValueError, IndexError), match=message):
+        make(corpora)

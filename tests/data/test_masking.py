@@ -79,6 +79,8 @@ def test_same_generator_seed_same_masks_other_seed_other_masks():
 @pytest.mark.parametrize("overrides, message", [
     ({"mask_prob": 0.0}, "mask_prob=0.0"),
     ({"replace_mask": 0.8, "replace_random": 0.3}, "summing to at most 1"),
+    ({"replace_mask": float("nan")}, "replace_mask=nan"),
+    ({"mask_prob": 1.5}, "mask_prob=1.5"),
     ({"mask_id": 7}, "mask_id=7: expected one of special_ids"),
     ({"special_ids": frozenset({3, 1000})}, "expected ids in"),
 ])

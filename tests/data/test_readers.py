@@ -153,3 +153,21 @@ def test_open_reader_picks_the_format(tmp_path):
         open_reader(tmp_path / "a", tmp_path / "b", tmp_path / "c")
     with pytest.raises(ValueError, match=r"expected a \.xlsx or \.csv file"):
         AihubPairs(tmp_path / "a.tsv")
+
+
+@pytest.mark.parametrize("reader", [TextLines, AihubPairs, open_reader])
+def test_a_directory_is_not_a_corpus_file(tmp_path, reader):
+    with pytest.raises(ValueError, match="a directory; expected a corpus file"):
+        reader(tmp_path)
+
+
+@pytest.mark.parametrize("reader, content, line", [
+    (TextLines, b"first\rsecond\rthird\r", 1),
+    (TextLines, b"ok\r\nhalf\rway\n", 2),
+    (TsvPairs, b"a\tb\rc\td\r", 1),
+], ids=["mac-text", "stray-cr", "mac-tsv"])
+def test_a_lone_carriage_return_is_an_error_not_a_merged_sentence(tmp_path, reader, content, line):
+    path = tmp_path / "mac.tsv"
+    path.write_bytes(content)
+    with error_at(path, line, "carriage return inside the line"):
+        list(reader(path))

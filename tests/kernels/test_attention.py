@@ -295,7 +295,23 @@ def _bad_calls():
         ("dropout_p=1.0", dict(dropout_p=1.0)),
         ("sm_scale=nan", dict(sm_scale=float("nan"))),
         ("impl='cuda'", dict(impl="cuda")),
+        ("every dimension must be >= 1, got q (0, 4, 8, 16)", dict(q=q[:0], k=k[:0], v=k[:0])),
+        ("kv_lens.dtype=torch.int16", dict(kv_lens=torch.tensor([1, 2], dtype=torch.int16))),
+        ("kv_lens must have 1 dimensions", dict(kv_lens=torch.tensor(2))),
+        ("k is on meta", dict(k=k.to("meta"), v=k.to("meta"))),
     ]
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_nan_input_is_not_hidden(impl):
+    """A NaN in q reaches its own output row only; a NaN in a key reaches every row that attends to it."""
+    q, k, v = (torch.randn(1, 2, 4, 16) for _ in range(3))
+    q[0, 0, 1, 3] = float("nan")
+    out = attention(q, k, v, impl=impl)
+    assert out[0, 0, 1].isnan().all() and not out[0, 0, [0, 2, 3]].isnan().any() and not out[0, 1].isnan().any()
+    k[0, 1, 2, 0] = float("nan")
+    out = attention(q, k, v, causal=True, impl=impl)
+    assert out[0, 1, 2:].isnan().all() and not out[0, 1, :2].isnan().any()
 
 
 @pytest.mark.parametrize("message,overrides", _bad_calls(), ids=[m for m, _ in _bad_calls()])

@@ -147,6 +147,15 @@ def test_bad_input_names_the_argument(kind):
         (dict(input_ids=ids, labels=ids[:, :3]), "labels of shape"),
         (dict(input_ids=ids, labels=ids.masked_fill(ids == ids[0, 0], -5)), "labels has 1 negative"),
         (dict(input_ids=ids, labels=ids.masked_fill(ids == ids[0, 0], vocab + 3)), "labels contains 99"),
+        (dict(input_ids=ids.bool()), "input_ids of dtype torch.bool"),
+        (dict(input_ids=ids.to(torch.uint8)), "input_ids of dtype torch.uint8"),
+        (dict(input_ids=ids.tolist()), "input_ids of type list"),
+        (dict(input_ids=ids[:0]), "input_ids of shape \\(0, 6\\)"),
+        (dict(input_ids=ids[:, :0]), "input_ids of shape \\(2, 0\\)"),
+        (dict(input_ids=ids, lengths=lengths.float()), "lengths of dtype torch.float32"),
+        (dict(input_ids=ids, lengths=torch.tensor([-1, 4])), "lengths contains -1"),
+        (dict(input_ids=ids, lengths=lengths.to("meta")), "lengths is on meta"),
+        (dict(input_ids=ids, labels=ids.float()), "labels of dtype torch.float32"),
     ]
     for arguments, message in bad_calls:
         with pytest.raises(ValueError, match=message):
@@ -171,3 +180,19 @@ def test_optimizer_groups_and_accounting():
     assert model.estimate_flops_per_token() == 6 * total + 12 * config.n_layers * config.d_model * config.max_seq_len
     tied = _model("decoder")
     assert tied.num_params() == total - config.vocab_size * config.d_model
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "config.json").write_text("{not json"), "config.json: not valid JSON"),
+    (lambda d: (d / "config.json").write_text('{"model_type": "DecoderLM"}'), "config.json: missing key 'config'"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"garbage" * 8), "model.safetensors: not the weights"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+     "model.safetensors: not the weights"),
+    (lambda d: _model("decoder", n_layers=1).save(d / "other") or (d / "other" / "model.safetensors").replace(
+        d / "model.safetensors"), "model.safetensors: not the weights"),
+])
+def test_load_of_a_damaged_directory_names_the_file(tmp_path, damage, message):
+    _model("decoder").save(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        DecoderLM.load(tmp_path)

@@ -51,6 +51,12 @@ def test_int_for_float_becomes_float():
     ({"dropout": 1.0}, "dropout"),
     ({"eos_id": 96}, "eos_id"),
     ({"vocab_size": 0}, "vocab_size"),
+    ({"n_kv_heads": 0}, "n_kv_heads = 0"),
+    ({"n_kv_heads": -2}, "n_kv_heads = -2"),
+    ({"dropout": -0.1}, "dropout"),
+    ({"init_std": float("nan")}, "init_std"),
+    ({"layer_norm_eps": 0.0}, "layer_norm_eps"),
+    ({"positional": "rope", "rope_theta": -1.0}, "rope_theta"),
 ])
 def test_bad_overrides_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -98,6 +98,8 @@ def test_teacher_forcing_labels_causality_and_bad_input():
         model(src.masked_fill(src == src[0, 0], 96), tgt)
     with pytest.raises(ValueError, match="tgt_lengths contains 7"):
         model(src, tgt, src_lengths, torch.tensor([7, 3]))
+    with pytest.raises(ValueError, match="tgt_ids of shape \\(1, 6\\): expected 2 rows"):
+        model(src, tgt[:1])
 
 
 def test_save_load_round_trip(tmp_path):
