@@ -6,6 +6,7 @@
 
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "bpe/level.h"
@@ -69,42 +70,54 @@ struct BoundModel {
   }
 };
 
-[[noreturn]] void throw_bad_id(long long id, size_t position, size_t vocab_size) {
-  throw py::value_error("id " + std::to_string(id) + " (at position " + std::to_string(position) +
-                        ") is out of range for vocab size " + std::to_string(vocab_size));
+// An id (signed or unsigned) checked against the vocabulary: a bad one raises ValueError naming it and its position.
+template <typename Int>
+TokenId checked_id(Int id, size_t position, size_t vocab_size) {
+  bool in_range = static_cast<unsigned long long>(id) < vocab_size;
+  if constexpr (std::is_signed_v<Int>) in_range = in_range && id >= 0;
+  if (!in_range) {
+    throw py::value_error("id " + std::to_string(id) + " (at position " + std::to_string(position) +
+                          ") is out of range for vocab size " + std::to_string(vocab_size));
+  }
+  return static_cast<TokenId>(id);
 }
 
-// Token ids from a list/sequence of ints or an integer numpy array; negative or too large ids raise ValueError.
+// The ids of a 1-D numpy array read as Int (unsigned arrays as unsigned, so that values above 2^63 show as they are).
+template <typename Int>
+std::vector<TokenId> array_ids(py::handle ids, size_t vocab_size) {
+  const auto array = py::array_t<Int, py::array::c_style | py::array::forcecast>::ensure(ids);
+  if (!array || array.ndim() != 1) throw py::value_error("ids must be a 1-D integer array");
+  std::vector<TokenId> out(static_cast<size_t>(array.size()));
+  for (size_t i = 0; i < out.size(); ++i) out[i] = checked_id(array.data()[i], i, vocab_size);
+  return out;
+}
+
+// Token ids from a list/sequence of ints or an integer numpy array; negative or too large ids raise ValueError,
+// items that are not integers TypeError.
 std::vector<TokenId> to_ids(py::handle ids, size_t vocab_size) {
-  std::vector<TokenId> out;
   if (py::isinstance<py::array>(ids)) {
     const char kind = py::reinterpret_borrow<py::array>(ids).dtype().kind();
-    if (kind != 'i' && kind != 'u') {
-      throw py::type_error("ids must be an integer array, got dtype " +
-                           std::string(py::str(py::reinterpret_borrow<py::array>(ids).dtype())));
-    }
-    const auto array = py::array_t<long long, py::array::c_style | py::array::forcecast>::ensure(ids);
-    if (!array || array.ndim() != 1) throw py::value_error("ids must be a 1-D integer array");
-    const long long* data = array.data();
-    out.resize(static_cast<size_t>(array.size()));
-    for (size_t i = 0; i < out.size(); ++i) {
-      if (data[i] < 0 || static_cast<unsigned long long>(data[i]) >= vocab_size) throw_bad_id(data[i], i, vocab_size);
-      out[i] = static_cast<TokenId>(data[i]);
-    }
-    return out;
+    if (kind == 'i') return array_ids<long long>(ids, vocab_size);
+    if (kind == 'u') return array_ids<unsigned long long>(ids, vocab_size);
+    throw py::type_error("ids must be an integer array, got dtype " +
+                         std::string(py::str(py::reinterpret_borrow<py::array>(ids).dtype())));
   }
   const py::object sequence = py::reinterpret_steal<py::object>(PySequence_Fast(ids.ptr(), "ids must be a sequence of int"));
   if (!sequence) throw py::error_already_set();
   const size_t count = static_cast<size_t>(PySequence_Fast_GET_SIZE(sequence.ptr()));
   PyObject** items = PySequence_Fast_ITEMS(sequence.ptr());
-  out.resize(count);
+  std::vector<TokenId> out(count);
   for (size_t i = 0; i < count; ++i) {
     int overflow = 0;
     const long long id = PyLong_AsLongLongAndOverflow(items[i], &overflow);
-    if (id == -1 && PyErr_Occurred()) throw py::error_already_set();
+    if (id == -1 && PyErr_Occurred()) {
+      if (!PyErr_ExceptionMatches(PyExc_TypeError)) throw py::error_already_set();
+      PyErr_Clear();
+      throw py::type_error("ids must be integers, got " + std::string(Py_TYPE(items[i])->tp_name) + " at position " +
+                           std::to_string(i));
+    }
     if (overflow != 0) throw py::value_error("id at position " + std::to_string(i) + " does not fit in 64 bits");
-    if (id < 0 || static_cast<unsigned long long>(id) >= vocab_size) throw_bad_id(id, i, vocab_size);
-    out[i] = static_cast<TokenId>(id);
+    out[i] = checked_id(id, i, vocab_size);
   }
   return out;
 }

@@ -33,8 +33,10 @@ _CL100K = regex.compile(CL100K_PATTERN)
 SPACE_MARK = "\u2581"  # '▁': how the char level writes a space inside a token, as sentencepiece does
 # The char-level split as one regex (so the HF export can reuse it): an optional '▁' then a run of one group:
 # Hangul letters, Han letters, other letters, numbers, or anything else but '▁'; a '▁' before a '▁' stands alone.
+# Each letter takes the combining marks after it (\p{M}*), so Devanagari, Thai or NFD words stay whole; marks after
+# anything but a letter are "anything else".
 CHAR_SPLIT_PATTERN = (
-    r"▁?(?:(?:(?=\p{L})\p{Hangul})+|(?:(?=\p{L})\p{Han})+|(?:(?!\p{Hangul}|\p{Han})\p{L})+"
+    r"▁?(?:(?:(?=\p{L})\p{Hangul}\p{M}*)+|(?:(?=\p{L})\p{Han}\p{M}*)+|(?:(?!\p{Hangul}|\p{Han})\p{L}\p{M}*)+"
     r"|\p{N}+|[^\p{L}\p{N}▁]+)|▁"
 )
 _CHAR_SPLIT = regex.compile(CHAR_SPLIT_PATTERN)
@@ -98,6 +100,8 @@ class ReferenceBPE:
         character_coverage: float = 0.9995,
     ) -> "ReferenceBPE":
         word_counts = Counter(piece for text in texts for piece in pretokenize(text, level))
+        if not word_counts:
+            raise ValueError("nothing to train on: the texts hold no text")
         num_special = len(special_tokens)
         tokens = [s.encode("utf-8") for s in special_tokens] + [bytes([b]) for b in range(NUM_BYTES)]
         alphabet = _alphabet(word_counts, character_coverage) if level == "char" else []

@@ -9,7 +9,8 @@ Levels
     "char": the base alphabet is the code points kept by `character_coverage`; rarer ones are encoded as their UTF-8
         bytes with the 256 byte-fallback tokens <0x00>..<0xFF>. Spaces are written '▁' inside tokens and one '▁' is
         prepended (sentencepiece's "dummy prefix"), which `decode` removes again. Pre-tokens are an optional '▁'
-        and a run of Hangul letters, Han letters, other letters, digits or anything else (see
+        and a run of Hangul letters, Han letters, other letters, digits or anything else; a letter run keeps the
+        combining marks that follow its letters, so Devanagari, Thai or NFD words stay whole (see
         csrc/bpe/pretokenize.h and `fastlm.reference_bpe.CHAR_SPLIT_PATTERN`).
 
 Normalisation (char level only): `unicodedata.normalize(normalization, text)` (NFC by default, NFKC optional), then
@@ -23,6 +24,13 @@ special ids decode to their strings (at char level the text between them decodes
 dummy prefix, so that `decode(encode(s, allowed_special="all")) == s`).
 Training ties: the highest pair count wins, then the pair with the smallest (left id, right id) (rustbpe's merges
 exactly); `min_frequency` stops training once the best pair is rarer than that.
+
+Unicode version: both pre-splits take their classes (\\p{L}, \\p{N}, \\p{M}, \\s, scripts) from the `regex` package's
+Unicode tables (csrc/bpe/unicode_tables.h is generated from them). Peers with older tables split differently on code
+points assigned in recent Unicode versions: U+A7CE is a letter for `regex` but unassigned for tiktoken 0.14 and HF
+`tokenizers` 0.23, so "a" then U+A7CE is one pre-token for us and two for them (U+13717, new in Unicode 16, does the
+same with peers on older tables). So ids equal theirs only on text whose code points their tables know (the tests
+use code points assigned in Python's `unicodedata`). Normalisation uses Python's `unicodedata`.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import operator
+import numbers
 import os
 import re
 import tempfile
@@ -50,6 +58,9 @@ NORMALIZATIONS = ("nfc", "nfkc")
 FILE_FORMAT = "fastlm-tokenizer"
 FILE_VERSION = 1
 TRAIN_BATCH_LINES = 4096  # lines handed to the native trainer per call: bounded memory, few GIL round trips
+MAX_VOCAB_SIZE = 2**32  # native ids are uint32
+MAX_MIN_FREQUENCY = 2**64 - 1  # native pair counts are uint64
+MAX_THREADS = 1024  # far above any core count; more threads than this only fail to start
 _FILE_CHECK_BYTES = 1 << 20  # how much of a file is decoded at a time to check that it needs no normalisation
 
 
@@ -59,11 +70,31 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     return value  # type: ignore[return-value]
 
 
+def _check_int(name: str, value: object, minimum: int, maximum: int) -> int:
+    """`value` as an int, when it is an integer (numpy's included, bool not) in [minimum, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value!r}")
+    return int(value)
+
+
+def _check_iterable(value: object, argument: str, expected: str) -> None:
+    """Rejects what is not an iterable, and a lone str or bytes (iterating it would give characters or ints)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{argument} must be {expected}, got {type(value).__name__}")
+
+
 def _check_special_tokens(special_tokens: Iterable[str]) -> tuple[str, ...]:
+    _check_iterable(special_tokens, "special_tokens", "an iterable of str")
     special_tokens = tuple(special_tokens)
     for token in special_tokens:
         if not isinstance(token, str) or not token:
             raise ValueError(f"special_tokens must be non-empty strings, got {token!r}")
+        try:
+            token.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"special_tokens must be valid Unicode (no lone surrogates), got {token!r}") from None
     if len(set(special_tokens)) != len(special_tokens):
         raise ValueError(f"special_tokens must be unique, got {special_tokens!r}")
     return special_tokens
@@ -105,7 +136,8 @@ def _special_id_property(token: str, role: str) -> property:
 
 
 class Tokenizer:
-    """A trained BPE vocabulary at byte or char level; see the module docstring for the rules."""
+    """A trained BPE vocabulary at byte or char level; see the module docstring for the rules, including why ids
+    can differ from tiktoken's and HF's on code points of recent Unicode versions (ours follow `regex`'s tables)."""
 
     def __init__(
         self,
@@ -144,14 +176,18 @@ class Tokenizer:
         normalization: str = "nfc",
     ) -> "Tokenizer":
         """Trains on a path, a list of paths (one sentence or document per line, read natively), or any iterable
-        of str (streamed in batches, never held whole in Python)."""
+        of str (streamed in batches, never held whole in Python). A list of str is a list of paths when an item is
+        an existing file or every item looks like a file name (no whitespace; a '/' or an extension), so a mistyped
+        path raises FileNotFoundError instead of becoming the training text; pass an iterator to train on such
+        strings. A corpus with no text (empty files, empty strings) raises ValueError."""
         _check_choice("level", level, LEVELS)
         _check_choice("normalization", normalization, NORMALIZATIONS)
         special_tokens = _check_special_tokens(special_tokens)
-        if not isinstance(vocab_size, int) or vocab_size <= 0:
-            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-        if not isinstance(min_frequency, int) or min_frequency < 1:
-            raise ValueError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
+        vocab_size = _check_int("vocab_size", vocab_size, 1, MAX_VOCAB_SIZE)
+        min_frequency = _check_int("min_frequency", min_frequency, 1, MAX_MIN_FREQUENCY)
+        if isinstance(character_coverage, bool) or not isinstance(character_coverage, numbers.Real):
+            raise TypeError(f"character_coverage must be a float, got {type(character_coverage).__name__} "
+                            f"{character_coverage!r}")
         if not 0.0 < character_coverage <= 1.0:
             raise ValueError(f"character_coverage must be in (0, 1], got {character_coverage!r}")
         num_threads = _thread_count(num_threads)
@@ -209,12 +245,15 @@ class Tokenizer:
         elif isinstance(allowed_special, str):
             raise ValueError(f'allowed_special must be an iterable of special tokens or "all", got {allowed_special!r}')
         else:
-            allowed = set(allowed_special)
-        unknown = allowed - set(self.special_tokens)
-        if unknown:
-            raise ValueError(f"allowed_special names {sorted(unknown)!r}, which are not special tokens "
-                             f"(these are: {self.special_tokens!r})")
-        alternatives = "|".join(re.escape(token) for token in sorted(allowed, key=len, reverse=True))
+            _check_iterable(allowed_special, "allowed_special", 'an iterable of special tokens or "all"')
+            allowed = list(allowed_special)
+            unknown = [token for token in allowed if not isinstance(token, str) or token not in self._special_to_id]
+            if unknown:
+                raise ValueError(f"allowed_special names {unknown!r}, which are not special tokens "
+                                 f"(these are: {self.special_tokens!r})")
+        if not allowed:  # an empty iterator: nothing to split on ("()" would match everywhere)
+            return re.compile("(?!)")
+        alternatives = "|".join(re.escape(token) for token in sorted(set(allowed), key=len, reverse=True))
         return re.compile(f"({alternatives})")
 
     def encode_batch(
@@ -226,6 +265,7 @@ class Tokenizer:
     ) -> list[list[int]] | tuple[np.ndarray, np.ndarray]:
         """Encodes many texts on native threads. With `return_numpy`, returns (ids uint32, offsets int64) with
         ids[offsets[i]:offsets[i + 1]] the ids of texts[i]."""
+        _check_iterable(texts, "texts", "an iterable of str")
         texts = list(texts)
         if allowed_special:
             _check_texts(texts, "texts")
@@ -260,6 +300,7 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_batch(self, batch: Sequence[Sequence[int] | np.ndarray], num_threads: int | None = None) -> list[str]:
+        _check_iterable(batch, "batch", "an iterable of id sequences")
         batch = list(batch)
         if self.level == "char" and any(self._has_special(ids) for ids in batch):
             return [self.decode(ids) for ids in batch]
@@ -267,19 +308,21 @@ class Tokenizer:
         return [data.decode("utf-8", errors="replace") for data in decoded]
 
     def _has_special(self, ids: Sequence[int] | np.ndarray) -> bool:
-        if len(ids) == 0:
-            return False
+        """Whether `ids` holds a special id; False for ids that are not integers, which the native decode rejects
+        with an error naming the first bad one."""
+        if isinstance(ids, np.ndarray):
+            return ids.dtype.kind in "iu" and ids.ndim == 1 and ids.size > 0 and ids.min() < len(self.special_tokens)
         try:
-            lowest = ids.min() if isinstance(ids, np.ndarray) else min(ids)
+            lowest = min(ids, default=len(self.special_tokens))
         except TypeError:
-            raise TypeError(f"ids must be integers, got {list(ids)[:20]!r}") from None
-        return lowest < len(self.special_tokens)
+            return False
+        return isinstance(lowest, numbers.Integral) and lowest < len(self.special_tokens)
 
     def _decode_char_segments(self, ids: Sequence[int] | np.ndarray) -> list[bytes]:
         """Char level: the text between special tokens is decoded run by run, as each run was encoded with its own
         dummy prefix: so `decode(encode(s, allowed_special=...)) == s`."""
+        self._native.decode_bytes(ids)  # only to check every id: a bad one raises there, named with its position
         pieces: list[bytes] = []
-        ids = [operator.index(token_id) for token_id in ids]
         for is_special, run in itertools.groupby(ids, key=lambda token_id: 0 <= token_id < len(self.special_tokens)):
             run = list(run)
             pieces += [self._tokens[token_id] for token_id in run] if is_special else [self._native.decode_bytes(run)]
@@ -318,12 +361,16 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         """The token's string, as HF `tokenizers` names it (see `_token_string`)."""
-        if not isinstance(token_id, (int, np.integer)) or not 0 <= token_id < self.vocab_size:
+        if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral):
+            raise TypeError(f"token_id must be an int, got {type(token_id).__name__} {token_id!r}")
+        if not 0 <= token_id < self.vocab_size:
             raise ValueError(f"token_id {token_id!r} is out of range for vocab_size {self.vocab_size}")
         return self._token_strings[token_id]
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a token string as `id_to_token` writes it, or None if there is no such token."""
+        if not isinstance(token, str):
+            raise TypeError(f"token must be str, got {type(token).__name__}")
         return self._string_to_id.get(token)
 
     def __reduce__(self):
@@ -449,9 +496,10 @@ def _parse_record(record: object) -> dict:
     if not isinstance(tokens, list) or len(tokens) != record["vocab_size"]:
         raise ValueError(f'"tokens" must list vocab_size={record["vocab_size"]!r} tokens')
     if not isinstance(merges, list) or not all(
-        isinstance(pair, list) and len(pair) == 2 and all(isinstance(i, int) for i in pair) for pair in merges
+        isinstance(pair, list) and len(pair) == 2 and all(type(i) is int and 0 <= i < len(tokens) for i in pair)
+        for pair in merges
     ):
-        raise ValueError('"merges" must be a list of [left_id, right_id] pairs')
+        raise ValueError('"merges" must be a list of [left_id, right_id] pairs of ids below vocab_size')
     try:
         token_bytes = [base64.b64decode(token, validate=True) for token in tokens]
     except (TypeError, ValueError):
@@ -467,6 +515,8 @@ def _parse_record(record: object) -> dict:
 
 def _write_atomically(path: Path, text: str) -> None:
     """A crash mid-write leaves the old file (or none), never a truncated one."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; expected a file path to write")
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as file:
@@ -481,18 +531,19 @@ def _thread_count(num_threads: int | None) -> int:
     """None means all cores (0 to the native side)."""
     if num_threads is None:
         return 0
-    if not isinstance(num_threads, int) or num_threads < 1:
-        raise ValueError(f"num_threads must be None or an int >= 1, got {num_threads!r}")
-    return num_threads
+    return _check_int("num_threads", num_threads, 1, MAX_THREADS)
 
 
 def _as_paths(files_or_iterable: object) -> list[Path] | None:
     """The files to train on, or None when the argument is an iterable of texts. A str or PathLike is a path; so
-    is a list or tuple of them when any item is a PathLike or an existing file (then all must be files)."""
+    is a list or tuple of them when any item is a PathLike or an existing file, or when every item looks like a
+    file name (then all must be files: a mistyped path must not silently become the training text)."""
     if isinstance(files_or_iterable, (str, os.PathLike)):
         candidates = [files_or_iterable]
-    elif isinstance(files_or_iterable, (list, tuple)) and any(
-        isinstance(item, os.PathLike) or (isinstance(item, str) and os.path.isfile(item)) for item in files_or_iterable
+    elif isinstance(files_or_iterable, (list, tuple)) and (
+        any(isinstance(item, os.PathLike) or (isinstance(item, str) and os.path.isfile(item))
+            for item in files_or_iterable)
+        or (files_or_iterable and all(_looks_like_a_file_name(item) for item in files_or_iterable))
     ):
         candidates = list(files_or_iterable)
     else:
@@ -501,6 +552,12 @@ def _as_paths(files_or_iterable: object) -> list[Path] | None:
         if not isinstance(candidate, (str, os.PathLike)) or not os.path.isfile(candidate):
             raise FileNotFoundError(f"files_or_iterable names {candidate!r}, which is not a file")
     return [Path(candidate) for candidate in candidates]
+
+
+def _looks_like_a_file_name(item: object) -> bool:
+    """A str without whitespace that holds a path separator or ends in a file extension, unlike a sentence."""
+    return (isinstance(item, str) and not any(char.isspace() for char in item)
+            and ("/" in item or os.sep in item or Path(item).suffix[1:].isalpha()))
 
 
 def _line_aligned_blocks(file) -> Iterable[bytes]:
@@ -560,8 +617,7 @@ def _normalized_lines(path: Path, normalize: Callable[[str], str]) -> Iterable[s
 
 def _add_texts(trainer, texts: Iterable[str], normalize: Callable[[str], str] | None) -> None:
     """Streams texts to the native trainer in batches, checking types and replacing lone surrogates."""
-    if isinstance(texts, (str, bytes)):
-        raise TypeError("files_or_iterable must be a path, a list of paths or an iterable of str")
+    _check_iterable(texts, "files_or_iterable", "a path, a list of paths or an iterable of str")
     iterator = iter(texts)
     start = 0
     while batch := list(itertools.islice(iterator, TRAIN_BATCH_LINES)):

@@ -1,5 +1,8 @@
 """The native pre-splits against their Python definitions: the cl100k regex and the char-level rule."""
 
+import unicodedata
+
+import pytest
 import regex
 from hypothesis import given
 from tokenizer_strategies import texts
@@ -32,3 +35,18 @@ def test_byte_level_split_on_known_cases():
 def test_char_level_split_on_known_cases():
     assert _native.pretokenize("서울에서2024년 Seoul에서", "char") == ["▁서울에서", "2024", "년", "▁Seoul", "에서"]
     assert _native.pretokenize("", "char") == []
+
+
+@pytest.mark.parametrize("word", ["हिन्दी", "ภาษาไทย", "தமிழ்", unicodedata.normalize("NFD", "café"), "한\u302e"])
+def test_char_level_letter_runs_keep_their_combining_marks(word):
+    assert _native.pretokenize(word, "char") == pretokenize(word, "char") == ["▁" + word]
+
+
+def test_char_level_marks_after_a_non_letter_are_other():
+    text = "\u0301a 1\u0301"
+    assert _native.pretokenize(text, "char") == pretokenize(text, "char") == ["▁\u0301", "a", "▁1", "\u0301"]
+
+
+def test_byte_level_split_follows_the_unicode_tables_of_regex():
+    # U+A7CE is a letter for `regex`, unassigned for tiktoken 0.14 and HF 0.23: they split "a", "\ua7ce".
+    assert _native.pretokenize("a\ua7ce", "byte") == ["a\ua7ce"]

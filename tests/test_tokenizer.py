@@ -82,6 +82,12 @@ def test_round_trips_on_hard_cases(tokenizer, text):
     assert tokenizer.decode(tokenizer.encode(text)) == expected
 
 
+def test_char_level_merges_join_letters_and_their_combining_marks():
+    words = ["हिन्दी", "ภาษาไทย", "தமிழ்"]
+    tokenizer = Tokenizer.train([" ".join(words)] * 3, vocab_size=1000, level="char", min_frequency=1)
+    assert [len(tokenizer.encode(word)) for word in words] == [1, 1, 1]
+
+
 def test_nfkc_normalisation_is_applied(demo_files):
     tokenizer = Tokenizer.train(demo_files, vocab_size=1200, level="char", normalization="nfkc")
     assert tokenizer.normalization == "nfkc"
@@ -122,7 +128,7 @@ def test_decode_accepts_numpy_arrays(tokenizer):
 # ---- the native core against the reference ------------------------------------------------------------------
 @settings(max_examples=100)
 @given(
-    corpus=st.lists(short_texts, min_size=1, max_size=6),
+    corpus=st.lists(short_texts, min_size=1, max_size=6).filter(any),  # an empty corpus raises (tested below)
     level=st.sampled_from(["byte", "char"]),
     num_merges=st.integers(0, 40),
     min_frequency=st.sampled_from([1, 2, 3]),
@@ -223,6 +229,7 @@ def test_special_strings_in_text_are_plain_text(tokenizer):
     ids = tokenizer.encode(text)
     assert not set(ids) & tokenizer.special_ids
     assert tokenizer.decode(ids) == text
+    assert tokenizer.encode(text, allowed_special=iter([])) == ids  # an empty iterator allows nothing
 
 
 def test_allowed_special_encodes_the_named_specials(tokenizer):
@@ -241,6 +248,14 @@ def test_allowed_special_encodes_the_named_specials(tokenizer):
 def test_allowed_special_prefers_the_longest_match(demo_files):
     tokenizer = Tokenizer.train(demo_files, vocab_size=400, special_tokens=("<a>", "<a><b>"))
     assert tokenizer.encode("<a><b><a>", allowed_special="all") == [1, 0]
+
+
+@pytest.mark.parametrize("level", ["byte", "char"])
+def test_special_tokens_may_contain_each_other(level, demo_files):
+    tokenizer = Tokenizer.train(demo_files, vocab_size=1200, level=level, special_tokens=("<a>", "x<a>y"))
+    text = "x<a>y<a> x<a>"
+    ids = tokenizer.encode(text, allowed_special="all")
+    assert ids[:2] == [1, 0] and ids[-1] == 0 and tokenizer.decode(ids) == text
 
 
 def test_allowed_special_must_name_special_tokens(tokenizer):
@@ -275,6 +290,11 @@ def corrupt_versions(record: dict) -> dict[str, str]:
         broken[f"{key}={str(value)[:20]}"] = json.dumps({**record, key: value})
     broken["merge out of range"] = json.dumps({**record, "merges": [[10**6, 5]] + record["merges"][1:]})
     broken["token bytes not base64"] = json.dumps({**record, "tokens": ["%%%"] + record["tokens"][1:]})
+    for name, merge in [("negative merge id", [-1, 300]), ("bool merge id", [True, 300]), ("huge id", [2**70, 1])]:
+        broken[name] = json.dumps({**record, "merges": [merge] + record["merges"][1:]})
+    broken["special_tokens a str"] = json.dumps({**record, "special_tokens": "".join(record["special_tokens"])})
+    broken["a JSON list"] = json.dumps([record])
+    broken["null"] = "null"
     missing = dict(record)
     del missing["merges"]
     broken["no merges"] = json.dumps(missing)
@@ -291,6 +311,17 @@ def test_load_rejects_corrupt_files_naming_the_path(byte_tokenizer, tmp_path):
         with pytest.raises(ValueError, match="bad.json") as error:
             Tokenizer.load(path)
         assert "bad.json" in str(error.value), name
+
+
+def test_load_and_save_reject_directories_and_binary_files(byte_tokenizer, tmp_path):
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="garbage.bin"):
+        Tokenizer.load(garbage)
+    for method in (Tokenizer.load, byte_tokenizer.save, byte_tokenizer.save_huggingface):
+        with pytest.raises(IsADirectoryError, match=tmp_path.name):
+            method(tmp_path)
+    assert [path.name for path in tmp_path.iterdir()] == ["garbage.bin"]
 
 
 def test_pickle_round_trip(tokenizer):
@@ -313,9 +344,28 @@ def test_decode_out_of_range_raises(tokenizer):
         tokenizer.decode(np.array([tokenizer.vocab_size]))
     with pytest.raises(ValueError, match="out of range"):
         tokenizer.decode_batch([[1], [tokenizer.vocab_size + 5]])
-    for not_integers in (["a"], [1.5], [5, 1.0]):
-        with pytest.raises(TypeError):
-            tokenizer.decode(not_integers)
+
+
+BAD_IDS = [  # ids -> the error and what its message must say
+    ([1, 300, 10**9], ValueError, r"id 1000000000 \(at position 2\)"),  # a special id first: char level's own path
+    (np.array([2**63], dtype=np.uint64), ValueError, "id 9223372036854775808 "),
+    ([2**64], ValueError, "position 0 does not fit in 64 bits"),
+    (["a"], TypeError, "integers, got str at position 0"),
+    ([5, 1.5], TypeError, "integers, got float at position 1"),
+    ([1, [2]], TypeError, "integers, got list at position 1"),
+    ([np.float64(300)], TypeError, "integers, got numpy.float64 at position 0"),
+    (np.array([1.0, 300.0]), TypeError, "integer array, got dtype float64"),
+    (np.array([[300, 301]]), ValueError, "1-D"),
+    (None, TypeError, "sequence of int"),
+]
+
+
+@pytest.mark.parametrize("ids, error, message", BAD_IDS, ids=[repr(ids)[:30] for ids, _, _ in BAD_IDS])
+def test_decode_rejects_bad_ids_naming_them(tokenizer, ids, error, message):
+    with pytest.raises(error, match=message):
+        tokenizer.decode(ids)
+    with pytest.raises(error, match=message):
+        tokenizer.decode_batch([[5], ids])
 
 
 @pytest.mark.parametrize("level", ["byte", "char"])
@@ -339,8 +389,83 @@ def test_bad_arguments_raise_clear_errors(byte_tokenizer, char_tokenizer, demo_f
         Tokenizer.train(["a", "b", 3], vocab_size=300)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         Tokenizer.train("missing.txt", vocab_size=300)
-    with pytest.raises(ValueError, match="num_threads"):
-        byte_tokenizer.encode_batch(["x"], num_threads=0)
+
+
+BAD_TRAINING_ARGUMENTS = [  # one keyword argument -> the error, whose message must name the argument
+    ("vocab_size", 700.0, TypeError), ("vocab_size", "700", TypeError), ("vocab_size", True, TypeError),
+    ("vocab_size", -5, ValueError), ("vocab_size", 2**64, ValueError),
+    ("min_frequency", 0, ValueError), ("min_frequency", 1.5, TypeError),
+    ("character_coverage", 0.0, ValueError), ("character_coverage", 1.5, ValueError),
+    ("character_coverage", float("nan"), ValueError), ("character_coverage", "0.9", TypeError),
+    ("num_threads", 0, ValueError), ("num_threads", -1, ValueError), ("num_threads", 10**6, ValueError),
+    ("num_threads", 2.0, TypeError),
+    ("special_tokens", ("",), ValueError), ("special_tokens", ("<s>", "<s>"), ValueError),
+    ("special_tokens", ("<s>", 5), ValueError), ("special_tokens", ("\ud800",), ValueError),
+    ("special_tokens", "<s>", TypeError), ("special_tokens", None, TypeError),
+]
+
+
+@pytest.mark.parametrize("name, value, error", BAD_TRAINING_ARGUMENTS,
+                         ids=[f"{name}={value!r}" for name, value, _ in BAD_TRAINING_ARGUMENTS])
+def test_bad_training_arguments_raise_naming_the_argument(demo_files, name, value, error):
+    with pytest.raises(error, match=name):
+        Tokenizer.train(demo_files, **{"vocab_size": 1200, "level": "char", name: value})
+
+
+def test_numpy_integers_are_accepted_as_sizes(demo_files):
+    tokenizer = Tokenizer.train(demo_files, vocab_size=np.int64(600), min_frequency=np.int32(2),
+                                num_threads=np.int64(1))
+    assert tokenizer.vocab_size == 600 and tokenizer.id_to_token(np.int64(300)) == tokenizer.id_to_token(300)
+
+
+BAD_CALLS = {  # a call on a tokenizer -> the error and what its message must say
+    "encode(None)": (lambda t: t.encode(None), TypeError, "text must be str, got NoneType"),
+    "allowed_special=5": (lambda t: t.encode("x", allowed_special=5), TypeError, "allowed_special must be"),
+    "allowed_special=[5]": (lambda t: t.encode("x", allowed_special=[5]), ValueError, r"allowed_special names \[5\]"),
+    "encode_batch(str)": (lambda t: t.encode_batch("abc"), TypeError, "texts must be an iterable of str, got str"),
+    "encode_batch(None)": (lambda t: t.encode_batch(None), TypeError, "texts must be an iterable of str"),
+    "encode_batch int item": (lambda t: t.encode_batch(["ok", 5], return_numpy=True), TypeError, r"texts\[1\]"),
+    "encode_batch threads": (lambda t: t.encode_batch(["x"], num_threads=-1), ValueError, "num_threads"),
+    "decode_batch threads": (lambda t: t.decode_batch([[5]], num_threads=True), TypeError, "num_threads"),
+    "decode_batch(None)": (lambda t: t.decode_batch(None), TypeError, "batch must be an iterable"),
+    "id_to_token(1.0)": (lambda t: t.id_to_token(1.0), TypeError, "token_id must be an int"),
+    "token_to_id(None)": (lambda t: t.token_to_id(None), TypeError, "token must be str"),
+}
+
+
+@pytest.mark.parametrize("call, error, message", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_bad_call_arguments_raise_clear_errors(tokenizer, call, error, message):
+    with pytest.raises(error, match=message):
+        call(tokenizer)
+
+
+BAD_CORPORA = {  # files_or_iterable (built from the temporary folder and the demo files) -> the error and message
+    "empty list": (lambda tmp, demo: [], ValueError, "nothing to train on"),
+    "empty iterator": (lambda tmp, demo: iter([]), ValueError, "nothing to train on"),
+    "empty strings": (lambda tmp, demo: ["", ""], ValueError, "nothing to train on"),
+    "empty file": (lambda tmp, demo: [tmp / "empty.txt"], ValueError, "nothing to train on"),
+    "blank lines": (lambda tmp, demo: str(tmp / "blank.txt"), ValueError, "nothing to train on"),
+    "missing Path": (lambda tmp, demo: [tmp / "nope.txt"], FileNotFoundError, "nope.txt"),
+    "missing among files": (lambda tmp, demo: [str(demo[0]), "nope.ko"], FileNotFoundError, "nope.ko"),
+    "only file names": (lambda tmp, demo: ["train.ko", "data/valid.en"], FileNotFoundError, "train.ko"),
+    "directory": (lambda tmp, demo: tmp, FileNotFoundError, "not a file"),
+    "None": (lambda tmp, demo: None, TypeError, "files_or_iterable must be"),
+    "an int": (lambda tmp, demo: 5, TypeError, "files_or_iterable must be"),
+}
+
+
+@pytest.mark.parametrize("level", ["byte", "char"])
+@pytest.mark.parametrize("corpus, error, message", BAD_CORPORA.values(), ids=BAD_CORPORA.keys())
+def test_bad_corpora_raise_clear_errors(tmp_path, demo_files, level, corpus, error, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n\r\n\n")
+    with pytest.raises(error, match=message):
+        Tokenizer.train(corpus(tmp_path, demo_files), vocab_size=1200, level=level)
+
+
+def test_strings_that_are_not_file_names_are_texts():
+    tokenizer = Tokenizer.train(["hello", "3.14", "e.g.", "hello world.txt"] * 3, vocab_size=300, min_frequency=1)
+    assert tokenizer.decode(tokenizer.encode("hello")) == "hello" and tokenizer.vocab_size > 260
 
 
 def test_demo_sample_is_line_aligned_and_small(demo_files):

@@ -1,8 +1,8 @@
 """Generates csrc/bpe/unicode_tables.h: the code point classes the pre-splitters need, taken FROM the `regex` package.
 
 The byte-level pre-split must equal `regex.findall(CL100K_PATTERN, text)`, so the classes are whatever `regex` says
-\\p{L}, \\p{N} and \\s match (its Unicode version and its \\s may differ from `unicodedata`'s). Run it again after
-upgrading `regex`:  python csrc/bpe/generate_unicode_tables.py
+\\p{L}, \\p{N}, \\p{M} and \\s match (its Unicode version and its \\s may differ from `unicodedata`'s). Run it
+again after upgrading `regex`:  python csrc/bpe/generate_unicode_tables.py
 """
 
 from pathlib import Path
@@ -16,6 +16,7 @@ CLASSES = {
     "kWhitespace": (4, r"\s"),
     "kHangul": (8, r"\p{Script=Hangul}"),
     "kHan": (16, r"\p{Script=Han}"),
+    "kMark": (32, r"\p{M}"),  # the char level's letter runs take the combining marks that follow a letter
 }
 # The contraction letters of (?i:'s|'t|'re|'ve|'m|'ll|'d): the code points `regex` matches for each case-insensitively.
 CONTRACTION_LETTERS = "strevmld"

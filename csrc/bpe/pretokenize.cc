@@ -123,8 +123,14 @@ size_t cl100k_piece_end(std::string_view text, size_t pos) {
 
 enum class CharGroup { kSpaceMark, kHangul, kHan, kLetter, kNumber, kOther };
 
-CharGroup char_group(const CodePoint& c) {
+bool is_letter_group(CharGroup group) {
+  return group == CharGroup::kHangul || group == CharGroup::kHan || group == CharGroup::kLetter;
+}
+
+// The group of `c` when it follows a code point of group `previous` (only marks depend on it).
+CharGroup char_group(const CodePoint& c, CharGroup previous) {
   if (c.value == kSpaceMarkCodePoint) return CharGroup::kSpaceMark;
+  if (c.klass & kMark) return is_letter_group(previous) ? previous : CharGroup::kOther;
   if (c.klass & kHangul && c.klass & kLetter) return CharGroup::kHangul;
   if (c.klass & kHan && c.klass & kLetter) return CharGroup::kHan;
   if (c.klass & kLetter) return CharGroup::kLetter;
@@ -162,7 +168,7 @@ void split_char_level(std::string_view text, std::string& marked, std::vector<st
   CharGroup previous = CharGroup::kSpaceMark;
   for (size_t pos = 0; pos < view.size();) {
     const CodePoint c = code_point_at(view, pos);
-    const CharGroup group = char_group(c);
+    const CharGroup group = char_group(c, previous);
     const bool starts_piece = group == CharGroup::kSpaceMark || (previous != CharGroup::kSpaceMark && group != previous);
     if (starts_piece && pos > piece_start) {
       pieces.push_back(view.substr(piece_start, pos - piece_start));

@@ -13,6 +13,9 @@
 //   2. splitting: a piece starts at every '▁'; and between two adjacent code points (neither of them '▁') whose
 //      groups differ, the groups being: Hangul letter, Han letter, other letter, number, anything else. A '▁'
 //      glues to what follows it: "▁서울에서2024년" -> "▁서울에서", "2024", "년"; "▁Seoul에서" -> "▁Seoul", "에서".
+//      A combining mark (\p{M}) takes the group of the letter run it follows, so that "▁हिन्दी", "▁ภาษาไทย"
+//      and NFD "▁cafe\u0301" stay whole (splitting off their vowel signs and accents would leave words that no
+//      merge can rebuild); a mark that follows no letter (text start, '▁', a digit, a symbol) is "anything else".
 #pragma once
 
 #include <string>

@@ -379,6 +379,9 @@ TrainResult Trainer::train(size_t vocab_size, const std::vector<std::string>& sp
   }
   std::lock_guard<std::mutex> lock(mutex_);
   const WordCounts& counts = merged_counts();
+  if (counts.words.size() == 0) {
+    throw std::invalid_argument("nothing to train on: the texts and files given hold no text");
+  }
   std::vector<std::string> tokens(special_tokens.begin(), special_tokens.end());
   const TokenId first_byte = static_cast<TokenId>(tokens.size());
   for (uint32_t byte = 0; byte < kNumByteTokens; ++byte) tokens.emplace_back(1, static_cast<char>(byte));

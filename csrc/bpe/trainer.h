@@ -42,8 +42,8 @@ class Trainer {
   // throws std::invalid_argument naming file:line for invalid UTF-8. Byte level accepts any bytes.
   void add_files(const std::vector<std::string>& paths);
 
-  // Throws std::invalid_argument when vocab_size is below the base alphabet (specials + 256 bytes + kept
-  // characters) or character_coverage is outside (0, 1].
+  // Throws std::invalid_argument when nothing was counted (no text, only empty lines), when vocab_size is below
+  // the base alphabet (specials + 256 bytes + kept characters) or character_coverage is outside (0, 1].
   TrainResult train(size_t vocab_size, const std::vector<std::string>& special_tokens, uint64_t min_frequency,
                     double character_coverage);
 

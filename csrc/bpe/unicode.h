@@ -15,6 +15,7 @@ enum CodePointClass : uint8_t {
   kWhitespace = 4,  // \s as `regex` sees it
   kHangul = 8,      // \p{Script=Hangul}
   kHan = 16,        // \p{Script=Han}
+  kMark = 32,       // \p{M}: combining marks
 };
 
 // Returns the class bits of a code point (0 for anything else, including values above U+10FFFF).

@@ -91,6 +91,7 @@ void test_utf8() {
   CHECK(code_point_class('a') == kLetter && code_point_class('7') == kNumber);
   CHECK(code_point_class(' ') == kWhitespace && code_point_class(0x1C) == 0);  // \s in `regex` excludes U+001C
   CHECK(code_point_class(0xD55C) == (kLetter | kHangul) && code_point_class('!') == 0);
+  CHECK(code_point_class(0x301) == kMark && code_point_class(0x93F) == kMark);  // combining acute, Devanagari i
 }
 
 void test_cl100k_split() {
@@ -116,6 +117,9 @@ void test_char_split() {
         (V{"\xE2\x96\x81\xEC\x84\x9C\xEC\x9A\xB8", "2024", "\xEB\x85\x84", "\xE2\x96\x81Seoul", "\xEC\x97\x90"}));
   CHECK(split(Level::kChar, "a  b") == (V{"\xE2\x96\x81" "a", "\xE2\x96\x81", "\xE2\x96\x81" "b"}));
   CHECK(split(Level::kChar, "") == V{});
+  // A combining mark continues a letter run (e + U+0301 here) and is "other" after anything else (1 + U+0301).
+  CHECK(split(Level::kChar, "e\xCC\x81!") == (V{"\xE2\x96\x81" "e\xCC\x81", "!"}));
+  CHECK(split(Level::kChar, "1\xCC\x81") == (V{"\xE2\x96\x81" "1", "\xCC\x81"}));
 }
 
 void test_textbook_training() {
@@ -189,6 +193,7 @@ void test_char_level_coverage() {
   CHECK(ids.size() == 2 && ids[1] == 2 + 'z');
   CHECK(decode(model, ids) == "z");
   CHECK(throws<std::invalid_argument>([&] { train(Level::kChar, texts, 260, 1); }, "smaller than the base alphabet"));
+  CHECK(throws<std::invalid_argument>([&] { train(Level::kChar, {"", ""}, 1000, 1); }, "nothing to train on"));
 }
 
 void test_bad_models_rejected() {
