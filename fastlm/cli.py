@@ -129,9 +129,7 @@ def _distributed(run):
         result = run(world)
     finally:
         close_world(world)
-    if world.is_main:
-        return result
-    return None
+    return result if world.is_main else None
 
 
 def cmd_pretrain(args, extra: list[str]) -> None:
@@ -177,7 +175,7 @@ def cmd_translate(args) -> None:
         raise UsageError("translate: give sentences or --input FILE, not both")
     if args.input:
         _require_files([args.input], "--input")
-        texts = [line.rstrip("\n") for line in open(args.input, encoding="utf-8")]
+        texts = Path(args.input).read_text(encoding="utf-8").splitlines()
     else:
         texts = _text_lines(args.text)
     for line in translate_texts(model, tokenizer, texts, num_beams=args.beam, max_new_tokens=args.max_new_tokens,

@@ -13,11 +13,9 @@ from fastlm.train.config import TrainConfig
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW with decoupled weight decay; the model splits its parameters into decay / no-decay groups."""
-    # The fused kernel needs every parameter on CUDA; None lets the model pick it there and skip it elsewhere.
-    on_cuda = all(p.is_cuda for p in model.parameters())
-    return model.configure_optimizers(
-        weight_decay=config.weight_decay, lr=config.lr, betas=(config.beta1, config.beta2), fused=True if on_cuda else None
-    )
+    # fused=None: the model takes the fused kernel when every parameter is on CUDA (the kernel's requirement).
+    return model.configure_optimizers(weight_decay=config.weight_decay, lr=config.lr,
+                                      betas=(config.beta1, config.beta2), fused=None)
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, schedule: str, min_lr_ratio: float) -> float:

@@ -70,7 +70,8 @@ def model_config(config: TrainConfig, tokenizer: Tokenizer, overrides: dict[str,
     missing = [name for name, value in specials.items() if value is None]
     if missing:
         raise ValueError(f"the tokenizer has no {', '.join(missing)}: train it with the default special tokens")
-    values = {"vocab_size": tokenizer.vocab_size, **specials, **typed_overrides(ModelConfig, overrides, prefix="model.")}
+    given = typed_overrides(ModelConfig, overrides, prefix="model.")
+    values = {"vocab_size": tokenizer.vocab_size, **specials, **given}
     result = ModelConfig.preset(config.model_preset, **values)
     if config.max_len > result.max_seq_len:
         raise ValueError(f"max_len={config.max_len}: longer than the model's max_seq_len={result.max_seq_len}")
