@@ -59,7 +59,7 @@ def run_demo(workdir: str | Path | None = None, *, scale: float = 1.0, translate
     with contextlib.ExitStack() as stack:
         root = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fastlm-")))
         root.mkdir(parents=True, exist_ok=True)
-        return _run(root, scale, translate_count)
+        return _run(root, scale, translate_count, outputs_kept=workdir is not None)
 
 
 def _stage(title: str, command: str) -> float:
@@ -67,7 +67,7 @@ def _stage(title: str, command: str) -> float:
     return time.perf_counter()
 
 
-def _run(root: Path, scale: float, translate_count: int) -> list[StageReport]:
+def _run(root: Path, scale: float, translate_count: int, outputs_kept: bool) -> list[StageReport]:
     from fastlm.data.prepare import prepare_corpus, prepare_parallel_corpus
     from fastlm.data.readers import ParallelLines
     from fastlm.tokenizer import Tokenizer
@@ -128,5 +128,6 @@ def _run(root: Path, scale: float, translate_count: int) -> list[StageReport]:
     print("\n== report (a tiny model on a few hundred pairs: it shows the pipeline, not translation quality)")
     for report in reports:
         print(f"   {report.name:<18} {report.seconds:6.1f} s   {report.result}")
-    print(f"   {'total':<18} {sum(r.seconds for r in reports):6.1f} s   outputs in {root}")
+    kept = f"outputs in {root}" if outputs_kept else "outputs removed (keep them with --workdir DIR)"
+    print(f"   {'total':<18} {sum(r.seconds for r in reports):6.1f} s   {kept}")
     return reports
