@@ -1,6 +1,6 @@
 """fastlm's fused attention against every available SDPA backend (flash, efficient, cuDNN, math), side by side.
 
-    python benchmarks/attention.py [--quick] [--json PATH]
+    python benchmarks/attention.py [--quick] [--json PATH] [--budget SECONDS]
 
 Forward and forward+backward, bf16, TFLOP/s of *useful* work (only the (query, key) pairs a mask lets through, so
 a padded row's TFLOP/s ratio is its time ratio) and the extra peak memory of one call. Without a GPU it says so
@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from benchmarks.harness import Measurement, Row, base_parser, peak_memory_mib, report, time_call  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    CaseBudget, Measurement, Row, add_budget_argument, base_parser, peak_memory_mib, report, time_call,
+)
 from fastlm.kernels import attention  # noqa: E402
 
 SDPA_BACKENDS = {
@@ -45,6 +47,10 @@ class Case:
     padded: bool = False     # key lengths uniform in [Nk/2, Nk]
     backward: bool = True    # decoding has no backward
     quick: bool = False      # part of --quick
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.batch}x{self.heads}x{self.q_len}x{self.k_len}x{self.head_dim}"
 
 
 CASES = [
@@ -111,10 +117,9 @@ def measure(case: Case, quick: bool) -> list[Row]:
     q, k, v, kv_lens = make_inputs(case, "cuda", torch.bfloat16, generator)
     grad_out = torch.randn_like(q)
     forward_tflop = useful_tflop(case, kv_lens)
-    label = f"{case.name} {case.batch}x{case.heads}x{case.q_len}x{case.k_len}x{case.head_dim}"
-    rows = [Row(f"{label} fwd", "TFLOP/s", True)]
+    rows = [Row(f"{case.label} fwd", "TFLOP/s", True)]
     if case.backward:
-        rows.append(Row(f"{label} fwd+bwd", "TFLOP/s", True))
+        rows.append(Row(f"{case.label} fwd+bwd", "TFLOP/s", True))
     repeat = 5 if quick else 20
     for name, fn in providers(case, kv_lens, "auto").items():
         def forward():
@@ -175,15 +180,19 @@ def check_correctness(cases: list[Case]) -> bool:
 
 
 def main() -> None:
-    args = base_parser(__doc__.splitlines()[0]).parse_args()
+    parser = base_parser(__doc__.splitlines()[0])
+    add_budget_argument(parser)
+    args = parser.parse_args()
+    budget = CaseBudget(args.budget)
     cases = [c for c in CASES if c.quick or not args.quick]
     if not torch.cuda.is_available():
         print("No CUDA GPU here: speed is not measured. Correctness-only pass of each case in miniature, "
               "fastlm's Triton kernels under the interpreter against SDPA math in float64:")
         sys.exit(0 if check_correctness(cases) else 1)
-    rows = [row for case in cases for row in measure(case, args.quick)]
-    report("Fused attention, bf16: fastlm vs SDPA backends", rows, json_path=args.json,
-           notes="TFLOP/s count only the (query, key) pairs the mask lets through; fwd+bwd counts 3.5x the forward.")
+    rows = [row for case in cases if budget.allows(case.label) for row in measure(case, args.quick)]
+    notes = "TFLOP/s count only the (query, key) pairs the mask lets through; fwd+bwd counts 3.5x the forward."
+    notes += budget.note()
+    report("Fused attention, bf16: fastlm vs SDPA backends", rows, json_path=args.json, notes=notes)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
 """fastlm's cross-entropy kernels against torch, Liger-Kernel and Cut-Cross-Entropy (those two when importable).
 
-Each provider runs forward + backward (`torch.autograd.grad`) on the same inputs, side by side in one process.
+Each provider runs forward + backward (`torch.autograd.grad`) on the same inputs, side by side in one process;
+"fastlm-accumulate" and "fastlm-by-vocab" force one of linear_cross_entropy's two ways to d_weight ("fastlm" is
+the one its rule picks), "fastlm-48MiB" never holds more than 48 MiB of logits (no MIN_CHUNK_ROWS), and
+"fastlm-block-N" streams rows in slices of N. A second table gives each provider's error against float64 torch.
 "Extra" memory is the peak allocation of that step beyond its inputs and the gradients it returns, the memory a
 fused loss exists to save. Without a GPU this says so and runs a small CPU comparison of the reference paths.
 
     python benchmarks/cross_entropy.py [--quick] [--json PATH]
 """
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +24,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from benchmarks.harness import Measurement, Row, base_parser, peak_memory_mib, report, time_call  # noqa: E402
 from fastlm.kernels.cross_entropy import cross_entropy, linear_cross_entropy  # noqa: E402
 
+cross_entropy_module = importlib.import_module("fastlm.kernels.cross_entropy")
 Loss = Callable[[], torch.Tensor]
+
+
+def patched(loss: Loss, **module_patches) -> Loss:
+    """`loss` with some of fastlm.kernels.cross_entropy's constants or rules replaced, to check its defaults."""
+    def run():
+        with mock.patch.multiple(cross_entropy_module, **module_patches):
+            return loss()
+    return run
+
+
+def linear_losses(hidden, weight, target) -> dict[str, Loss]:
+    """fastlm (its rule's pick and both walks forced), unfused torch and every installed peer, by provider name."""
+    torch_name = "torch" if hidden.dtype == torch.float32 else f"torch-{str(hidden.dtype).removeprefix('torch.')}"
+    fastlm = lambda: linear_cross_entropy(hidden, weight, target)  # noqa: E731
+    losses: dict[str, Loss] = {
+        "fastlm": fastlm,
+        "fastlm-accumulate": patched(fastlm, _weight_grad_by_vocab=lambda *_: False),
+        "fastlm-by-vocab": patched(fastlm, _weight_grad_by_vocab=lambda *_: True),
+        "fastlm-48MiB": patched(fastlm, MIN_CHUNK_ROWS=16),
+        torch_name: lambda: F.cross_entropy(hidden @ weight.T, target),
+    }
+    if hidden.dtype != torch.float32:  # the other common recipe: half GEMM, logits upcast before the loss
+        losses["torch-fp32-logits"] = lambda: F.cross_entropy((hidden @ weight.T).float(), target)
+    return losses | peer_linear_losses(hidden, weight, target)
 
 
 def peer_linear_losses(hidden, weight, target) -> dict[str, Loss]:
@@ -40,6 +70,9 @@ def peer_linear_losses(hidden, weight, target) -> dict[str, Loss]:
         pass
     else:
         peers["cce"] = lambda: cce_linear_cross_entropy(hidden, weight, target)
+        # CCE by default drops gradient tiles whose softmax is below ~2**-12 ("filter_eps"): with near-uniform
+        # logits (random weights, early training) that is most of them. Without the filter it is exact.
+        peers["cce-exact"] = lambda: cce_linear_cross_entropy(hidden, weight, target, filter_eps=None)
     return peers
 
 
@@ -62,8 +95,12 @@ def measure(case: str, inputs: list[torch.Tensor], losses: dict[str, Loss], repe
         def step(loss=loss):
             return torch.autograd.grad(loss(), inputs)
 
-        seconds = time_call(step, warmup=2, repeat=repeat)
-        _, peak_mib = peak_memory_mib(step)
+        try:
+            seconds = time_call(step, warmup=5, repeat=repeat)
+            _, peak_mib = peak_memory_mib(step)
+        except Exception as error:  # a peer that fails here (out of memory, version clash) leaves the others
+            print(f"{case}: {provider} failed: {type(error).__name__}: {error}", file=sys.stderr)
+            continue
         row.results.append(Measurement(provider, seconds * 1e3, max(peak_mib - input_mib, 0.0)))
     return row
 
@@ -74,14 +111,7 @@ def linear_row(rows: int, hidden_size: int, vocab: int, dtype: torch.dtype, devi
     weight = (torch.randn(vocab, hidden_size, device=device, generator=generator) / hidden_size**0.5)
     weight = weight.to(dtype).requires_grad_()
     target = torch.randint(0, vocab, (rows,), device=device, generator=generator)
-    torch_name = "torch" if dtype == torch.float32 else f"torch-{str(dtype).removeprefix('torch.')}"
-    losses: dict[str, Loss] = {
-        "fastlm": lambda: linear_cross_entropy(hidden, weight, target),
-        torch_name: lambda: F.cross_entropy(hidden @ weight.T, target),
-    }
-    if dtype != torch.float32:  # the other common recipe: half GEMM, logits upcast before the loss
-        losses["torch-fp32-logits"] = lambda: F.cross_entropy((hidden @ weight.T).float(), target)
-    losses |= peer_linear_losses(hidden, weight, target)
+    losses = linear_losses(hidden, weight, target)
     case = f"linear+CE N={rows} Hd={hidden_size} V={vocab} {str(dtype).removeprefix('torch.')}"
     return measure(case, [hidden, weight], losses, repeat)
 
@@ -90,32 +120,49 @@ def logits_row(rows: int, vocab: int, dtype: torch.dtype, device: str, repeat: i
     generator = torch.Generator(device).manual_seed(0)
     logits = (torch.randn(rows, vocab, device=device, generator=generator) * 4).to(dtype).requires_grad_()
     target = torch.randint(0, vocab, (rows,), device=device, generator=generator)
+    fastlm = lambda: cross_entropy(logits, target)  # noqa: E731
     losses: dict[str, Loss] = {
-        "fastlm": lambda: cross_entropy(logits, target),
+        "fastlm": fastlm,
+        "fastlm-block-8192": patched(fastlm, MAX_BLOCK_V=8192),
+        "fastlm-block-16384": patched(fastlm, MAX_BLOCK_V=16384),
         "torch": lambda: F.cross_entropy(logits, target),
     }
     losses |= peer_logit_losses(logits, target)
     return measure(f"CE on logits N={rows} V={vocab} {str(dtype).removeprefix('torch.')}", [logits], losses, repeat)
 
 
-def correctness_notes(device: str) -> str:
-    """Largest deviation of fastlm from float64 torch on one small case, loss and gradients."""
-    generator = torch.Generator(device).manual_seed(1)
-    hidden = torch.randn(512, 64, device=device, generator=generator)
-    weight = torch.randn(5003, 64, device=device, generator=generator) / 8
-    target = torch.randint(0, 5003, (512,), device=device, generator=generator)
-    target[::7] = -100
-    ours = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
-    loss = linear_cross_entropy(*ours, target, label_smoothing=0.1, z_loss=1e-4)
-    loss.backward()
-    exact = [hidden.double().requires_grad_(), weight.double().requires_grad_()]
-    logits = exact[0] @ exact[1].T
-    expected = F.cross_entropy(logits, target, label_smoothing=0.1)
-    expected = expected + 1e-4 * (torch.logsumexp(logits, -1) ** 2)[target != -100].mean()
-    expected.backward()
-    errors = [abs(loss.item() - expected.item())] + [(a.grad - b.grad).abs().max().item() for a, b in zip(ours, exact)]
-    return ("Correctness (fp32, N=512 Hd=64 V=5003, ignore 1/7, smoothing 0.1, z-loss 1e-4) vs float64 torch: "
-            "max |error| loss {:.2e}, d hidden {:.2e}, d weight {:.2e}.".format(*errors))
+def accuracy_rows(cases: list[tuple[int, int, int]], dtype: torch.dtype, device: str) -> list[Row]:
+    """Relative error ||ours - exact|| / ||exact|| of loss, d hidden and d weight against float64 torch on the same
+    (rounded) inputs, for every provider: what each one's speed costs in accuracy."""
+    rows = []
+    for n, hidden_size, vocab in cases:
+        generator = torch.Generator(device).manual_seed(1)
+        hidden = torch.randn(n, hidden_size, device=device, generator=generator).to(dtype)
+        weight = (torch.randn(vocab, hidden_size, device=device, generator=generator) * 2 / hidden_size**0.5)
+        weight = weight.to(dtype)
+        target = torch.randint(0, vocab, (n,), device=device, generator=generator)
+        target[::7] = -100
+        inputs = [hidden.requires_grad_(), weight.requires_grad_()]
+        exact_inputs = [t.detach().double().requires_grad_() for t in inputs]
+        exact_loss = F.cross_entropy(exact_inputs[0] @ exact_inputs[1].T, target)
+        exact = [exact_loss.detach(), *torch.autograd.grad(exact_loss, exact_inputs)]
+        del exact_loss
+        losses = linear_losses(hidden, weight, target)
+        case = f"N={n} Hd={hidden_size} V={vocab} {str(dtype).removeprefix('torch.')}"
+        errors = [Row(case=f"{what} {case}", unit="rel. error", higher_is_better=False)
+                  for what in ("loss", "d hidden", "d weight")]
+        for provider, loss_fn in losses.items():
+            try:
+                loss = loss_fn()
+                results = [loss.detach(), *torch.autograd.grad(loss, inputs)]
+            except Exception as error:  # as in measure()
+                print(f"{case}: {provider} failed: {type(error).__name__}: {error}", file=sys.stderr)
+                continue
+            for row, mine, reference in zip(errors, results, exact):
+                error = (mine.double() - reference).norm() / reference.norm()
+                row.results.append(Measurement(provider, error.item()))
+        rows += errors
+    return rows
 
 
 def main() -> None:
@@ -125,16 +172,20 @@ def main() -> None:
         sizes = [(768, 32000)] if args.quick else [(768, 32000), (2048, 128256)]
         rows = [linear_row(16384, hd, v, dtype, "cuda", repeat) for hd, v in sizes for dtype in (torch.bfloat16,)]
         rows += [logits_row(16384, v, torch.bfloat16, "cuda", repeat) for _, v in sizes]
-        notes = correctness_notes("cuda")
+        accuracy = accuracy_rows([(4096, 768, 32000), (4096, 1024, 128256)], torch.bfloat16, "cuda")
+        notes = ""
     else:
         # The Triton kernels need a GPU (off it, only the slow interpreter); compare the plain-torch paths.
         repeat = 2 if args.quick else 5
         n = 1024 if args.quick else 4096
         rows = [linear_row(n, 256, 32000, torch.float32, "cpu", repeat),
                 logits_row(n, 32000, torch.float32, "cpu", repeat)]
+        accuracy = accuracy_rows([(512, 64, 5003)], torch.float32, "cpu")
         notes = ("No GPU: GPU speed was not measured. CPU rows compare fastlm's plain-torch reference path (chunked, "
-                 "fp32) with torch; CPU memory is sampled process RSS. " + correctness_notes("cpu"))
+                 "fp32) with torch; CPU memory is sampled process RSS.")
     report("fastlm cross-entropy vs peers (forward + backward)", rows, json_path=args.json, notes=notes)
+    json_path = args.json and args.json.removesuffix(".json") + "_accuracy.json"
+    report("Accuracy against float64 torch (1/7 of targets ignored)", accuracy, json_path=json_path)
 
 
 if __name__ == "__main__":

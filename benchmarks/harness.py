@@ -169,6 +169,32 @@ def report(title: str, rows: list[Row], *, json_path: str | None = None, notes: 
     return text
 
 
+class CaseBudget:
+    """`--budget SECONDS`: start no new case after that many seconds (a lent GPU comes in short slots, and each new
+    shape compiles or autotunes first), and name the cases left out in the report's notes."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.started = time.perf_counter()
+        self.skipped: list[str] = []
+
+    def allows(self, case: str) -> bool:
+        if self.seconds is not None and time.perf_counter() - self.started > self.seconds:
+            self.skipped.append(case)
+            return False
+        return True
+
+    def note(self) -> str:
+        if not self.skipped:
+            return ""
+        return f" Not measured (past the {self.seconds:g} s budget): {', '.join(self.skipped)}."
+
+
+def add_budget_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="start no new case after SECONDS; the report names the cases left out")
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a short run: fewer sizes and repeats")

@@ -6,6 +6,7 @@ Reports tokens/s, extra peak memory, and model FLOPs utilisation against the dev
 
     python benchmarks/train.py            # CUDA: base preset, decoder 16x1024, MLM encoder 32x512 with padding
     python benchmarks/train.py --quick    # CPU: tiny preset, small batches, eager only
+    python benchmarks/train.py --modes compiled --budget 60   # only the compiled runs, no new case after 60 s
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Measurement, Row, base_parser, peak_memory_mib, report, time_call  # noqa: E402
+from harness import (  # noqa: E402
+    CaseBudget, Measurement, Row, add_budget_argument, base_parser, peak_memory_mib, report, time_call,
+)
 
 from fastlm.models import DecoderLM, EncoderLM, ModelConfig  # noqa: E402
 
@@ -108,20 +111,27 @@ def measure(arch: str, preset: str, shape: tuple[int, int], device: torch.device
 def main() -> None:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--preset", help="model preset (default: base on CUDA, tiny on CPU)")
+    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"],
+                        help="which runs to measure (default: eager, plus compiled on CUDA without --quick)")
+    add_budget_argument(parser)
     args = parser.parse_args()
+    budget = CaseBudget(args.budget)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = args.preset or ("base" if device.type == "cuda" else "tiny")
     if device.type == "cuda":
         cases = [("decoder", (16, 1024)), ("encoder", (32, 512))]
-        modes = [False] if args.quick else [False, True]
+        modes = ["eager"] if args.quick else ["eager", "compiled"]
         repeat = 5 if args.quick else 20
     else:
         cases = [("decoder", (8, 128)), ("encoder", (16, 128))]
-        modes, repeat = [False], 3 if args.quick else 10
+        modes, repeat = ["eager"], 3 if args.quick else 10
+    modes = args.modes or modes
     rows: list[Row] = []
     for arch, shape in cases:
-        for compile_model in modes:
-            throughput, utilisation = measure(arch, preset, shape, device, compile_model, repeat)
+        for mode in modes:
+            if not budget.allows(f"{arch} {mode}"):
+                continue
+            throughput, utilisation = measure(arch, preset, shape, device, mode == "compiled", repeat)
             rows.append(throughput)
             if utilisation is not None:
                 rows.append(utilisation)
@@ -130,6 +140,7 @@ def main() -> None:
              f"{' (fused)' if device.type == 'cuda' else ''}. MFU against the device's dense bf16 peak "
              f"({device_peak_tflops() or 'unknown'} TFLOP/s) with the model's estimate_flops_per_token; memory is "
              "the extra peak of one step over weights and optimizer state.")
+    notes += budget.note()
     report("Training throughput: fastlm kernels vs plain torch", rows, json_path=args.json, notes=notes)
 
 

@@ -14,18 +14,25 @@ Design (why it looks like this):
   gradient already multiplied by grad_output: three passes over [N, V] per training step, no extra [N, V] buffer,
   no host sync (Liger's in-place trick needs `grad_output == 1` checked on the host to be as cheap). For
   `linear_cross_entropy` the same kernel writes loss and gradient in one launch per chunk.
-- `linear_cross_entropy` never holds [N, V] logits: it walks row chunks of at most `CHUNK_BYTES` (fp32 logits, plus
-  their gradient in the input dtype for half inputs on CUDA). Per chunk: one GEMM gives fp32 logits (cuBLAS keeps
-  half inputs on tensor cores and accumulates in fp32), the same row kernel gives loss, argmax hit and gradient G,
-  then d_hidden = G @ W (one GEMM) and d_weight += G^T @ hidden_chunk (one GEMM accumulating in place into fp32),
-  d_bias += column sums of G. With "mean"/"sum" this happens in the forward (grad_output, a scalar, only rescales
-  the result), so training costs three GEMMs as unfused torch does, with no recomputation; "none" needs per-row
-  grad_outputs, so its backward walks the chunks again. The same walk in plain torch is the CPU reference path,
-  whose memory is bounded the same way.
-  Extra memory = one chunk + the fp32 d_weight accumulator (4 * V * Hd bytes: fp32 accumulation across chunks
-  instead of bf16 sums that drop small updates). For large V * Hd that exceeds a 64 MiB budget, and each chunk
-  reads and writes the accumulator; a tiled Triton GEMM kernel keeping G on chip (Cut-Cross-Entropy's design) is
-  the way past both, not attempted here without a GPU to validate and tune it.
+- `linear_cross_entropy` never holds the [N, V] logits, only a chunk of them at a time, in one workspace: rows
+  that fit CHUNK_BYTES, or MIN_CHUNK_ROWS rows where the vocabulary is so large that fewer would fit (small GEMMs
+  are slow). Walk 1 goes over row chunks holding whole rows: a cuBLAS GEMM gives the chunk's logits (in the input
+  dtype on CUDA, with fp32 accumulation and the bias added in the epilogue, as torch's linear; fp32 elsewhere), the
+  row kernel gives loss, logsumexp, argmax hit and the gradient G written over the logits in one launch, and one
+  GEMM gives d_hidden = G @ W of those rows, written once. d_weight = G^T @ hidden then takes one of two ways,
+  whichever costs less (`_weight_grad_by_vocab`, by the machine balance FLOPS_PER_BYTE):
+  * accumulated chunk by chunk in walk 1 (beta = 1 GEMMs): no extra FLOPs, but every chunk re-reads and re-writes
+    d_weight and rounds it to its dtype once more (bf16: 21 times at N = 16k, V = 32k), which suits few chunks;
+  * or walk 2 over vocabulary chunks holding all rows: the logits once more (one more GEMM), their gradient from
+    the stored logsumexp, and d_weight (and d_bias) of those classes written once, rounded once as in unfused
+    torch. With many row chunks (large N * V) this costs less than re-reading d_weight per chunk.
+  With "mean"/"sum" this happens in the forward (grad_output, a scalar, only rescales the result: in place, since
+  a scaled copy would cost another d_weight), so training costs three or four GEMMs; "none" needs per-row
+  grad_outputs, so its backward walks again. The same walks in plain torch are the CPU reference path.
+  Why not one Triton kernel that keeps the logits in registers (Cut-Cross-Entropy's design): its backward must
+  recompute the logits and add d_hidden and d_weight tiles from many programs with atomics, into fp32 accumulators
+  of (N + V) * Hd floats (1.1 GiB at N = 16k, Hd = 2048, V = 128k) or into bf16 with a rounding per tile; on an
+  H100 CCE itself took 2x as long as this design (docs/PERFORMANCE.md).
 - Every target is ignored -> loss 0 and zero gradient, where F.cross_entropy gives NaN for "mean": a NaN in a
   training step is what our users must never see.
 - Targets outside [0, V) that are not ignore_index: with CPU targets in eager mode (or FASTLM_DEBUG=1) a ValueError
@@ -45,11 +52,19 @@ from fastlm.kernels.utils import check_same_device, debug_checks_enabled, next_p
 
 REDUCTIONS = ("mean", "sum", "none")
 
-# One row chunk of linear_cross_entropy (its fp32 logits, and their half-precision gradient for half inputs on CUDA)
-# stays under this many bytes.
-CHUNK_BYTES = 64 * 2**20
-# Widest slice of a row one Triton program loads at once: 4096 fp32 values are 16 per thread at 8 warps.
-MAX_BLOCK_V = 4096
+# One chunk of linear_cross_entropy's logits (and their gradient, written over them) stays under CHUNK_BYTES (with
+# the per-row vectors, under 64 MiB extra in all) unless on a GPU that leaves fewer than MIN_CHUNK_ROWS rows: GEMMs
+# of fewer rows ran at ~60% of cuBLAS's speed on an H100 (at V = 128k, 192-row chunks took 1.6x as long as 768-row
+# ones, docs/PERFORMANCE.md), so at large V speed wins over memory (768 rows x 128k bf16 logits = 192 MiB).
+CHUNK_BYTES = 48 * 2**20
+MIN_CHUNK_ROWS = 768
+# Machine balance, the FLOPs done in the time one byte of memory moves: the exchange rate between recomputing and
+# re-reading in `_weight_grad_by_vocab`. An H100 or H200 does 989 dense bf16 TFLOP/s over 3.35-4.8 TB/s; a CPU
+# core some 50 fp32 GFLOP/s over ~10 GB/s.
+FLOPS_PER_BYTE = {"cuda": 300, "cpu": 5}
+# Widest slice of a row one Triton program loads at once, 16 values per thread (8192 with 16 warps): on an H100 it
+# streamed 32k-wide rows 12% faster than 4096 with 8 warps, and 128k-wide ones as fast.
+MAX_BLOCK_V = 8192
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,7 +138,7 @@ def _cross_entropy_rows_kernel(
     loss_ptr, lse_ptr, correct_ptr,
     grad_ptr, grad_row_stride,
     grad_scale_ptr, grad_scale_stride,
-    num_classes, ignore_index, label_smoothing, z_loss,
+    row_width, column_offset, num_classes, ignore_index, label_smoothing, z_loss,
     BLOCK_V: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr,
     SMOOTHING: tl.constexpr,
@@ -139,6 +154,7 @@ def _cross_entropy_rows_kernel(
     columns = tl.arange(0, BLOCK_V)
 
     if COMPUTE_LOSS:
+        # Whole rows only (row_width == num_classes, column_offset == 0): the loss needs every logit.
         # Loads upcast to fp32 at once: all arithmetic is fp32 whatever the input dtype (which is also what keeps
         # bf16 correct under the interpreter).
         target_logit = tl.load(row_logits + target, mask=~out_of_range, other=0.0).to(tl.float32)
@@ -186,16 +202,19 @@ def _cross_entropy_rows_kernel(
         softmax_scale = 1.0 + 2.0 * z_loss * lse
         uniform = label_smoothing / num_classes
         row_grad = grad_ptr + row * grad_row_stride
-        for start in range(0, num_classes, BLOCK_V):
+        # The buffer may hold a slice of the row: classes [column_offset, column_offset + row_width).
+        for start in range(0, row_width, BLOCK_V):
             index = start + columns
-            in_row = index < num_classes
+            in_row = index < row_width
             x = tl.load(row_logits + index, mask=in_row, other=-float("inf")).to(tl.float32)
-            grad = tl.exp(x - lse) * softmax_scale - uniform - tl.where(index == target, 1.0 - label_smoothing, 0.0)
+            is_target = index + column_offset == target
+            grad = tl.exp(x - lse) * softmax_scale - uniform - tl.where(is_target, 1.0 - label_smoothing, 0.0)
             tl.store(row_grad + index, (grad * scale).to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
-def _rows_triton(logits, target, lse, grad_out, grad_scale, ignore_index, label_smoothing, z_loss, find_argmax):
-    rows, num_classes = logits.shape
+def _rows_triton(logits, target, lse, grad_out, grad_scale, options, find_argmax, column_offset, num_classes):
+    ignore_index, label_smoothing, z_loss = options
+    rows, row_width = logits.shape
     compute_loss = lse is None
     write_grad = grad_out is not None
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device) if compute_loss else None
@@ -203,36 +222,36 @@ def _rows_triton(logits, target, lse, grad_out, grad_scale, ignore_index, label_
     correct = torch.empty(rows, dtype=torch.bool, device=logits.device) if find_argmax else None
     if rows == 0:
         return loss, lse, correct
-    block_v = min(next_power_of_2(num_classes, minimum=16), MAX_BLOCK_V)
+    block_v = min(next_power_of_2(row_width, minimum=16), MAX_BLOCK_V)
     _cross_entropy_rows_kernel[(rows,)](
         logits, logits.stride(0),
         target,
         loss if compute_loss else lse, lse, correct if find_argmax else lse,  # unused pointers: any tensor
         grad_out if write_grad else logits, grad_out.stride(0) if write_grad else 0,
         grad_scale if write_grad else lse, int(write_grad and grad_scale.numel() > 1),
-        num_classes, ignore_index, label_smoothing, z_loss,
+        row_width, column_offset, num_classes, ignore_index, label_smoothing, z_loss,
         BLOCK_V=block_v,
         COMPUTE_LOSS=compute_loss,
         SMOOTHING=label_smoothing > 0,
         FIND_ARGMAX=find_argmax,
         WRITE_GRAD=write_grad,
-        num_warps=8 if block_v >= 2048 else 4,
+        num_warps=4 if block_v < 2048 else max(8, block_v // 512),
     )
     return loss, lse, correct
 
 
-def _rows_torch(logits, target, lse, grad_out, grad_scale, ignore_index, label_smoothing, z_loss, find_argmax):
+def _rows_torch(logits, target, lse, grad_out, grad_scale, options, find_argmax, column_offset, num_classes):
     """The plain-torch reference of the row kernel: same outputs, same NaN rows for out-of-range targets."""
+    ignore_index, label_smoothing, z_loss = options
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    num_classes = logits.shape[1]
     x = logits.to(compute)
     target = target.long()
     ignored = target == ignore_index
     out_of_range = (target < 0) | (target >= num_classes)
-    safe_target = torch.where(out_of_range, 0, target)
     poison = torch.where(out_of_range & ~ignored, float("nan"), 0.0).to(compute)
     loss = correct = None
     if lse is None:
+        safe_target = torch.where(out_of_range, 0, target)
         lse = torch.logsumexp(x, dim=1)
         target_logit = x.gather(1, safe_target[:, None]).squeeze(1)
         loss = (1.0 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - x.mean(dim=1))
@@ -243,21 +262,31 @@ def _rows_torch(logits, target, lse, grad_out, grad_scale, ignore_index, label_s
         lse = lse.to(compute)
         scale = torch.where(ignored, 0.0, grad_scale.to(compute).expand(len(target))) + poison
         grad = torch.exp(x - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None] - label_smoothing / num_classes
-        grad.scatter_add_(1, safe_target[:, None], torch.full_like(lse, label_smoothing - 1.0)[:, None])
+        local_target = target - column_offset
+        in_slice = (local_target >= 0) & (local_target < x.shape[1])
+        target_term = torch.where(in_slice, label_smoothing - 1.0, 0.0).to(compute)
+        grad.scatter_add_(1, torch.where(in_slice, local_target, 0)[:, None], target_term[:, None])
         grad_out.copy_(grad * scale[:, None])
     return loss, lse, correct
 
 
 def _cross_entropy_rows(
     logits, target, *, ignore_index, label_smoothing, z_loss, triton_path,
-    lse=None, grad_out=None, grad_scale=None, find_argmax=False,
+    lse=None, grad_out=None, grad_scale=None, find_argmax=False, column_offset=0, num_classes=None,
 ):
-    """The row kernel (or its torch reference) on `logits` [rows, V]. Returns (loss, lse, correct) per row:
-    without `lse`, computes loss and lse (and, if find_argmax, whether each row's first argmax is its target; else
-    None); with `lse` from an earlier call, skips to the gradient (loss None). If `grad_out` is given (may be
-    `logits` itself) writes the gradient times `grad_scale` (1 element, shared, or one per row) into it."""
+    """The row kernel (or its torch reference) on `logits` [rows, width]. Returns (loss, lse, correct) per row:
+    without `lse`, computes loss and lse of whole rows (and, if find_argmax, whether each row's first argmax is its
+    target; else None); with `lse` from an earlier call, skips to the gradient (loss None). If `grad_out` is given
+    (may be `logits` itself) writes the gradient times `grad_scale` (1 element, shared, or one per row) into it.
+    With `lse` given, `logits` may hold the slice [column_offset, column_offset + width) of rows of `num_classes`.
+    """
+    if num_classes is None:
+        num_classes = logits.shape[1]
+    if lse is None and (column_offset, num_classes) != (0, logits.shape[1]):
+        raise ValueError("the loss needs whole rows: a column slice takes a stored lse")
     rows_fn = _rows_triton if triton_path else _rows_torch
-    return rows_fn(logits, target, lse, grad_out, grad_scale, ignore_index, label_smoothing, z_loss, find_argmax)
+    options = (ignore_index, label_smoothing, z_loss)
+    return rows_fn(logits, target, lse, grad_out, grad_scale, options, find_argmax, column_offset, num_classes)
 
 
 def _reduce(loss_rows: torch.Tensor, target: torch.Tensor, reduction: str, ignore_index: int) -> torch.Tensor:
@@ -376,77 +405,96 @@ def cross_entropy(
 # linear_cross_entropy: chunked walk over rows, custom ops, public function
 
 
-def _chunk_rows(num_rows: int, bytes_per_row: int) -> int:
-    """Rows per chunk so that a chunk's logits and gradient fit CHUNK_BYTES; a multiple of 16 (GEMM tiles)."""
-    rows = max(16, CHUNK_BYTES // bytes_per_row // 16 * 16)
-    return max(1, min(num_rows, rows))
+def _chunk_length(total: int, bytes_per_item: int, minimum: int) -> int:
+    """Rows (or columns) per chunk so that a chunk fits CHUNK_BYTES, or `minimum` if more: a multiple of 16 (GEMM
+    tiles), at least 16."""
+    length = max(16, minimum, CHUNK_BYTES // bytes_per_item // 16 * 16)
+    return max(1, min(total, length))
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a @ b with an `out_dtype` result; half inputs (CUDA) still accumulate in fp32 inside cuBLAS."""
-    return torch.mm(a, b) if a.dtype == out_dtype else torch.mm(a, b, out_dtype=out_dtype)
+def _weight_grad_by_vocab(
+    rows: int, num_classes: int, hidden_size: int, row_chunks: int, itemsize: int, device: torch.device
+) -> bool:
+    """Whether d_weight is better computed by a second walk over vocabulary chunks (recomputing the logits: one
+    more GEMM of 2 * rows * V * Hd FLOPs) than accumulated over the row chunks (each chunk after the first
+    re-reads and re-writes d_weight: 2 * V * Hd * itemsize bytes), by the machine balance FLOPS_PER_BYTE."""
+    accumulate_bytes = (row_chunks - 1) * 2 * num_classes * hidden_size * itemsize
+    balance = FLOPS_PER_BYTE.get(device.type, FLOPS_PER_BYTE["cpu"])
+    return accumulate_bytes * balance > 2 * rows * num_classes * hidden_size
 
 
-def _add_matmul_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out += a @ b in out's (fp32) precision, in place: no [V, Hd] temporary per chunk."""
-    if a.dtype == out.dtype:
-        out.addmm_(a, b)
-    else:
-        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+def _logits(hidden_chunk, weight_chunk, bias_chunk, out):
+    """hidden_chunk @ weight_chunk.T (+ bias_chunk) into `out`; cuBLAS adds the bias in its fp32 epilogue."""
+    if bias_chunk is None:
+        return torch.mm(hidden_chunk, weight_chunk.t(), out=out)
+    return torch.addmm(bias_chunk, hidden_chunk, weight_chunk.t(), out=out)
 
 
 def _linear_cross_entropy_chunks(
     hidden, weight, bias, target, grad_scale, *, ignore_index, label_smoothing, z_loss, triton_path
 ):
-    """Walk row chunks: per-row loss and argmax hits, and if `grad_scale` is given (1 element, or one per row) the
-    gradients of sum(grad_scale * loss_rows) w.r.t. hidden, weight and bias (an empty tensor when bias is None)."""
-    rows, num_classes = hidden.shape[0], weight.shape[0]
+    """Per-row loss and argmax hits, and if `grad_scale` is given (1 element, or one per row) the gradients of
+    sum(grad_scale * loss_rows) w.r.t. hidden, weight and bias (an empty tensor when bias is None), holding at most
+    CHUNK_BYTES of logits at a time (see the module docstring for the two walks)."""
+    rows, hidden_size = hidden.shape
+    num_classes = weight.shape[0]
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    # GEMM inputs: as given on CUDA (half inputs use tensor cores, as torch's unfused path does); elsewhere the
-    # compute dtype, converting the weight once rather than per chunk.
+    # GEMMs and logits in the input dtype on CUDA (half inputs run on tensor cores with fp32 accumulation and
+    # give half logits, as torch's own linear does); the compute dtype elsewhere (CPU has no fast half GEMM).
     gemm_dtype = hidden.dtype if hidden.is_cuda else compute
-    weight_gemm = weight.to(gemm_dtype)
-    bias_compute = None if bias is None else bias.to(compute)
+    hidden_gemm, weight_gemm = hidden.to(gemm_dtype), weight.to(gemm_dtype)
+    bias_gemm = None if bias is None else bias.to(gemm_dtype)
+    options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, triton_path=triton_path)
     loss = torch.empty(rows, dtype=compute, device=hidden.device)
     correct = torch.empty(rows, dtype=torch.bool, device=hidden.device)
+    lse = torch.empty(rows, dtype=torch.float32 if triton_path else compute, device=hidden.device)
     with_grad = grad_scale is not None
+    per_row_scale = with_grad and grad_scale.numel() > 1
+    row_step = _chunk_length(rows, num_classes * gemm_dtype.itemsize, MIN_CHUNK_ROWS if hidden.is_cuda else 16)
+    by_vocab = with_grad and _weight_grad_by_vocab(
+        rows, num_classes, hidden_size, -(-rows // row_step), gemm_dtype.itemsize, hidden.device)
+    column_step = _chunk_length(num_classes, rows * gemm_dtype.itemsize, 16) if by_vocab else 0
+    # One workspace for every chunk of both walks: allocating per chunk would hold two chunks at once.
+    workspace = torch.empty(max(row_step * num_classes, rows * column_step), dtype=gemm_dtype, device=hidden.device)
     if with_grad:
-        grad_hidden = torch.empty_like(hidden)
-        # fp32 accumulation across chunks: adding many chunks' products in bf16 would lose the small updates.
-        grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device)
+        grad_hidden = torch.empty(hidden.shape, dtype=gemm_dtype, device=hidden.device)
+        grad_weight = (torch.empty if by_vocab else torch.zeros)(weight.shape, dtype=gemm_dtype, device=weight.device)
         grad_bias = torch.zeros(num_classes, dtype=compute, device=weight.device) if bias is not None else None
-    # Logits in the compute dtype; the kernel writes their gradient over them, or beside them for half GEMMs.
-    separate_grad = with_grad and gemm_dtype != compute
-    bytes_per_row = num_classes * (compute.itemsize + (gemm_dtype.itemsize if separate_grad else 0))
-    step = _chunk_rows(rows, bytes_per_row)
     # Autocast already chose the input dtype (in linear_cross_entropy); here the dtypes above must hold.
     with torch.autocast(hidden.device.type, enabled=False):
-        for start in range(0, rows, step):
-            stop = min(start + step, rows)
-            hidden_chunk = hidden[start:stop].to(gemm_dtype)
-            logits = _matmul(hidden_chunk, weight_gemm.t(), compute)
-            if bias_compute is not None:
-                logits += bias_compute
-            grad_logits = logits
-            if separate_grad:
-                grad_logits = torch.empty(logits.shape, dtype=gemm_dtype, device=logits.device)
-            # One launch: loss, argmax hit and gradient (written over the logits, or beside them).
-            chunk_loss, _, chunk_correct = _cross_entropy_rows(
-                logits, target[start:stop], ignore_index=ignore_index, label_smoothing=label_smoothing,
-                z_loss=z_loss, triton_path=triton_path, grad_out=grad_logits if with_grad else None,
-                grad_scale=grad_scale[start:stop] if with_grad and grad_scale.numel() > 1 else grad_scale,
-                find_argmax=True,
+        # Walk 1, row chunks holding whole rows: loss, logsumexp, argmax hit and the gradient of the logits
+        # (written over them), then d_hidden of those rows and, unless by_vocab, their share of d_weight.
+        for start in range(0, rows, row_step):
+            stop = min(start + row_step, rows)
+            hidden_chunk = hidden_gemm[start:stop]
+            logits = _logits(hidden_chunk, weight_gemm, bias_gemm,
+                             workspace[: (stop - start) * num_classes].view(stop - start, num_classes))
+            loss[start:stop], lse[start:stop], correct[start:stop] = _cross_entropy_rows(
+                logits, target[start:stop], grad_out=logits if with_grad else None,
+                grad_scale=grad_scale[start:stop] if per_row_scale else grad_scale, find_argmax=True, **options,
             )
-            loss[start:stop], correct[start:stop] = chunk_loss, chunk_correct
-            if with_grad:
+            if not with_grad:
+                continue
+            torch.mm(logits, weight_gemm, out=grad_hidden[start:stop])
+            if not by_vocab:
+                grad_weight.addmm_(logits.t(), hidden_chunk)
                 if grad_bias is not None:
-                    grad_bias += grad_logits.sum(dim=0, dtype=compute)
-                grad_hidden[start:stop] = torch.mm(grad_logits, weight_gemm)
-                _add_matmul_(grad_weight, grad_logits.t(), hidden_chunk)
+                    grad_bias += logits.sum(dim=0, dtype=compute)
+        # Walk 2, vocabulary chunks holding all rows: the logits again from the stored logsumexp, their gradient,
+        # then d_weight and d_bias of those classes, each written once.
+        for first in range(0, num_classes, column_step) if by_vocab else ():
+            last = min(first + column_step, num_classes)
+            logits = _logits(hidden_gemm, weight_gemm[first:last], None if bias is None else bias_gemm[first:last],
+                             workspace[: rows * (last - first)].view(rows, last - first))
+            _cross_entropy_rows(logits, target, lse=lse, grad_out=logits, grad_scale=grad_scale,
+                                column_offset=first, num_classes=num_classes, **options)
+            torch.mm(logits.t(), hidden_gemm, out=grad_weight[first:last])
+            if grad_bias is not None:
+                grad_bias[first:last] = logits.sum(dim=0, dtype=compute)
     if not with_grad:
         return loss, correct, None, None, None
     grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else hidden.new_empty(0)
-    return loss, correct, grad_hidden, grad_weight.to(weight.dtype), grad_bias
+    return loss, correct, grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), grad_bias
 
 
 def _loss_dtype(input_dtype: torch.dtype) -> torch.dtype:
@@ -504,6 +552,9 @@ def _(hidden, weight, bias, target, grad_loss_rows, ignore_index, label_smoothin
 
 def _linear_cross_entropy_setup(ctx, inputs, output):
     hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction, _, triton_path = inputs
+    # The outputs after the loss (count, gradients) get no gradient: without this autograd would hand the backward
+    # a zero tensor for each, as large as d_hidden and d_weight.
+    ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
     ctx.reduction = reduction
     ctx.options = (ignore_index, label_smoothing, z_loss, triton_path)
@@ -514,11 +565,27 @@ def _linear_cross_entropy_setup(ctx, inputs, output):
 
 
 def _linear_cross_entropy_backward(ctx, grad_loss, _grad_count, *_grad_of_grads):
+    if grad_loss is None:  # only the (non-differentiable) count or gradient outputs were used
+        return None, None, None, None, None, None, None, None, None, None
     if ctx.reduction == "none":
         hidden, weight, bias, target = ctx.saved_tensors
         grads = _linear_cross_entropy_backward_op(hidden, weight, bias, target, grad_loss, *ctx.options)
     else:
-        grads = [grad * grad_loss.to(grad.dtype) for grad in ctx.saved_tensors]
+        try:
+            grads = ctx.saved_tensors
+        except RuntimeError as error:  # the version check of a tensor the first backward scaled in place
+            raise RuntimeError(
+                "linear_cross_entropy with reduction='mean' or 'sum' computes its gradients in the forward and "
+                "hands them to the first backward (scaling them in place: a copy would cost another d_weight); "
+                "to backward twice through a retained graph use reduction='none' and reduce it yourself"
+            ) from error
+        # A traced graph (torch.compile; its tensors are fake or functional subclasses) cannot mutate a saved
+        # tensor; there the compiler plans the memory.
+        if torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor:
+            grads = [grad * grad_loss.to(grad.dtype) for grad in grads]
+        else:
+            for grad in grads:
+                grad.mul_(grad_loss.to(grad.dtype))
     grad_hidden, grad_weight, grad_bias = grads
     return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None, None, None, None
 

@@ -15,6 +15,8 @@ from fastlm.kernels.cross_entropy import cross_entropy, linear_cross_entropy
 module = importlib.import_module("fastlm.kernels.cross_entropy")
 
 IMPLS = ["torch", "triton"]
+# The property tests run where the kernels run: the GPU when there is one, else the CPU (Triton's interpreter).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Relative tolerance per input dtype: fp32 arithmetic inside, outputs (loss, gradients) rounded to the input dtype.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -65,17 +67,17 @@ def assert_close(actual, expected, tol, what):
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
-def assert_within(actual, expected, magnitude, tol, what, magnitude_tol=None):
-    """|actual - expected| <= tol * |expected| + magnitude_tol * magnitude elementwise (magnitude_tol defaults to
-    tol), where `magnitude` is the size of the terms behind each expected value: a sum over V or N terms that
-    cancel, or a difference of logits, is only as exact as its largest terms. Below fp32's smallest normal number
-    the arithmetic loses precision (GPUs flush to zero), and fp16's subnormals are spaced by tiny * eps: absolute
-    errors that small (one spacing, plus the rounding before it) always pass."""
+def assert_within(actual, expected, magnitude, tol, what, magnitude_tol=None, absolute=0.0):
+    """|actual - expected| <= tol * |expected| + magnitude_tol * magnitude + absolute elementwise (magnitude_tol
+    defaults to tol), where `magnitude` is the size of the terms behind each expected value: a sum over V or N
+    terms that cancel, or a difference of logits, is only as exact as its largest terms. Below fp32's smallest
+    normal number the arithmetic loses precision (GPUs flush to zero), and fp16's subnormals are spaced by
+    tiny * eps: absolute errors that small (one spacing, plus the rounding before it) always pass."""
     error = (actual.double() - expected).abs()
     magnitude_tol = tol if magnitude_tol is None else magnitude_tol
     info = torch.finfo(actual.dtype)
     floor = max(2 * info.tiny * info.eps, torch.finfo(torch.float32).tiny)
-    allowed = tol * expected.abs() + magnitude_tol * magnitude + floor
+    allowed = tol * expected.abs() + magnitude_tol * magnitude + floor + absolute
     worst = (error / allowed).max().item() if error.numel() else 0.0
     at = (error / allowed).argmax()
     assert worst <= 1.0, (
@@ -122,10 +124,11 @@ def test_cross_entropy_matches_torch_float64(impl, case):
     target = case["target"]
     options = dict(label_smoothing=case["label_smoothing"], z_loss=case["z_loss"], ignore_index=-100)
     shape = (1, case["rows"]) if case["three_dims"] else (case["rows"],)
-    ours_in = logits.reshape(*shape, -1).clone().requires_grad_()
+    ours_in = logits.reshape(*shape, -1).to(DEVICE, copy=True).requires_grad_()
     # Small blocks so that V = 1000 and 32003 cross several blocks, the last one partial.
     with mock.patch.object(module, "MAX_BLOCK_V", 512):
-        loss = cross_entropy(ours_in, target.reshape(shape), reduction=case["reduction"], impl=impl, **options)
+        loss = cross_entropy(ours_in, target.reshape(shape).to(DEVICE), reduction=case["reduction"], impl=impl,
+                             **options)
     reference_in = logits.double().requires_grad_()
     rows64 = reference_loss(reference_in, target, reduction="none", **options)
     rows64.retain_grad()
@@ -136,12 +139,12 @@ def test_cross_entropy_matches_torch_float64(impl, case):
     assert loss.dtype == case["dtype"]
     assert loss.shape == (shape if case["reduction"] == "none" else ())
     magnitude = loss_magnitude(reference_in, case["z_loss"], case["reduction"])
-    assert_within(loss.reshape(expected.shape), expected.detach(), magnitude, tol, "loss", magnitude_tol=1e-6)
+    assert_within(loss.reshape(expected.shape).cpu(), expected.detach(), magnitude, tol, "loss", magnitude_tol=1e-6)
     upstream = torch.rand(expected.shape, dtype=torch.float64, generator=generator) + 0.5
     (expected * upstream).sum().backward()
-    (loss * upstream.reshape(loss.shape).to(loss.dtype)).sum().backward()
+    (loss * upstream.reshape(loss.shape).to(DEVICE, loss.dtype)).sum().backward()
     magnitude = gradient_term_magnitude(reference_in, target, rows64.grad, case["z_loss"], case["label_smoothing"])
-    assert_within(ours_in.grad.reshape(logits.shape), reference_in.grad, magnitude, tol, "d logits")
+    assert_within(ours_in.grad.reshape(logits.shape).cpu(), reference_in.grad, magnitude, tol, "d logits")
 
 
 @st.composite
@@ -158,6 +161,7 @@ def linear_cases(draw):
         label_smoothing=draw(st.sampled_from([0.0, 0.1])),
         z_loss=draw(st.sampled_from([0.0, 1e-3])),
         reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+        weight_grad_by_vocab=draw(st.booleans()),
     )
 
 
@@ -172,15 +176,23 @@ def test_linear_cross_entropy_matches_torch_float64(impl, case):
     bias = torch.randn(case["vocab"], generator=generator).to(dtype) if case["with_bias"] else None
     target = case["target"]
     options = dict(label_smoothing=case["label_smoothing"], z_loss=case["z_loss"], ignore_index=-100)
-    ours = [t.clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
-    # A budget of 16 rows per chunk: N up to 40 walks up to three chunks, the last one partial.
-    with mock.patch.object(module, "CHUNK_BYTES", 16 * 4 * case["vocab"]):
+    ours = [t.to(DEVICE, copy=True).requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    # A budget of 16 rows per chunk: N up to 40 walks up to three row chunks, the last one partial, and up to
+    # V / 16 * 40 / 16 columns per vocabulary chunk; both ways to d_weight.
+    chunk_bytes = 16 * dtype.itemsize * case["vocab"] if DEVICE == "cuda" else 16 * 4 * case["vocab"]
+    with (mock.patch.object(module, "CHUNK_BYTES", chunk_bytes),
+          mock.patch.object(module, "MIN_CHUNK_ROWS", 16),
+          mock.patch.object(module, "_weight_grad_by_vocab", lambda *_: case["weight_grad_by_vocab"])):
         loss, correct = linear_cross_entropy(
-            ours[0], ours[1], target, bias=ours[2], reduction=case["reduction"], return_accuracy=True, impl=impl,
-            **options,
+            ours[0], ours[1], target.to(DEVICE), bias=ours[2], reduction=case["reduction"], return_accuracy=True,
+            impl=impl, **options,
         )
     reference = [t.double().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
     logits64 = reference[0] @ reference[1].T + (reference[2] if reference[2] is not None else 0.0)
+    # On CUDA half inputs give half logits, as torch's linear does: the function computed is the loss of the
+    # rounded logits, whose gradient flows back as if unrounded (straight through).
+    if DEVICE == "cuda" and dtype != torch.float32:
+        logits64 = logits64 + (logits64.to(dtype).double() - logits64).detach()
     logits64.retain_grad()
     rows64 = reference_loss(logits64, target, reduction="none", **options)
     rows64.retain_grad()
@@ -189,24 +201,34 @@ def test_linear_cross_entropy_matches_torch_float64(impl, case):
 
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     magnitude = loss_magnitude(logits64, case["z_loss"], case["reduction"])
-    assert_within(loss, expected.detach(), magnitude, tol, "loss", magnitude_tol=1e-6)
+    assert_within(loss.cpu(), expected.detach(), magnitude, tol, "loss", magnitude_tol=1e-6)
     upstream = torch.rand(expected.shape, dtype=torch.float64, generator=generator) + 0.5
     (expected * upstream).sum().backward()
-    (loss * upstream.to(loss.dtype)).sum().backward()
+    (loss * upstream.to(DEVICE, loss.dtype)).sum().backward()
     grad_logits = gradient_term_magnitude(logits64, target, rows64.grad, case["z_loss"], case["label_smoothing"])
     magnitudes = (grad_logits @ reference[1].detach().abs(), grad_logits.T @ reference[0].detach().abs(),
                   grad_logits.sum(0))
-    for name, mine, theirs, magnitude in zip(("d hidden", "d weight", "d bias"), ours, reference, magnitudes):
+    # The logits' gradient loses its entries below fp32's smallest normal number (GPUs flush them to zero), and on
+    # CUDA that of half inputs is half too (as torch's): rounded to fp16's subnormal spacing. Each is an absolute
+    # error that the product after it sums over V or N.
+    spacing = torch.finfo(torch.float32).tiny
+    if DEVICE == "cuda" and dtype != torch.float32:
+        spacing = max(spacing, torch.finfo(dtype).tiny * torch.finfo(dtype).eps)
+    spacing_sums = (spacing * reference[1].detach().abs().sum(0), spacing * reference[0].detach().abs().sum(0),
+                    spacing * case["rows"])
+    for name, mine, theirs, magnitude, absolute in zip(
+        ("d hidden", "d weight", "d bias"), ours, reference, magnitudes, spacing_sums
+    ):
         if mine is not None:
             assert mine.grad.dtype == dtype
-            assert_within(mine.grad, theirs.grad, magnitude, tol, name)
+            assert_within(mine.grad.cpu(), theirs.grad, magnitude, tol, name, absolute=absolute)
 
     # Accuracy: rows whose top two logits are nearly tied may rank differently in fp32 and float64.
     valid = target != -100
     top2 = logits64.detach().topk(min(2, case["vocab"]), dim=-1).values
     near_tie = (top2[:, 0] - top2[:, -1] < 1e-3) & valid if case["vocab"] > 1 else torch.zeros_like(valid)
     expected_correct = ((logits64.argmax(-1) == target) & valid).sum()
-    assert correct.dtype == torch.int64 and correct.dim() == 0
+    assert correct.dtype == torch.int64 and correct.dim() == 0 and correct.device.type == DEVICE
     assert abs(int(correct) - int(expected_correct)) <= int(near_tie.sum())
 
 
@@ -325,8 +347,10 @@ def test_linear_cross_entropy_follows_autocast_like_a_linear_layer():
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_backward_twice_through_a_retained_graph_gives_the_same_gradient(impl, reduction):
-    # The saved gradients are scaled out of place: a second backward must not see them rescaled by the first.
+def test_backward_twice_through_a_retained_graph_gives_the_same_gradient_or_a_clear_error(impl, reduction):
+    # cross_entropy scales the gradient out of place, as does linear_cross_entropy with "none". With "mean" or
+    # "sum" linear_cross_entropy scales the gradients computed in the forward in place, so a second backward must
+    # fail loudly rather than see them rescaled by the first.
     logits = torch.randn(4, 9, requires_grad=True)
     hidden, weight = torch.randn(4, 3, requires_grad=True), torch.randn(9, 3, requires_grad=True)
     target = torch.tensor([1, -100, 8, 0])
@@ -334,11 +358,16 @@ def test_backward_twice_through_a_retained_graph_gives_the_same_gradient(impl, r
         (cross_entropy(logits, target, reduction=reduction, impl=impl), (logits,)),
         (linear_cross_entropy(hidden, weight, target, reduction=reduction, impl=impl), (hidden, weight)),
     ]
-    for loss, inputs in cases:
+    for index, (loss, inputs) in enumerate(cases):
         upstream = torch.full(loss.shape, 3.0)
         first = torch.autograd.grad(loss, inputs, upstream, retain_graph=True)
-        second = torch.autograd.grad(loss, inputs, upstream)
-        torch.testing.assert_close(first, second)
+        if index == 1 and reduction == "mean":
+            with pytest.raises(RuntimeError, match="to backward twice through a retained graph use reduction='none'"):
+                torch.autograd.grad(loss, inputs, upstream)
+            expected = torch.autograd.grad(F.cross_entropy(hidden @ weight.T, target), inputs)
+            torch.testing.assert_close(first, tuple(3.0 * grad for grad in expected))
+        else:
+            torch.testing.assert_close(first, torch.autograd.grad(loss, inputs, upstream))
 
 
 def test_int32_targets_no_grad_calls_and_batch_shapes():
