@@ -70,6 +70,22 @@ struct BoundModel {
   }
 };
 
+// Pauses CPython's garbage collector for its lifetime. Building one list per text allocates containers in a row,
+// and every 700 of them would start a collection pass over the young lists (all ours, none garbage): on 10 MB of
+// short lines those passes took longer than the encoding itself (116 of 218 ms on 2 cores).
+class CollectorPause {
+ public:
+  CollectorPause() : was_enabled_(PyGC_Disable()) {}
+  ~CollectorPause() {
+    if (was_enabled_) PyGC_Enable();
+  }
+  CollectorPause(const CollectorPause&) = delete;
+  CollectorPause& operator=(const CollectorPause&) = delete;
+
+ private:
+  int was_enabled_;
+};
+
 // An id (signed or unsigned) checked against the vocabulary: a bad one raises ValueError naming it and its position.
 template <typename Int>
 TokenId checked_id(Int id, size_t position, size_t vocab_size) {
@@ -243,6 +259,7 @@ PYBIND11_MODULE(_native, m) {
             std::vector<TokenId> ids;
             std::vector<int64_t> offsets;
             encode_batch(bound, texts, num_threads, ids, offsets);
+            CollectorPause pause;
             py::list out(offsets.size() - 1);
             for (size_t i = 0; i + 1 < offsets.size(); ++i) {
               PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i),
