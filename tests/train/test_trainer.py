@@ -137,3 +137,39 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert [r["loss"] for r in evals[1]] == pytest.approx([r["loss"] for r in evals[0]], rel=1e-5)
     weights = [torch.load(tmp_path / run / "model" / "toy.pt") for run in ("single", "ddp")]
     assert all(torch.allclose(weights[0][k], weights[1][k], rtol=1e-4, atol=1e-6) for k in weights[0])
+
+
+class RandomCausalBatches:
+    """Packed causal-LM batches of random ids, a pure function of (epoch, index) like the real sources."""
+
+    def __init__(self, vocab_size: int, batch_size: int = 4, block_len: int = 32, num_batches: int = 8):
+        self.vocab_size, self.batch_size, self.block_len, self.count = vocab_size, batch_size, block_len, num_batches
+
+    def num_batches(self, epoch: int) -> int:
+        return self.count
+
+    def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(epoch * 1000 + index)
+        ids = torch.randint(0, self.vocab_size, (self.batch_size, self.block_len), generator=generator)
+        return {"input_ids": ids, "labels": ids.clone(), "lengths": torch.full((self.batch_size,), self.block_len)}
+
+
+def test_compiled_training_matches_eager_and_saves_the_plain_model(tmp_path):
+    # torch.compile around the model: fastlm's kernels are custom ops, so the graph holds them whole; the losses
+    # must be the eager ones, and checkpoints must hold the model's own parameter names (no compile wrapper).
+    from fastlm.models import DecoderLM, ModelConfig
+
+    config = ModelConfig.preset("tiny", vocab_size=512, n_layers=2, dropout=0.0)
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        run_dir = tmp_path / ("compiled" if compiled else "eager")
+        trainer = Trainer(DecoderLM(config), RandomCausalBatches(config.vocab_size),
+                          toy_config(max_steps=3, eval_interval=0, checkpoint_interval=3, lr=1e-3, compile=compiled),
+                          run_dir)
+        trainer.fit()
+        losses[compiled] = [loss for _, loss in train_losses(run_dir)]
+        saved = load_checkpoint(trainer.checkpoints.latest())
+        assert set(saved["model"]) == set(DecoderLM(config).state_dict())
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
