@@ -2,7 +2,7 @@
 
 Each provider runs forward + backward (`torch.autograd.grad`) on the same inputs, side by side in one process;
 "fastlm-accumulate" and "fastlm-by-vocab" force one of linear_cross_entropy's two ways to d_weight ("fastlm" is
-the one its rule picks), "fastlm-48MiB" never holds more than 48 MiB of logits (no MIN_CHUNK_ROWS), and
+the one its rule picks), "fastlm-48MiB" never holds more than 48 MiB of logits (`max_chunk_bytes`), and
 "fastlm-block-N" streams rows in slices of N. A second table gives each provider's error against float64 torch.
 "Extra" memory is the peak allocation of that step beyond its inputs and the gradients it returns, the memory a
 fused loss exists to save. Without a GPU this says so and runs a small CPU comparison of the reference paths.
@@ -44,7 +44,7 @@ def linear_losses(hidden, weight, target) -> dict[str, Loss]:
         "fastlm": fastlm,
         "fastlm-accumulate": patched(fastlm, _weight_grad_by_vocab=lambda *_: False),
         "fastlm-by-vocab": patched(fastlm, _weight_grad_by_vocab=lambda *_: True),
-        "fastlm-48MiB": patched(fastlm, MIN_CHUNK_ROWS=16),
+        "fastlm-48MiB": lambda: linear_cross_entropy(hidden, weight, target, max_chunk_bytes=48 * 2**20),
         torch_name: lambda: F.cross_entropy(hidden @ weight.T, target),
     }
     if hidden.dtype != torch.float32:  # the other common recipe: half GEMM, logits upcast before the loss

@@ -15,8 +15,8 @@ Design (why it looks like this):
   no host sync (Liger's in-place trick needs `grad_output == 1` checked on the host to be as cheap). For
   `linear_cross_entropy` the same kernel writes loss and gradient in one launch per chunk.
 - `linear_cross_entropy` never holds the [N, V] logits, only a chunk of them at a time, in one workspace: rows
-  that fit CHUNK_BYTES, or MIN_CHUNK_ROWS rows where the vocabulary is so large that fewer would fit (small GEMMs
-  are slow). Walk 1 goes over row chunks holding whole rows: a cuBLAS GEMM gives the chunk's logits (in the input
+  that fit CHUNK_BYTES, or on a GPU MIN_CHUNK_ROWS rows where the vocabulary is so large that fewer would fit
+  (small GEMMs are slow); `max_chunk_bytes` caps it instead. Walk 1 goes over row chunks holding whole rows: a cuBLAS GEMM gives the chunk's logits (in the input
   dtype on CUDA, with fp32 accumulation and the bias added in the epilogue, as torch's linear; fp32 elsewhere), the
   row kernel gives loss, logsumexp, argmax hit and the gradient G written over the logits in one launch, and one
   GEMM gives d_hidden = G @ W of those rows, written once. d_weight = G^T @ hidden then takes one of two ways,
@@ -405,10 +405,10 @@ def cross_entropy(
 # linear_cross_entropy: chunked walk over rows, custom ops, public function
 
 
-def _chunk_length(total: int, bytes_per_item: int, minimum: int) -> int:
-    """Rows (or columns) per chunk so that a chunk fits CHUNK_BYTES, or `minimum` if more: a multiple of 16 (GEMM
-    tiles), at least 16."""
-    length = max(16, minimum, CHUNK_BYTES // bytes_per_item // 16 * 16)
+def _chunk_length(total: int, bytes_per_item: int, budget: int, minimum: int) -> int:
+    """Rows (or columns) per chunk so that a chunk fits `budget` bytes, or `minimum` if more: a multiple of 16
+    (GEMM tiles), at least 16."""
+    length = max(16, minimum, budget // bytes_per_item // 16 * 16)
     return max(1, min(total, length))
 
 
@@ -431,11 +431,12 @@ def _logits(hidden_chunk, weight_chunk, bias_chunk, out):
 
 
 def _linear_cross_entropy_chunks(
-    hidden, weight, bias, target, grad_scale, *, ignore_index, label_smoothing, z_loss, triton_path
+    hidden, weight, bias, target, grad_scale, *, ignore_index, label_smoothing, z_loss, triton_path, max_chunk_bytes
 ):
     """Per-row loss and argmax hits, and if `grad_scale` is given (1 element, or one per row) the gradients of
-    sum(grad_scale * loss_rows) w.r.t. hidden, weight and bias (an empty tensor when bias is None), holding at most
-    CHUNK_BYTES of logits at a time (see the module docstring for the two walks)."""
+    sum(grad_scale * loss_rows) w.r.t. hidden, weight and bias (an empty tensor when bias is None), holding a chunk
+    of logits at a time: at most max_chunk_bytes of them (at least 16 rows or columns), or with max_chunk_bytes = 0
+    the default rule (CHUNK_BYTES, MIN_CHUNK_ROWS). See the module docstring for the two walks."""
     rows, hidden_size = hidden.shape
     num_classes = weight.shape[0]
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -450,10 +451,14 @@ def _linear_cross_entropy_chunks(
     lse = torch.empty(rows, dtype=torch.float32 if triton_path else compute, device=hidden.device)
     with_grad = grad_scale is not None
     per_row_scale = with_grad and grad_scale.numel() > 1
-    row_step = _chunk_length(rows, num_classes * gemm_dtype.itemsize, MIN_CHUNK_ROWS if hidden.is_cuda else 16)
+    # A caller's cap is kept; the default gives a GPU at least MIN_CHUNK_ROWS rows.
+    budget, min_rows = max_chunk_bytes, 16
+    if not max_chunk_bytes:
+        budget, min_rows = CHUNK_BYTES, MIN_CHUNK_ROWS if hidden.is_cuda else 16
+    row_step = _chunk_length(rows, num_classes * gemm_dtype.itemsize, budget, min_rows)
     by_vocab = with_grad and _weight_grad_by_vocab(
         rows, num_classes, hidden_size, -(-rows // row_step), gemm_dtype.itemsize, hidden.device)
-    column_step = _chunk_length(num_classes, rows * gemm_dtype.itemsize, 16) if by_vocab else 0
+    column_step = _chunk_length(num_classes, rows * gemm_dtype.itemsize, budget, 16) if by_vocab else 0
     # One workspace for every chunk of both walks: allocating per chunk would hold two chunks at once.
     workspace = torch.empty(max(row_step * num_classes, rows * column_step), dtype=gemm_dtype, device=hidden.device)
     if with_grad:
@@ -504,7 +509,7 @@ def _loss_dtype(input_dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("fastlm::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, ignore_index: int,
-    label_smoothing: float, z_loss: float, reduction: str, compute_grad: bool, triton_path: bool,
+    label_smoothing: float, z_loss: float, reduction: str, compute_grad: bool, triton_path: bool, max_chunk_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, correct count, then for "mean"/"sum" with compute_grad the gradients for grad_output = 1 w.r.t.
     hidden, weight, bias; empty tensors otherwise, the backward then recomputes them)."""
@@ -513,6 +518,7 @@ def _linear_cross_entropy_op(
         hidden, weight, bias, target,
         _grad_scale(torch.ones((), device=hidden.device), target, reduction, ignore_index) if grads_now else None,
         ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, triton_path=triton_path,
+        max_chunk_bytes=max_chunk_bytes,
     )
     # The loss stays in fp32 (fp64 for fp64 inputs) whatever the input dtype: a bf16 loss would log as 10.4375.
     loss = _reduce(loss_rows, target, reduction, ignore_index).to(_loss_dtype(hidden.dtype))
@@ -522,7 +528,8 @@ def _linear_cross_entropy_op(
 
 
 @_linear_cross_entropy_op.register_fake
-def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction, compute_grad, triton_path):
+def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction, compute_grad, triton_path,
+      max_chunk_bytes):
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=_loss_dtype(hidden.dtype))
     count = hidden.new_empty((), dtype=torch.int64)
     if compute_grad and reduction != "none":
@@ -535,29 +542,32 @@ def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduc
 def _linear_cross_entropy_backward_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
     grad_loss_rows: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float, triton_path: bool,
+    max_chunk_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients for reduction "none": recompute every chunk with its rows' grad_output."""
     _, _, grad_hidden, grad_weight, grad_bias = _linear_cross_entropy_chunks(
         hidden, weight, bias, target, grad_loss_rows.contiguous(),
         ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, triton_path=triton_path,
+        max_chunk_bytes=max_chunk_bytes,
     )
     return grad_hidden, grad_weight, grad_bias
 
 
 @_linear_cross_entropy_backward_op.register_fake
-def _(hidden, weight, bias, target, grad_loss_rows, ignore_index, label_smoothing, z_loss, triton_path):
+def _(hidden, weight, bias, target, grad_loss_rows, ignore_index, label_smoothing, z_loss, triton_path,
+      max_chunk_bytes):
     grad_bias = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
     return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
 
 
 def _linear_cross_entropy_setup(ctx, inputs, output):
-    hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction, _, triton_path = inputs
+    hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction, _, triton_path, chunk = inputs
     # The outputs after the loss (count, gradients) get no gradient: without this autograd would hand the backward
     # a zero tensor for each, as large as d_hidden and d_weight.
     ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
     ctx.reduction = reduction
-    ctx.options = (ignore_index, label_smoothing, z_loss, triton_path)
+    ctx.options = (ignore_index, label_smoothing, z_loss, triton_path, chunk)
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, bias, target)
     else:
@@ -566,7 +576,7 @@ def _linear_cross_entropy_setup(ctx, inputs, output):
 
 def _linear_cross_entropy_backward(ctx, grad_loss, _grad_count, *_grad_of_grads):
     if grad_loss is None:  # only the (non-differentiable) count or gradient outputs were used
-        return None, None, None, None, None, None, None, None, None, None
+        return (None,) * 11
     if ctx.reduction == "none":
         hidden, weight, bias, target = ctx.saved_tensors
         grads = _linear_cross_entropy_backward_op(hidden, weight, bias, target, grad_loss, *ctx.options)
@@ -587,7 +597,7 @@ def _linear_cross_entropy_backward(ctx, grad_loss, _grad_count, *_grad_of_grads)
             for grad in grads:
                 grad.mul_(grad_loss.to(grad.dtype))
     grad_hidden, grad_weight, grad_bias = grads
-    return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None, None, None, None
+    return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 8
 
 
 _linear_cross_entropy_op.register_autograd(_linear_cross_entropy_backward, setup_context=_linear_cross_entropy_setup)
@@ -604,6 +614,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     reduction: str = "mean",
     return_accuracy: bool = False,
+    max_chunk_bytes: int | None = None,
     impl: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`cross_entropy(hidden @ weight.T + bias, target)` for hidden [N, Hd] or [B, T, Hd], weight [V, Hd], without
@@ -611,8 +622,15 @@ def linear_cross_entropy(
     lookup's) and bias. With return_accuracy=True returns (loss, correct) where correct is the int64 device count
     of non-ignored rows whose first argmax is the target. The loss is fp32 for fp32/fp16/bf16 inputs (unlike
     `cross_entropy`, which keeps F.cross_entropy's dtype rule), so training logs keep their precision.
+    max_chunk_bytes: the most logits held at a time, in bytes (at least 16 rows or classes of them). By default
+    48 MiB, raised on a GPU to 768 rows where the vocabulary leaves fewer (GEMMs of fewer rows are slow: 192 MiB at
+    V = 128k); a smaller cap saves that memory for time (48 MiB at V = 128k took 1.6x as long on an H100).
     """
     _check_options(ignore_index, label_smoothing, z_loss, reduction)
+    if max_chunk_bytes is not None and (
+        isinstance(max_chunk_bytes, bool) or not isinstance(max_chunk_bytes, int) or max_chunk_bytes < 1
+    ):
+        raise ValueError(f"max_chunk_bytes={max_chunk_bytes!r}: expected None or a positive int")
     _check_tensors(hidden=hidden, weight=weight, target=target, bias=bias)
     _check_floating("hidden", hidden)
     if hidden.dim() not in (2, 3):
@@ -641,7 +659,7 @@ def linear_cross_entropy(
     )
     loss, correct, *_ = _linear_cross_entropy_op(
         flat, weight.contiguous(), bias, flat_target, ignore_index, float(label_smoothing), float(z_loss), reduction,
-        compute_grad, triton_path,
+        compute_grad, triton_path, max_chunk_bytes or 0,
     )
     if reduction == "none":
         loss = loss.reshape(hidden.shape[:-1])

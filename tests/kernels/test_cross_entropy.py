@@ -177,15 +177,13 @@ def test_linear_cross_entropy_matches_torch_float64(impl, case):
     target = case["target"]
     options = dict(label_smoothing=case["label_smoothing"], z_loss=case["z_loss"], ignore_index=-100)
     ours = [t.to(DEVICE, copy=True).requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
-    # A budget of 16 rows per chunk: N up to 40 walks up to three row chunks, the last one partial, and up to
-    # V / 16 * 40 / 16 columns per vocabulary chunk; both ways to d_weight.
-    chunk_bytes = 16 * dtype.itemsize * case["vocab"] if DEVICE == "cuda" else 16 * 4 * case["vocab"]
-    with (mock.patch.object(module, "CHUNK_BYTES", chunk_bytes),
-          mock.patch.object(module, "MIN_CHUNK_ROWS", 16),
-          mock.patch.object(module, "_weight_grad_by_vocab", lambda *_: case["weight_grad_by_vocab"])):
+    # A budget of 16 rows per chunk: N up to 40 walks up to three row chunks, the last one partial, and vocabulary
+    # chunks of 16 * V / N columns (at least 16); both ways to d_weight.
+    logits_itemsize = dtype.itemsize if DEVICE == "cuda" else 4
+    with mock.patch.object(module, "_weight_grad_by_vocab", lambda *_: case["weight_grad_by_vocab"]):
         loss, correct = linear_cross_entropy(
             ours[0], ours[1], target.to(DEVICE), bias=ours[2], reduction=case["reduction"], return_accuracy=True,
-            impl=impl, **options,
+            max_chunk_bytes=16 * logits_itemsize * case["vocab"], impl=impl, **options,
         )
     reference = [t.double().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
     logits64 = reference[0] @ reference[1].T + (reference[2] if reference[2] is not None else 0.0)
@@ -413,6 +411,8 @@ def test_int32_targets_no_grad_calls_and_batch_shapes():
          "weight.dtype=torch.float64"),
         (lambda: linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long),
                                       bias=torch.randn(4)), "bias has shape \\(4,\\)"),
+        (lambda: linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long),
+                                      max_chunk_bytes=0), "max_chunk_bytes=0: expected None or a positive int"),
     ],
 )
 def test_invalid_arguments_are_named(call, message):
@@ -446,5 +446,5 @@ def test_custom_ops_pass_opcheck():
         torch.library.opcheck(module._cross_entropy_op, (logits, target, -100, 0.1, 1e-3, reduction, False))
         torch.library.opcheck(
             module._linear_cross_entropy_op,
-            (hidden, weight, bias, target, -100, 0.1, 1e-3, reduction, True, False),
+            (hidden, weight, bias, target, -100, 0.1, 1e-3, reduction, True, False, 64),
         )
