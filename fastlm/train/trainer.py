@@ -210,8 +210,13 @@ class Trainer:
         return metrics
 
     def fit(self) -> dict:
-        """Train until `max_steps`; returns the last evaluation's metrics (or the last train loss)."""
+        """Train until `max_steps`; returns the last evaluation's metrics (or the last train loss). A run resumed
+        after it finished trains no more and returns a fresh evaluation (no metrics without validation data)."""
         config = self.config
+        if self.step >= config.max_steps:
+            metrics = self.evaluate()
+            metrics.pop("samples", None)
+            return metrics
         self.model.train()
         progress = ProgressBar(config.max_steps, enabled=config.progress and self.world.is_main,
                                every=config.log_interval)

@@ -52,6 +52,17 @@ def test_toy_model_learns_and_the_run_directory_is_complete(tmp_path):
     assert load_checkpoint(trainer.checkpoints.best)["step"] == 30
 
 
+def test_resuming_a_finished_run_trains_no_more_and_reports_its_evaluation(tmp_path):
+    torch.manual_seed(0)
+    config = toy_config(max_steps=10)
+    finished = Trainer(ToyLM(), ToyBatches(), config, tmp_path, valid_batches=ToyBatches(num_batches=4, seed=9))
+    final = finished.fit()
+    resumed = Trainer(ToyLM(), ToyBatches(), config, tmp_path, valid_batches=ToyBatches(num_batches=4, seed=9))
+    assert resumed.resume() and resumed.step == 10
+    assert resumed.fit() == pytest.approx(final)
+    assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl", "train")] == list(range(1, 11))
+
+
 class PoisonLoss:
     """A forward hook that turns the loss into NaN on the forward calls listed (0-based)."""
 
