@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fastlm.data.corpus import TokenizedCorpus
-from fastlm.data.masking import IGNORE_INDEX, MaskingPolicy
+from fastlm.data.masking import IGNORE_INDEX, MaskingPolicy, target_positions
 from fastlm.data.rng import numpy_generator, torch_generator
 
 PAD_MULTIPLE = 8
@@ -41,9 +41,10 @@ class BatchSource(Protocol):
 
 
 class MaskedLMBatches:
-    """Masked-LM batches {"input_ids", "lengths", "labels"} of sentences in a new random order every epoch, with
-    masks (see MaskingPolicy) drawn anew for every (seed, epoch, index). bos/eos/pad ids default to the tokenizer's,
-    as recorded in the corpus."""
+    """Masked-LM batches {"input_ids", "lengths", "labels", "target_positions"} of sentences in a new random order every epoch, with
+    masks (see MaskingPolicy) drawn anew for every (seed, epoch, index); target_positions are the flat indices of
+    the labelled positions, so the model runs its head on those rows only. bos/eos/pad ids default to the
+    tokenizer's, as recorded in the corpus."""
 
     def __init__(self, corpus: TokenizedCorpus, *, batch_size: int, max_len: int, mask_id: int, vocab_size: int,
                  special_ids, mask_prob: float = 0.15, replace_mask: float = 0.8, replace_random: float = 0.1,
@@ -71,7 +72,8 @@ class MaskedLMBatches:
         ]
         input_ids, lengths = _padded(sentences, self.pad_id, self.max_len)
         input_ids, labels = self.policy.apply(input_ids, lengths, torch_generator(self.seed, epoch, index))
-        return {"input_ids": input_ids, "lengths": lengths, "labels": labels}
+        return {"input_ids": input_ids, "lengths": lengths, "labels": labels,
+                "target_positions": target_positions(labels)}
 
 
 class CausalLMBatches:

@@ -50,12 +50,15 @@ def test_mlm_batches_hold_every_sentence_once_wrapped_truncated_and_padded(corpo
     assert source.num_batches(0) == 8 and [len(b["lengths"]) for b in batches] == [8] * 7 + [5]
     originals = []
     for batch in batches:
-        assert set(batch) == {"input_ids", "lengths", "labels"}
+        assert set(batch) == {"input_ids", "lengths", "labels", "target_positions"}
         assert all(t.dtype == torch.int64 for t in batch.values())
         input_ids, lengths, labels = batch["input_ids"], batch["lengths"], batch["labels"]
         assert input_ids.shape[1] <= 24 and int(lengths.max()) <= input_ids.shape[1]
         padding = torch.arange(input_ids.shape[1])[None, :] >= lengths[:, None]
         assert (input_ids[padding] == PAD).all() and (labels[padding] == IGNORE_INDEX).all()
+        positions = batch["target_positions"]  # the labelled positions, flat, increasing
+        assert (positions.diff() > 0).all() and len(positions) == int((labels != IGNORE_INDEX).sum())
+        assert (labels.reshape(-1)[positions] != IGNORE_INDEX).all()
         original = torch.where(labels == IGNORE_INDEX, input_ids, labels)
         assert (original[:, 0] == BOS).all() and (original[torch.arange(len(lengths)), lengths - 1] == EOS).all()
         originals += rows(original, lengths, start=1, end=1)

@@ -5,10 +5,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from model_helpers import (assert_same_loss_and_gradients, force_triton_kernels, random_batch,
                            tiny_config)
 from safetensors import safe_open
 
+from fastlm.data import target_positions
 from fastlm.models import DecoderLM, EncoderLM, ModelConfig
 
 MODELS = {"encoder": EncoderLM, "decoder": DecoderLM}
@@ -106,6 +109,58 @@ def test_fastlm_kernels_sdpa_and_eager_agree(kind, monkeypatch):
         loss.backward()
         results[impl] = loss.detach(), {name: p.grad for name, p in model.named_parameters()}
     assert_same_loss_and_gradients(results)
+
+
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=3), density=st.sampled_from([0.0, 0.15, 0.5, 1.0]),
+       seed=st.integers(0, 2**16), tie_embeddings=st.booleans())
+def test_encoder_head_on_target_rows_only_equals_the_head_on_every_row(lengths, density, seed, tie_embeddings):
+    """The MLM head on the N labelled rows (target_positions) gives the loss, accuracy, n_targets and gradients of
+    the head on all B*T rows, for masks from none to every position (labels beyond lengths included: ignored)."""
+    # The head is under test: a one-layer body is enough.
+    model = _model("encoder", seed=1, tie_embeddings=tie_embeddings, attn_impl="sdpa", n_layers=1, d_model=32,
+                   n_heads=2, d_ff=64)
+    ids, lengths = random_batch(model.config, lengths, seed=seed)
+    chosen = torch.rand(ids.shape, generator=torch.Generator().manual_seed(seed)) < density
+    labels = ids.masked_fill(~chosen, -100)
+    within = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+    results = []
+    for positions in (None, target_positions(labels.masked_fill(~within, -100))):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, lengths, labels=labels, target_positions=positions)
+        out.loss.backward()
+        grads = {name: parameter.grad for name, parameter in model.named_parameters()}
+        results.append((out.loss.detach(), out.accuracy, out.n_targets, grads))
+    (dense_loss, dense_accuracy, dense_n, dense_grads), (loss, accuracy, n, grads) = results
+    assert n == dense_n == int((chosen & within).sum())
+    torch.testing.assert_close(loss, dense_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(accuracy, dense_accuracy)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_encoder_target_positions_keep_the_full_logits_and_reject_a_mismatch():
+    model = _model("encoder")
+    ids, lengths = random_batch(model.config, [7, 5])
+    labels = ids.masked_fill(torch.arange(7)[None, :] % 3 != 0, -100)
+    positions = target_positions(labels.masked_fill(torch.arange(7)[None, :] >= lengths[:, None], -100))
+    dense = model(ids, lengths, labels=labels, return_logits=True)
+    sparse = model(ids, lengths, labels=labels, return_logits=True, target_positions=positions)
+    assert sparse.logits.shape == (2, 7, model.config.vocab_size)
+    torch.testing.assert_close(sparse.logits, dense.logits)
+    bad_calls = [
+        (dict(target_positions=positions[1:]), "target_positions differs from labels at 1 positions"),
+        (dict(target_positions=torch.cat([positions, torch.tensor([1])]).sort().values), "differs from labels"),
+        (dict(target_positions=positions.flip(0)), "steps that do not increase"),
+        (dict(target_positions=positions + 100), "target_positions contains 1.*expected flat indices < 14"),
+        (dict(target_positions=positions - 10), "target_positions contains -10"),
+        (dict(target_positions=positions.float()), "target_positions of dtype torch.float32"),
+        (dict(target_positions=positions[None]), "target_positions of shape \\(1, 5\\)"),
+        (dict(target_positions=positions.tolist()), "target_positions of type list"),
+        (dict(target_positions=positions, labels=None), "target_positions given without labels"),
+    ]
+    for arguments, message in bad_calls:
+        with pytest.raises(ValueError, match=message):
+            model(**{"input_ids": ids, "lengths": lengths, "labels": labels, **arguments})
 
 
 @pytest.mark.parametrize("kind", MODELS)
