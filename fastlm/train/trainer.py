@@ -14,12 +14,13 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from fastlm.data.prefetch import Prefetcher
 from fastlm.train import distributed
 from fastlm.train.checkpoint import CheckpointDir, capture_rng_state, load_checkpoint, restore_rng_state
 from fastlm.train.config import TrainConfig
@@ -84,6 +85,7 @@ class Trainer:
         self.index = 0
         self.best_eval_loss = math.inf
         self.bad_steps = 0  # consecutive non-finite steps
+        self._prefetcher: Prefetcher | None = None  # builds the coming micro-batches while fit runs
 
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,19 +150,41 @@ class Trainer:
 
     # ----- the loop -----
 
-    def _next_indices(self) -> tuple[int, list[int]]:
-        """The epoch and this rank's micro-batch indices for the next step; advances the data position."""
+    def _step_at(self, epoch: int, index: int) -> tuple[int, list[int], int]:
+        """For the step at data position (epoch, index): its epoch, this rank's micro-batch indices, and the index
+        after it. Pure, so the prefetcher can walk ahead of the data position."""
         need = self.micro_batches_per_step
-        if self.index + need > self.train_batches.num_batches(self.epoch):
-            self.epoch, self.index = self.epoch + 1, 0
-            available = self.train_batches.num_batches(self.epoch)
+        if index + need > self.train_batches.num_batches(epoch):
+            epoch, index = epoch + 1, 0
+            available = self.train_batches.num_batches(epoch)
             if available < need:
                 raise ValueError(f"the training data gives {available} micro-batches per epoch, fewer than one "
                                  f"optimizer step needs (grad_accum * world_size = {need})")
-        start = self.index
-        self.index += need
-        step_indices = range(start + self.world.rank, start + need, self.world.world_size)
-        return self.epoch, list(step_indices)
+        return epoch, list(range(index + self.world.rank, index + need, self.world.world_size)), index + need
+
+    def _next_indices(self) -> tuple[int, list[int]]:
+        """The epoch and this rank's micro-batch indices for the next step; advances the data position."""
+        self.epoch, indices, self.index = self._step_at(self.epoch, self.index)
+        return self.epoch, indices
+
+    def _batches_from(self, epoch: int, index: int) -> Iterator[tuple[int, int]]:
+        """(epoch, index) of this rank's micro-batches from data position (epoch, index) on, in training order."""
+        while True:
+            epoch, indices, index = self._step_at(epoch, index)
+            yield from ((epoch, i) for i in indices)
+
+    @contextlib.contextmanager
+    def _prefetching(self) -> Iterator[None]:
+        """Build the coming micro-batches in a background thread (pinned for CUDA) while the model trains; the
+        micro-batches of one step wait ready, at least two."""
+        self._prefetcher = Prefetcher(lambda key: self.train_batches.batch(*key),
+                                      self._batches_from(self.epoch, self.index),
+                                      depth=max(2, self.config.grad_accum), pin_memory=self.world.device.type == "cuda")
+        try:
+            yield
+        finally:
+            self._prefetcher.close()
+            self._prefetcher = None
 
     def train_step(self) -> tuple[float, float, int]:
         """One optimizer step over grad_accum micro-batches: (loss, grad norm, tokens) over all ranks.
@@ -171,7 +195,8 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
         tokens = 0
         for position, index in enumerate(indices):
-            batch = self.train_batches.batch(epoch, index)
+            batch = (self._prefetcher.get((epoch, index)) if self._prefetcher is not None
+                     else self.train_batches.batch(epoch, index))
             tokens += count_tokens(batch)
             last = position == len(indices) - 1
             with distributed.gradient_sync(self.wrapped, enabled=last):
@@ -217,6 +242,11 @@ class Trainer:
             metrics = self.evaluate()
             metrics.pop("samples", None)
             return metrics
+        with self._prefetching():
+            return self._train_to_max_steps()
+
+    def _train_to_max_steps(self) -> dict:
+        config = self.config
         self.model.train()
         progress = ProgressBar(config.max_steps, enabled=config.progress and self.world.is_main,
                                every=config.log_interval)

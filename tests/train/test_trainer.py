@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,6 +62,25 @@ def test_resuming_a_finished_run_trains_no_more_and_reports_its_evaluation(tmp_p
     assert resumed.resume() and resumed.step == 10
     assert resumed.fit() == pytest.approx(final)
     assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl", "train")] == list(range(1, 11))
+
+
+def test_fit_trains_on_prefetched_batches_exactly_as_steps_built_in_the_loop(tmp_path):
+    # 7 micro-batches per epoch, 3 per step: each epoch skips its last one, so the look-ahead crosses epochs.
+    config = toy_config(max_steps=7, grad_accum=3, eval_interval=0, checkpoint_interval=100)
+    runs = {}
+    for name in ("prefetched", "in_the_loop"):
+        torch.manual_seed(0)
+        trainer = Trainer(ToyLM(), ToyBatches(num_batches=7), config, tmp_path / name)
+        if name == "prefetched":
+            trainer.fit()
+            losses = [loss for _, loss in train_losses(tmp_path / name)]
+        else:
+            losses = [trainer.train_step()[0] for _ in range(config.max_steps)]
+        runs[name] = losses, trainer.model.state_dict(), (trainer.epoch, trainer.index)
+    (losses, weights, position), (expected_losses, expected_weights, expected_position) = runs.values()
+    assert losses == expected_losses and position == expected_position == (3, 3)
+    assert all(torch.equal(weights[k], expected_weights[k]) for k in weights)
+    assert not [thread for thread in threading.enumerate() if thread.name == "fastlm-prefetch"]
 
 
 class PoisonLoss:
