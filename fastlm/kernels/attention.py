@@ -41,6 +41,18 @@ MAX_HEAD_DIM = 256
 LOG2_E = 1.4426950408889634
 
 
+# Arguments the tuned kernels take only for the autotuner's key: never read, so Triton need not specialise on them.
+_TUNING_ONLY_ARGS = ["Q_BUCKET", "K_BUCKET"]
+
+
+def _tuning_buckets(q_len: int, k_len: int) -> dict:
+    """The lengths as the autotuner sees them: rounded up to a power of two, so that a new length re-tunes only when
+    it enters a new bucket (padding to multiples of 8, cross-attention's source x target pairs and KV-cache decoding,
+    whose Nk grows by one per token, would otherwise tune at almost every call). Every config is valid for every
+    length of its bucket: the kernels mask rows and keys beyond Nq and Nk."""
+    return {"Q_BUCKET": next_power_of_2(q_len), "K_BUCKET": next_power_of_2(k_len)}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Triton device functions shared by the kernels
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,14 +195,14 @@ def _forward_step(acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd
     return acc, row_sum, new_max
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_TUNING_ONLY_ARGS)
 def _forward_kernel(
     Q, K, V, O, LSE, KV_LENS, SEED,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, Nq, Nk, D, group_size, qk_scale, dropout_p, dropout_scale,
+    H, Nq, Nk, D, group_size, qk_scale, dropout_p, dropout_scale, Q_BUCKET, K_BUCKET,
     CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -252,7 +264,7 @@ def _prune_configs(outer_block: str, inner_block: str, resident_tiles: int, rows
         block_d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D"))
         fitting = [c for c in configs if _fits_shared_memory(c, block_d, outer_block, inner_block, resident_tiles)]
         small = [c for c in fitting if c.kwargs[outer_block] <= 16]
-        if named_args[rows_arg] <= 16 and small:
+        if named_args.get(rows_arg, kwargs.get(rows_arg)) <= 16 and small:
             return small
         return [c for c in fitting if c.kwargs[outer_block] > 16] or fitting or configs[-1:]
 
@@ -260,14 +272,15 @@ def _prune_configs(outer_block: str, inner_block: str, resident_tiles: int, rows
 
 
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16})  # unequal blocks exercise the range logic
-_TUNING_KEY = ["Nq", "Nk", "BLOCK_D", "CAUSAL", "HAS_KV_LENS", "DROPOUT", "DOT_PRECISION"]
+# The tuner also keys on the dtype of every tensor argument (Triton adds those itself).
+_TUNING_KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "CAUSAL", "HAS_KV_LENS", "DROPOUT", "DOT_PRECISION"]
 
 _forward = triton.autotune(
     configs=tuning_configs(_gpu_configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 4),
                                          (64, 64, 4, 3), (64, 32, 4, 4), (16, 64, 4, 3), (16, 128, 4, 2)]),
                            _INTERPRETER_CONFIG),
     key=_TUNING_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_M", "BLOCK_N", 1, "Nq")},
+    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_M", "BLOCK_N", 1, "Q_BUCKET")},
 )(_forward_kernel)
 
 
@@ -326,7 +339,7 @@ def _key_block_grads_step(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, D
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_TUNING_ONLY_ARGS)
 def _key_block_grads_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ, KV_LENS, SEED,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -336,7 +349,7 @@ def _key_block_grads_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, Hkv, Nq, Nk, D, group_size, qk_scale, sm_scale, dropout_p, dropout_scale,
+    H, Hkv, Nq, Nk, D, group_size, qk_scale, sm_scale, dropout_p, dropout_scale, Q_BUCKET, K_BUCKET,
     CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     ACCUMULATE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -409,7 +422,7 @@ def _query_block_grads_step(dq, q, do, lse, delta, K_head, V_head, stride_kn, st
     return dq + tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_TUNING_ONLY_ARGS)
 def _query_block_grads_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KV_LENS, SEED,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -417,7 +430,7 @@ def _query_block_grads_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, Nq, Nk, D, group_size, qk_scale, sm_scale, dropout_p, dropout_scale,
+    H, Nq, Nk, D, group_size, qk_scale, sm_scale, dropout_p, dropout_scale, Q_BUCKET, K_BUCKET,
     CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -462,14 +475,14 @@ _KEY_BLOCK_CONFIGS = tuning_configs(
 _key_block_grads = triton.autotune(
     configs=_KEY_BLOCK_CONFIGS,
     key=_TUNING_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_N", "BLOCK_M", 2, "Nk")},
+    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_N", "BLOCK_M", 2, "K_BUCKET")},
 )(_key_block_grads_kernel)
 
 # The same kernel adding dQ atomically: autotuning reruns it, so the dQ buffer must be zeroed before each trial.
 _key_block_grads_accumulating_dq = triton.autotune(
     configs=_KEY_BLOCK_CONFIGS,
     key=_TUNING_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_N", "BLOCK_M", 2, "Nk")},
+    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_N", "BLOCK_M", 2, "K_BUCKET")},
     reset_to_zero=["DQ"],
 )(_key_block_grads_kernel)
 
@@ -477,7 +490,7 @@ _query_block_grads = triton.autotune(
     configs=tuning_configs(_gpu_configs([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]),
                            _INTERPRETER_CONFIG),
     key=_TUNING_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_M", "BLOCK_N", 2, "Nq")},
+    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_M", "BLOCK_N", 2, "Q_BUCKET")},
 )(_query_block_grads_kernel)
 
 
@@ -496,9 +509,11 @@ def _dropout_mask_kernel(KEEP, SEED, Nq, Nk, dropout_p, BLOCK_M: tl.constexpr, B
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _common_meta(q: torch.Tensor, kv_lens: Optional[torch.Tensor], causal: bool, dropout_p: float) -> dict:
-    """Compile-time flags and scalars every kernel of one call shares."""
+def _common_meta(q: torch.Tensor, k: torch.Tensor, kv_lens: Optional[torch.Tensor], causal: bool,
+                 dropout_p: float) -> dict:
+    """Compile-time flags and scalars every tuned kernel of one call shares, with the tuning buckets."""
     return dict(
+        **_tuning_buckets(q.shape[2], k.shape[2]),
         CAUSAL=causal,
         HAS_KV_LENS=kv_lens is not None,
         DROPOUT=dropout_p > 0.0,
@@ -518,7 +533,7 @@ def _launch_forward(q, k, v, kv_lens, seed, causal: bool, sm_scale: float, dropo
         q, k, v, out, lse, kv_lens, seed,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, q_len, k_len, head_dim, heads // kv_heads, sm_scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p),
-        **_common_meta(q, kv_lens, causal, dropout_p),
+        **_common_meta(q, k, kv_lens, causal, dropout_p),
     )
     return out, lse
 
@@ -527,7 +542,7 @@ def _launch_backward(grad_out, q, k, v, out, lse, kv_lens, seed, causal: bool, s
                      deterministic: bool):
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
-    meta = _common_meta(q, kv_lens, causal, dropout_p)
+    meta = _common_meta(q, k, kv_lens, causal, dropout_p)
     delta = torch.empty_like(lse)
     _row_dot_kernel[(triton.cdiv(q_len, 32), batch * heads)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, q_len, head_dim,

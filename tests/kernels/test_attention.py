@@ -4,16 +4,20 @@ the plain-torch reference path, forward and every gradient, masks, dropout, dete
 import contextlib
 import math
 import re
+import sys
 from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fastlm.kernels import attention
 from fastlm.kernels.attention import dropout_keep_mask
+
+attention_kernels = sys.modules["fastlm.kernels.attention"]  # the module: `attention` names the function
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Max error allowed, relative to max(|expected|, 1): 16-bit inputs are rounded, and on a GPU the attention weights
@@ -272,6 +276,39 @@ def test_torch_compile_keeps_one_graph():
     got = run_with_grads(compiled, q, k, v, torch.ones_like(q))
     eager = run_with_grads(lambda *t: attention(*t, causal=True, impl="triton"), q, k, v, torch.ones_like(q))
     assert all(torch.equal(a, b) for a, b in zip(got, eager))
+
+
+def test_tuning_buckets_are_the_lengths_rounded_up_to_a_power_of_two():
+    buckets = {tuple(attention_kernels._tuning_buckets(n, 193 - n).values()) for n in range(65, 129)}
+    assert buckets == {(128, 128)}
+    assert attention_kernels._tuning_buckets(1, 129) == {"Q_BUCKET": 1, "K_BUCKET": 256}
+
+
+def test_lengths_of_one_bucket_share_one_tuning(monkeypatch):
+    """Forward and backward tune once for all query and key lengths in 33..64, again for 65; the config picked
+    for one length is exact for the others of its bucket. Every tuner gets two candidates and a stand-in benchmark
+    (the interpreter runs one config and cannot time kernels) preferring the larger outer block: 64 rows or keys
+    for 33, the masking case."""
+    tuners = [attention_kernels._forward, attention_kernels._key_block_grads, attention_kernels._query_block_grads]
+    candidates = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}), triton.Config({"BLOCK_M": 64, "BLOCK_N": 32})]
+    benchmarked = []
+
+    def stand_in_benchmark(*args, config, **meta):
+        benchmarked.append(config)
+        return [1.0 / (config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]) + (config is candidates[0])]
+
+    for tuner in tuners:
+        monkeypatch.setattr(tuner, "configs", candidates)
+        monkeypatch.setattr(tuner, "cache", {})
+        monkeypatch.setattr(tuner, "_bench", stand_in_benchmark)
+    for q_len, k_len, tunings in [(64, 64, 1), (33, 33, 1), (50, 41, 1), (65, 64, 2)]:
+        q, k, v = make_inputs(1, 1, 1, q_len, k_len, 16, torch.float32, seed=q_len + k_len)
+        check_against_oracle(dict(batch=1, heads=1, kv_heads=1, q_len=q_len, k_len=k_len, head_dim=16,
+                                  dtype=torch.float32, scale=1.0, transposed=False, causal=True, kv_lens=None,
+                                  sm_scale=None), "triton", poison=False)
+        assert [len(tuner.cache) for tuner in tuners] == [tunings] * 3, (q_len, k_len)
+    assert len(benchmarked) == 2 * 2 * len(tuners)  # two tunings of two candidates each, per tuner
+    assert all(config is candidates[1] for tuner in tuners for config in tuner.cache.values())
 
 
 def _bad_calls():
