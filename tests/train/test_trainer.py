@@ -83,6 +83,21 @@ def test_fit_trains_on_prefetched_batches_exactly_as_steps_built_in_the_loop(tmp
     assert not [thread for thread in threading.enumerate() if thread.name == "fastlm-prefetch"]
 
 
+class BrokenBatches(ToyBatches):
+    def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        if index == 5:
+            raise ValueError(f"shard of batch {index} is corrupt")
+        return super().batch(epoch, index)
+
+
+def test_an_error_building_a_batch_stops_fit_with_that_error_and_no_thread_left(tmp_path):
+    trainer = Trainer(ToyLM(), BrokenBatches(), toy_config(max_steps=10, eval_interval=0), tmp_path)
+    with pytest.raises(ValueError, match="shard of batch 5 is corrupt"):
+        trainer.fit()
+    assert trainer.step == 5
+    assert not [thread for thread in threading.enumerate() if thread.name == "fastlm-prefetch"]
+
+
 class PoisonLoss:
     """A forward hook that turns the loss into NaN on the forward calls listed (0-based)."""
 
