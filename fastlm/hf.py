@@ -283,8 +283,7 @@ def to_transformers(model: LanguageModel):
         config = model.config
         start = model.decoder_start_id if isinstance(model, Seq2SeqLM) else None
         hf_model.generation_config.update(decoder_start_token_id=start, bos_token_id=config.bos_id,
-                                          eos_token_id=config.eos_id, pad_token_id=config.pad_id,
-                                          max_length=config.max_seq_len)
+                                          eos_token_id=config.eos_id, pad_token_id=config.pad_id)
     like = next(model.parameters())
     return hf_model.to(device=like.device, dtype=like.dtype).train(model.training)
 
