@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
@@ -86,6 +86,9 @@ def test_language_models_match_their_transformers_twin(kind, activation, tie, n_
     assert hf.from_transformers(twin).config == config
 
 
+# transformers warns that its encoder-decoder loss differs from versions before 4.12: irrelevant here.
+@pytest.mark.filterwarnings("ignore:Version v4.12.0:FutureWarning")
+@settings(max_examples=10)   # each example builds two models and generates: the slowest property here
 @given(encoder_norm=st.sampled_from(["post", "pre"]), decoder_width=st.sampled_from([16, 8]),
        share_embeddings=st.booleans(), src_lengths=lengths_lists, seed=st.integers(0, 2**16))
 def test_translation_model_matches_encoder_decoder_model(encoder_norm, decoder_width, share_embeddings, src_lengths,
@@ -130,8 +133,8 @@ def tokenizer():
 
 
 def sized(tokenizer: Tokenizer, **overrides) -> ModelConfig:
-    return micro_config(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
-                        eos_id=tokenizer.eos_id, max_seq_len=32, **overrides)
+    return micro_config(**{"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id,
+                           "eos_id": tokenizer.eos_id, "max_seq_len": 32, **overrides})
 
 
 @pytest.mark.parametrize("kind", ["encoder-post", "encoder-pre", "decoder", "seq2seq"])
