@@ -405,7 +405,7 @@ def import_model(directory: str | Path) -> LanguageModel:
 
 
 def _check_tokenizer_fits(model: LanguageModel, tokenizer: Tokenizer) -> None:
-    for config in {id(c): c for c in (model.config, getattr(model, "encoder_config", model.config))}.values():
+    for config in ([model.encoder_config, model.config] if isinstance(model, Seq2SeqLM) else [model.config]):
         if config.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"the model's vocab_size = {config.vocab_size} differs from the tokenizer's "
                              f"{tokenizer.vocab_size}: export with the tokenizer the model was trained with")

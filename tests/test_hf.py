@@ -215,6 +215,16 @@ def test_bert_token_types_fold_into_the_positions():
                                bert(input_ids=ids, attention_mask=real.long()).logits[real], atol=1e-4, rtol=1e-4)
 
 
+def test_a_checkpoint_without_its_mlm_head_imports_with_a_warning(tmp_path, caplog):
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=24, max_position_embeddings=16, bos_token_id=1, eos_token_id=2)
+    body = transformers.BertModel(config)
+    body.save_pretrained(tmp_path)
+    model = hf.import_model(tmp_path)
+    assert torch.equal(model.body.embeddings.token.weight, body.embeddings.word_embeddings.weight)
+    assert "no MLM head in the checkpoint (cls.predictions.bias" in caplog.text
+
+
 @pytest.mark.parametrize("hf_config, message", [
     (lambda: transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16, bos_token_id=1,
                                      eos_token_id=2, pad_token_id=0),
