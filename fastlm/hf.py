@@ -2,12 +2,11 @@
 
 Each model maps onto the transformers architecture that computes the same function (same logits, same loss):
 
-| fastlm                    | transformers (model_type)                          | what differs in the storage                 |
-|---------------------------|----------------------------------------------------|---------------------------------------------|
-| EncoderLM, post-norm      | BertForMaskedLM ("bert")                           | a token-type embedding of one zero row      |
-| EncoderLM, pre-norm       | XLMRobertaXLForMaskedLM ("xlm-roberta-xl")         | positions counted from pad_id + 1, as above |
-| DecoderLM (pre-norm)      | GPT2LMHeadModel ("gpt2")                           | Conv1D weights (in, out); q/k/v fused       |
-| Seq2SeqLM                 | EncoderDecoderModel ("encoder-decoder"): one of the encoders above (BertModel, XLMRobertaXLModel) and GPT-2 with cross-attention; memory_proj is enc_to_dec_proj |
+- EncoderLM, post-norm -> BertForMaskedLM ("bert"), with a token-type embedding of one zero row;
+- EncoderLM, pre-norm -> XLMRobertaXLForMaskedLM ("xlm-roberta-xl"), the same, and positions from pad_id + 1;
+- DecoderLM (pre-norm) -> GPT2LMHeadModel ("gpt2"), whose Conv1D weights are (in, out) with q/k/v fused;
+- Seq2SeqLM -> EncoderDecoderModel ("encoder-decoder") of one of the encoders above (as BertModel or
+  XLMRobertaXLModel) and GPT-2 with cross-attention; memory_proj becomes enc_to_dec_proj.
 
 Pre-norm encoders go to XLM-RoBERTa-XL rather than RoBERTa-PreLayerNorm because the latter normalises its
 embeddings and fastlm's pre-norm stack does not. One training-only difference remains there: XLM-RoBERTa-XL has no
@@ -99,7 +98,8 @@ def _pair(ours: str, theirs: str, layout: str = "same") -> list[_Link]:
 
 
 def _fused(ours: list[str], theirs: str) -> list[_Link]:
-    return [_Link(tuple(f"{name}.{part}" for name in ours), f"{theirs}.{part}", "conv1d") for part in ("weight", "bias")]
+    return [_Link(tuple(f"{name}.{part}" for name in ours), f"{theirs}.{part}", "conv1d")
+            for part in ("weight", "bias")]
 
 
 def _encoder_links(config: ModelConfig, ours: str, theirs: str) -> list[_Link]:
@@ -230,7 +230,8 @@ def _config_from_transformers(hf_config, *, with_head: bool = True) -> ModelConf
     checks = [(activation_field, values["activation"] in activations, f"one of {list(activations)} (exact GELU: "
                "fastlm has no tanh-approximated 'gelu_new')")]
     if gpt2:
-        values.update(max_seq_len=hf_config.n_positions, norm_position="pre", d_ff=hf_config.n_inner or 4 * hf_config.n_embd)
+        values.update(max_seq_len=hf_config.n_positions, norm_position="pre",
+                      d_ff=hf_config.n_inner or 4 * hf_config.n_embd)   # GPT-2's None means 4 x width
         checks += [("scale_attn_weights", hf_config.scale_attn_weights, "True"),
                    ("scale_attn_by_inverse_layer_idx", not hf_config.scale_attn_by_inverse_layer_idx, "False")]
     else:
@@ -319,7 +320,7 @@ def from_transformers(hf_model) -> LanguageModel:
     else:
         model = kind(_config_from_transformers(hf_model.config))
     links = _links(model)
-    unread = sorted(set(theirs) - {link.theirs for link in links} - {name for name in theirs if _unused_by_fastlm(name)})
+    unread = sorted(name for name in set(theirs) - {link.theirs for link in links} if not _unused_by_fastlm(name))
     if unread:
         raise ValueError(f"{type(hf_model).__name__} holds {len(unread)} tensors fastlm has no place for, e.g. "
                          f"{unread[:3]}: its config enables something fastlm does not have")
@@ -328,6 +329,9 @@ def from_transformers(hf_model) -> LanguageModel:
     for link in links:
         if link.ours[0] in values:   # a tensor transformers keeps twice: read the first
             continue
+        if link.theirs not in theirs:
+            raise ValueError(f"{type(hf_model).__name__} has no tensor {link.theirs}: its config lacks something "
+                             f"fastlm's {type(model).__name__} has (e.g. add_cross_attention for a decoder)")
         pieces = link.to_ours(theirs[link.theirs], [ours[name].shape for name in link.ours])
         for name, piece in zip(link.ours, pieces):
             if piece.shape != ours[name].shape:
