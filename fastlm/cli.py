@@ -275,8 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.set_defaults(run=cmd_pretrain, takes_overrides=True)
 
     finetune = commands.add_parser("finetune", help="merge a pre-trained encoder and decoder and train on pairs")
-    finetune.add_argument("--encoder", required=True, help="pre-trained encoder (run or model directory)")
-    finetune.add_argument("--decoder", required=True, help="pre-trained decoder (run or model directory)")
+    finetune.add_argument("--encoder", required=True,
+                          help="pre-trained encoder (run or model directory, or transformers BERT / XLM-RoBERTa-XL)")
+    finetune.add_argument("--decoder", required=True,
+                          help="pre-trained decoder (run or model directory, or transformers GPT-2)")
     _add_training_options(finetune)
     finetune.add_argument("--cross-attention-init", choices=("random", "copy_self"), default="random")
     finetune.add_argument("--share-embeddings", action="store_true")

@@ -165,6 +165,8 @@ def test_plot_draws_a_png(pretrained, tmp_path):
      "differs from the tokenizer's vocab_size"),
     (["eval", "--model", "{root}/decoder", "--tokenizer", "{root}/other-tok.json", "--data", "{root}/valid-en"],
      "differs from the tokenizer's vocab_size"),
+    (["export", "--model", "{root}/seq2seq", "--tokenizer", "{root}/other-tok.json", "--output", "{root}/hf-bad"],
+     "differs from the tokenizer's"),
     (["pretrain", "--arch", "decoder"], "the following arguments are required"),
 ])
 def test_user_mistakes_are_one_line_and_exit_code_2(finetuned, args, message, capsys, monkeypatch):
