@@ -316,7 +316,7 @@ def from_transformers(hf_model) -> LanguageModel:
         start = hf_model.config.decoder_start_token_id
         if start != model.decoder_start_id:
             raise ValueError(f"encoder-decoder config decoder_start_token_id = {start!r}: fastlm's decoder starts from "
-                             f"{model.decoder_start_id} (the decoder's bos_token_id)")
+                             f"{model.decoder_start_id}")
     else:
         model = kind(_config_from_transformers(hf_model.config))
     links = _links(model)

@@ -127,6 +127,13 @@ def test_causal_lm_greedy_generation_matches():
     assert torch.equal(generated[:, 5:], expected)
 
 
+def test_round_trip_keeps_bfloat16_weights_exactly():
+    model = randomised(Seq2SeqLM(micro_config(), micro_config())).to(torch.bfloat16)
+    twin = hf.to_transformers(model)
+    assert twin.dtype == torch.bfloat16
+    assert_same_state(hf.from_transformers(twin), model)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return Tokenizer.train(SENTENCES * 10, vocab_size=300)
