@@ -1,6 +1,6 @@
 """The `fastlm` command line (also `python -m fastlm`, and `torchrun ... -m fastlm pretrain ...`).
 
-Subcommands: tokenizer train|encode|decode, prepare, pretrain, finetune, translate, eval, plot, demo.
+Subcommands: tokenizer train|encode|decode, prepare, pretrain, finetune, translate, eval, export, plot, demo.
 Training commands take a preset (`--preset tiny|small|base`) and `--key value` overrides of TrainConfig fields;
 `--model.KEY value` overrides a ModelConfig field. Every mistake a user can make ends in one line on stderr and
 exit code 2 (set FASTLM_DEBUG=1 for the traceback).
@@ -194,6 +194,17 @@ def cmd_eval(args, extra: list[str]) -> None:
     print(json.dumps(metrics))
 
 
+def cmd_export(args) -> None:
+    from fastlm.hf import export_model
+    from fastlm.train.tasks import load_model, load_tokenizer
+
+    model = load_model(args.model)
+    tokenizer = load_tokenizer(args.tokenizer)
+    # MERGE(w10): the tokenizer check against the one recorded with the model goes here: check_tokenizer(...)
+    output = export_model(model, tokenizer, args.output, overwrite=args.overwrite)
+    print(f"exported {type(model).__name__} -> {output} (load it with transformers' Auto classes)")
+
+
 def cmd_plot(args) -> None:
     from fastlm.train.plot import plot_run
 
@@ -264,8 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.set_defaults(run=cmd_pretrain, takes_overrides=True)
 
     finetune = commands.add_parser("finetune", help="merge a pre-trained encoder and decoder and train on pairs")
-    finetune.add_argument("--encoder", required=True, help="pre-trained encoder (run or model directory)")
-    finetune.add_argument("--decoder", required=True, help="pre-trained decoder (run or model directory)")
+    finetune.add_argument("--encoder", required=True,
+                          help="pre-trained encoder (run or model directory, or transformers BERT / XLM-RoBERTa-XL)")
+    finetune.add_argument("--decoder", required=True,
+                          help="pre-trained decoder (run or model directory, or transformers GPT-2)")
     _add_training_options(finetune)
     finetune.add_argument("--cross-attention-init", choices=("random", "copy_self"), default="random")
     finetune.add_argument("--share-embeddings", action="store_true")
@@ -292,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--beam", type=int, default=4)
     evaluate.set_defaults(run=cmd_eval, takes_overrides=True)
 
+    export = commands.add_parser("export", help="write a model as a Hugging Face transformers directory")
+    export.add_argument("--model", required=True, help="model (run or model directory)")
+    export.add_argument("--tokenizer", required=True, help="the tokenizer the model was trained with")
+    export.add_argument("--output", required=True, help="directory to write (model, tokenizer, generation config)")
+    export.add_argument("--overwrite", action="store_true", help="replace --output if it is not empty")
+    export.set_defaults(run=cmd_export)
+
     plot = commands.add_parser("plot", help="draw a run's loss curves to PNG")
     plot.add_argument("run_dir")
     plot.add_argument("--output", help="PNG path (default: RUN_DIR/loss.png)")
@@ -314,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             args.run(args, extra)
         else:
             args.run(args)
-    except (UsageError, ConfigError, ValueError, OSError) as error:
+    except (UsageError, ConfigError, ValueError, OSError, ImportError) as error:
         if os.environ.get("FASTLM_DEBUG"):
             raise
         message = str(error)

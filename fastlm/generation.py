@@ -120,7 +120,7 @@ def _decoding_problem(model, input_ids, lengths, src_ids, src_lengths, max_new_t
         _check_room(1, max_new_tokens, config.max_seq_len)
         memory = model.encode(src_ids, src_lengths).repeat_interleave(copies, dim=0)
         memory_lengths = src_lengths.repeat_interleave(copies, dim=0) if src_lengths is not None else None
-        prompt = src_ids.new_full((src_ids.shape[0] * copies, 1), config.bos_id)
+        prompt = src_ids.new_full((src_ids.shape[0] * copies, 1), model.decoder_start_id)
         prompt_lengths = torch.ones(prompt.shape[0], dtype=torch.int64, device=prompt.device)
         return prompt, prompt_lengths, lambda ids, lengths, cache: model.next_token_logits(
             ids, lengths, memory, memory_lengths, cache)

@@ -117,6 +117,28 @@ def test_eval_prints_metrics_as_json(finetuned):
     assert metrics["loss"] > 0 and metrics["perplexity"] > 1 and 0 <= metrics["bleu"] <= 100
 
 
+def test_export_to_transformers_and_finetune_from_its_directories(finetuned, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    root, tok = finetuned, finetuned / "tok.json"
+    for name in ("encoder", "decoder", "seq2seq"):
+        fastlm("export", "--model", root / name, "--tokenizer", tok, "--output", tmp_path / name)
+    again = fastlm("export", "--model", root / "seq2seq", "--tokenizer", tok, "--output", tmp_path / "seq2seq",
+                   check=False)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    # The translator answers through transformers as through fastlm (greedy: a beam of one).
+    sentence = (root / "valid.ko").read_text(encoding="utf-8").splitlines()[0]
+    ours = fastlm("translate", "--model", root / "seq2seq", "--tokenizer", tok, "--beam", "1", "--max-new-tokens", "8",
+                  sentence).stdout.strip()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "seq2seq")
+    model = transformers.EncoderDecoderModel.from_pretrained(tmp_path / "seq2seq")
+    generated = model.generate(**hf_tokenizer([sentence], truncation=True, return_tensors="pt"), max_new_tokens=8)
+    assert hf_tokenizer.decode(generated[0], skip_special_tokens=True) == ours
+    fastlm("finetune", "--encoder", tmp_path / "encoder", "--decoder", tmp_path / "decoder", "--tokenizer", tok,
+           "--train", root / "train-pairs", "--run-dir", tmp_path / "from-hf", "--max_steps", "2", "--batch_size", "4",
+           "--max_len", "32", "--progress", "false")
+    assert (tmp_path / "from-hf" / "model" / "model.safetensors").is_file()
+
+
 def test_plot_draws_a_png(pretrained, tmp_path):
     out = tmp_path / "curve.png"
     fastlm("plot", pretrained / "decoder", "--output", out)
@@ -143,6 +165,8 @@ def test_plot_draws_a_png(pretrained, tmp_path):
      "differs from the tokenizer's vocab_size"),
     (["eval", "--model", "{root}/decoder", "--tokenizer", "{root}/other-tok.json", "--data", "{root}/valid-en"],
      "differs from the tokenizer's vocab_size"),
+    (["export", "--model", "{root}/seq2seq", "--tokenizer", "{root}/other-tok.json", "--output", "{root}/hf-bad"],
+     "differs from the tokenizer's"),
     (["pretrain", "--arch", "decoder"], "the following arguments are required"),
 ])
 def test_user_mistakes_are_one_line_and_exit_code_2(finetuned, args, message, capsys, monkeypatch):

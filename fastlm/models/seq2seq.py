@@ -73,11 +73,16 @@ class Seq2SeqLM(LanguageModel):
             raise ValueError(f"tgt_ids of shape {tuple(tgt_ids.shape)}: expected {src_ids.shape[0]} rows, one per row "
                              f"of src_ids {tuple(src_ids.shape)}")
         memory = self.encode(src_ids, src_lengths)                            # (B, S, D)
-        start = tgt_ids.new_full((tgt_ids.shape[0], 1), self.config.bos_id)
+        start = tgt_ids.new_full((tgt_ids.shape[0], 1), self.decoder_start_id)
         decoder_input = torch.cat([start, tgt_ids[:, :-1]], dim=1)            # (B, T), same lengths as tgt_ids
         hidden = self.decoder(decoder_input, tgt_lengths, memory=memory, memory_lengths=src_lengths)
         targets = ignore_padding(labels, tgt_lengths) if labels is not None else None
         return lm_output(hidden, self.lm_head, targets, return_logits)
+
+    @property
+    def decoder_start_id(self) -> int:
+        """The token the decoder reads first, in training and in generation (exports name it too)."""
+        return self.config.bos_id
 
     @torch.no_grad()
     def next_token_logits(

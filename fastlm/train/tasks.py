@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from fastlm import hf
 from fastlm.data.batches import CausalLMBatches, MaskedLMBatches, TranslationBatches
 from fastlm.data.corpus import ParallelCorpus, TokenizedCorpus
 from fastlm.models import DecoderLM, EncoderLM, ModelConfig, Seq2SeqLM
@@ -49,12 +50,16 @@ def model_dir_of(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, map_location: str | torch.device | None = None):
-    """Whatever model a directory holds (EncoderLM, DecoderLM or Seq2SeqLM), by its config.json."""
+    """Whatever model a directory holds, by its config.json: fastlm's EncoderLM, DecoderLM or Seq2SeqLM, or a
+    transformers BERT, XLM-RoBERTa-XL, GPT-2 or encoder-decoder of them (imported by fastlm.hf)."""
     directory = model_dir_of(path)
     model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type in hf.MODEL_TYPES:
+        model = hf.import_model(directory)
+        return model.to(map_location) if map_location is not None else model
     if model_type not in MODEL_CLASSES:
         raise ValueError(f"{directory}/config.json: model_type={model_type!r}, expected one of "
-                         f"{', '.join(MODEL_CLASSES)}")
+                         f"{', '.join([*MODEL_CLASSES, *hf.MODEL_TYPES])}")
     return MODEL_CLASSES[model_type].load(directory, map_location=map_location)
 
 

@@ -1,0 +1,263 @@
+"""fastlm.hf: exported models compute what fastlm computes (logits, loss, greedy generation) inside transformers, the
+round trip fastlm -> transformers -> fastlm is bitwise exact, and what has no equivalent is refused by name."""
+
+import json
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+transformers = pytest.importorskip("transformers")
+
+from fastlm import hf  # noqa: E402
+from fastlm.generation import generate  # noqa: E402
+from fastlm.models import DecoderLM, EncoderLM, ModelConfig, Seq2SeqLM  # noqa: E402
+from fastlm.models.base import IGNORE_INDEX  # noqa: E402
+from fastlm.tokenizer import Tokenizer  # noqa: E402
+
+SENTENCES = ["나는 학교에 갑니다.", "I go to school.", "오늘 날씨가 좋네요.", "The weather is nice today."]
+
+
+def micro_config(**overrides) -> ModelConfig:
+    values = dict(vocab_size=61, d_model=16, n_layers=2, n_heads=2, d_ff=24, max_seq_len=16, dropout=0.0)
+    return ModelConfig(**{**values, **overrides})
+
+
+def randomised(model, seed: int = 0):
+    """Every tensor drawn at a scale that makes layer norms, biases and the head matter (init leaves some at 0/1)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    return model.eval()
+
+
+def padded_batch(config: ModelConfig, lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids that are never special (>= 4) up to each row's length, pad_id after it."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, config.vocab_size, (len(lengths), max(lengths)), generator=generator)
+    lengths = torch.tensor(lengths)
+    ids[torch.arange(ids.shape[1])[None] >= lengths[:, None]] = config.pad_id
+    return ids, lengths
+
+
+def real_tokens(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.arange(width)[None] < lengths[:, None]
+
+
+def assert_same_state(first, second) -> None:
+    ours, theirs = first.state_dict(), second.state_dict()
+    assert list(ours) == list(theirs)
+    for name in ours:
+        assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), name
+
+
+lengths_lists = st.lists(st.integers(1, 12), min_size=1, max_size=3)
+
+
+@given(kind=st.sampled_from(["encoder-post", "encoder-pre", "decoder"]), activation=st.sampled_from(["gelu", "relu"]),
+       tie=st.booleans(), n_layers=st.integers(1, 2), n_heads=st.sampled_from([1, 2, 4]), pad_id=st.integers(0, 3),
+       lengths=lengths_lists, seed=st.integers(0, 2**16))
+def test_language_models_match_their_transformers_twin(kind, activation, tie, n_layers, n_heads, pad_id, lengths,
+                                                        seed):
+    arch, _, norm = kind.partition("-")
+    if kind == "encoder-post":
+        activation = "gelu"   # BERT's head applies hidden_act, ours GELU: ReLU is refused (tested below)
+    config = micro_config(norm_position=norm or "pre", activation=activation, tie_embeddings=tie, n_layers=n_layers,
+                          n_heads=n_heads, pad_id=pad_id, bos_id=(pad_id + 1) % 4, eos_id=(pad_id + 2) % 4)
+    model = randomised(EncoderLM(config) if arch == "encoder" else DecoderLM(config), seed)
+    twin = hf.to_transformers(model)
+    ids, lengths = padded_batch(config, lengths, seed)
+    real = real_tokens(lengths, ids.shape[1])
+    if arch == "encoder":   # a masked-LM batch: targets at some real positions only
+        labels = ids.masked_fill(~real | (torch.rand(ids.shape, generator=torch.Generator().manual_seed(seed)) < 0.5),
+                                 IGNORE_INDEX)
+        labels[0, 0] = ids[0, 0]
+    else:
+        labels = ids.masked_fill(~real, IGNORE_INDEX)
+    ours = model(ids, lengths, labels=ids if arch == "decoder" else labels, return_logits=True)
+    theirs = twin(input_ids=ids, attention_mask=real.long(), labels=labels)
+    torch.testing.assert_close(theirs.logits[real], ours.logits[real], atol=1e-4, rtol=1e-4)
+    if arch == "encoder" or int(lengths.max()) > 1:   # a one-token causal batch has no target at all
+        torch.testing.assert_close(theirs.loss, ours.loss, atol=1e-4, rtol=1e-4)
+    assert_same_state(hf.from_transformers(twin), model)
+    assert hf.from_transformers(twin).config == config
+
+
+# transformers warns that its encoder-decoder loss differs from versions before 4.12: irrelevant here.
+@pytest.mark.filterwarnings("ignore:Version v4.12.0:FutureWarning")
+@settings(max_examples=10)   # each example builds two models and generates: the slowest property here
+@given(encoder_norm=st.sampled_from(["post", "pre"]), decoder_width=st.sampled_from([16, 8]),
+       share_embeddings=st.booleans(), src_lengths=lengths_lists, seed=st.integers(0, 2**16))
+def test_translation_model_matches_encoder_decoder_model(encoder_norm, decoder_width, share_embeddings, src_lengths,
+                                                         seed):
+    share_embeddings = share_embeddings and decoder_width == 16
+    model = randomised(Seq2SeqLM(micro_config(norm_position=encoder_norm),
+                                 micro_config(d_model=decoder_width, n_heads=2, n_layers=1),
+                                 share_embeddings=share_embeddings), seed)
+    twin = hf.to_transformers(model)
+    src, src_lengths = padded_batch(model.encoder_config, src_lengths, seed)
+    tgt, tgt_lengths = padded_batch(model.config, [max(1, 13 - n) for n in src_lengths.tolist()], seed + 1)
+    src_real, tgt_real = real_tokens(src_lengths, src.shape[1]), real_tokens(tgt_lengths, tgt.shape[1])
+    ours = model(src, tgt, src_lengths, tgt_lengths, labels=tgt, return_logits=True)
+    theirs = twin(input_ids=src, attention_mask=src_real.long(), labels=tgt.masked_fill(~tgt_real, IGNORE_INDEX),
+                  decoder_attention_mask=tgt_real.long())
+    torch.testing.assert_close(theirs.logits[tgt_real], ours.logits[tgt_real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(theirs.loss, ours.loss, atol=1e-4, rtol=1e-4)
+    # Greedy translation: transformers returns the decoder start token first, then the same tokens and padding.
+    expected = generate(model, src_ids=src, src_lengths=src_lengths, max_new_tokens=8)
+    generated = twin.generate(input_ids=src, attention_mask=src_real.long(), max_new_tokens=8, do_sample=False,
+                              num_beams=1)
+    assert generated[:, 0].eq(model.decoder_start_id).all()
+    assert torch.equal(generated[:, 1:], expected)
+    back = hf.from_transformers(twin)
+    assert_same_state(back, model)
+    assert back.share_embeddings == share_embeddings
+    assert (back.encoder_config, back.config) == (model.encoder_config, model.config)
+
+
+def test_causal_lm_greedy_generation_matches():
+    model = randomised(DecoderLM(micro_config()))
+    prompt, _ = padded_batch(model.config, [5, 5], seed=3)
+    expected = generate(model, prompt, max_new_tokens=8)
+    generated = hf.to_transformers(model).generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                                   max_new_tokens=8, do_sample=False, num_beams=1)
+    assert torch.equal(generated[:, 5:], expected)
+
+
+def test_round_trip_keeps_bfloat16_weights_exactly():
+    model = randomised(Seq2SeqLM(micro_config(), micro_config())).to(torch.bfloat16)
+    twin = hf.to_transformers(model)
+    assert twin.dtype == torch.bfloat16
+    assert_same_state(hf.from_transformers(twin), model)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train(SENTENCES * 10, vocab_size=300)
+
+
+def sized(tokenizer: Tokenizer, **overrides) -> ModelConfig:
+    return micro_config(**{"vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id,
+                           "eos_id": tokenizer.eos_id, "max_seq_len": 32, **overrides})
+
+
+@pytest.mark.parametrize("kind", ["encoder-post", "encoder-pre", "decoder", "seq2seq"])
+def test_exported_directory_loads_with_auto_classes_and_imports_back(kind, tokenizer, tmp_path):
+    if kind == "seq2seq":
+        model = Seq2SeqLM(sized(tokenizer, norm_position="post"), sized(tokenizer))
+        loader = transformers.EncoderDecoderModel
+    elif kind == "decoder":
+        model, loader = DecoderLM(sized(tokenizer)), transformers.AutoModelForCausalLM
+    else:
+        model = EncoderLM(sized(tokenizer, norm_position=kind.split("-")[1]))
+        loader = transformers.AutoModelForMaskedLM
+    model = randomised(model)
+    directory = hf.export_model(model, tokenizer, tmp_path / "export")
+    loaded = loader.from_pretrained(directory, local_files_only=True)
+    assert_same_state(hf.from_transformers(loaded), model)
+    assert_same_state(hf.import_model(directory), model)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    wrapped = kind != "decoder"   # encoder inputs are <s> text </s>, as fastlm trains on them
+    for text in SENTENCES:
+        ids = tokenizer.encode(text)
+        assert hf_tokenizer(text)["input_ids"] == ([tokenizer.bos_id, *ids, tokenizer.eos_id] if wrapped else ids)
+    assert hf_tokenizer.pad_token_id == tokenizer.pad_id and hf_tokenizer.eos_token_id == tokenizer.eos_id
+    assert hf_tokenizer.mask_token_id == tokenizer.mask_id
+
+
+def test_export_refuses_a_non_empty_directory_unless_told(tokenizer, tmp_path):
+    model = EncoderLM(sized(tokenizer))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        hf.export_model(model, tokenizer, tmp_path / "out")
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    hf.export_model(model, tokenizer, tmp_path / "out", overwrite=True)
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        "config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]   # no staging directory left behind
+
+
+def test_export_refuses_another_tokenizer(tokenizer, tmp_path):
+    other = Tokenizer.train(SENTENCES * 10, vocab_size=290)
+    with pytest.raises(ValueError, match="vocab_size = 300 differs from the tokenizer's 290"):
+        hf.export_model(EncoderLM(sized(tokenizer)), other, tmp_path / "out")
+    with pytest.raises(ValueError, match="eos_id = 3 differs"):
+        hf.export_model(EncoderLM(sized(tokenizer, eos_id=3)), tokenizer, tmp_path / "out")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: EncoderLM(micro_config(positional="rope")), "EncoderLM ModelConfig.positional = 'rope'"),
+    (lambda: DecoderLM(micro_config(positional="sinusoidal")), "positional = 'sinusoidal' has no equivalent in GPT-2"),
+    (lambda: DecoderLM(micro_config(activation="swiglu")), "activation = 'swiglu'"),
+    (lambda: DecoderLM(micro_config(n_kv_heads=1)), "n_kv_heads = 1 .*no grouped-query attention"),
+    (lambda: DecoderLM(micro_config(norm_position="post")), "norm_position = 'post' has no equivalent in GPT-2"),
+    (lambda: EncoderLM(micro_config(norm_position="post", activation="relu")), "activation = 'relu' .* BERT"),
+    (lambda: Seq2SeqLM(micro_config(), micro_config(norm_position="post")), "Seq2SeqLM decoder .*norm_position"),
+])
+def test_configs_without_an_equivalent_are_refused_by_name(make, message):
+    with pytest.raises(ValueError, match=message):
+        hf.to_transformers(make())
+
+
+def test_a_bert_encoder_in_a_translation_model_may_use_relu():
+    model = randomised(Seq2SeqLM(micro_config(norm_position="post", activation="relu"), micro_config()))
+    assert_same_state(hf.from_transformers(hf.to_transformers(model)), model)
+
+
+def test_bert_token_types_fold_into_the_positions():
+    """A BERT checkpoint trained elsewhere has a non-zero type-0 embedding: fastlm adds it to every position."""
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=24, max_position_embeddings=16, bos_token_id=1,
+                                     eos_token_id=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    bert = transformers.BertForMaskedLM(config).eval()
+    assert bert.bert.embeddings.token_type_embeddings.weight[0].abs().sum() > 0
+    model = hf.from_transformers(bert)
+    ids, lengths = padded_batch(model.config, [7, 3], seed=0)
+    real = real_tokens(lengths, ids.shape[1])
+    torch.testing.assert_close(model(ids, lengths, return_logits=True).logits[real],
+                               bert(input_ids=ids, attention_mask=real.long()).logits[real], atol=1e-4, rtol=1e-4)
+
+
+def test_a_checkpoint_without_its_mlm_head_imports_with_a_warning(tmp_path, caplog):
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=24, max_position_embeddings=16, bos_token_id=1, eos_token_id=2)
+    body = transformers.BertModel(config)
+    body.save_pretrained(tmp_path)
+    model = hf.import_model(tmp_path)
+    assert torch.equal(model.body.embeddings.token.weight, body.embeddings.word_embeddings.weight)
+    assert "no MLM head in the checkpoint (cls.predictions.bias" in caplog.text
+
+
+@pytest.mark.parametrize("hf_config, message", [
+    (lambda: transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16, bos_token_id=1,
+                                     eos_token_id=2, pad_token_id=0),
+     "gpt2 config activation_function = 'gelu_new' has no fastlm equivalent"),
+    (lambda: transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16, bos_token_id=1,
+                                     eos_token_id=2, activation_function="gelu"),
+     "gpt2 config pad_token_id = None"),
+    (lambda: transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=24, bos_token_id=1, eos_token_id=2, hidden_act="gelu_new"),
+     "bert config hidden_act = 'gelu_new'"),
+])
+def test_transformers_configs_without_an_equivalent_are_refused_by_name(hf_config, message, tmp_path):
+    config = hf_config()
+    model_class = transformers.GPT2LMHeadModel if config.model_type == "gpt2" else transformers.BertForMaskedLM
+    model_class(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        hf.import_model(tmp_path)
+
+
+def test_import_names_an_unknown_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta-prelayernorm"}))
+    with pytest.raises(ValueError, match="model_type = 'roberta-prelayernorm': expected one of"):
+        hf.import_model(tmp_path)
+
+
+def test_missing_transformers_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[hf\]"'):
+        hf.to_transformers(DecoderLM(micro_config()))
