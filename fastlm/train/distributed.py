@@ -54,6 +54,9 @@ def init_world(device: str | None = None) -> World:
 
 def close_world(world: World) -> None:
     if world.is_distributed and dist.is_initialized():
+        # Every rank past its last collective first: a rank that tears down its group while the root of a
+        # broadcast is still completing it leaves that root waiting forever under gloo.
+        dist.barrier()
         dist.destroy_process_group()
 
 

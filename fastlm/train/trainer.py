@@ -108,12 +108,13 @@ class Trainer:
 
     # ----- checkpoints -----
 
-    def save_checkpoint(self, *, is_best: bool) -> Path | None:
-        """Every rank must call this (FSDP gathers shards, RNG states are gathered); rank 0 writes."""
+    def save_checkpoint(self, *, is_best: bool) -> Path:
+        """Every rank must call this (FSDP gathers shards, RNG states are gathered); rank 0 writes, and a failed
+        write (a full disk) raises on every rank."""
         model_state, optimizer_state = distributed.full_state_dicts(self.wrapped, self.optimizer)
         rng_states = distributed.all_gather_objects(capture_rng_state(), self.world)
-        path = None
-        if self.world.is_main:
+
+        def write_on_main() -> Path:
             payload = {
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "step": self.step, "epoch": self.epoch, "index": self.index,
@@ -122,9 +123,9 @@ class Trainer:
                 "rng": rng_states, "world_size": self.world.world_size,
                 "config": self.config.to_dict(), "run_info": self.run_info,
             }
-            path = self.checkpoints.save(payload, self.step, is_best=is_best)
-        distributed.barrier(self.world)
-        return path
+            return self.checkpoints.save(payload, self.step, is_best=is_best)
+
+        return distributed.run_on_main(self.world, write_on_main)
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Restore everything from `path` (default: the latest checkpoint of the run); False if there is none.

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastlm.models import DecoderLM, EncoderLM
+from fastlm.models import DecoderLM, EncoderLM, Seq2SeqLM
 
 from model_helpers import tiny_config
 
@@ -117,3 +117,10 @@ def test_a_config_with_another_shape_than_the_weights_is_refused(tmp_path):
     _rewrite_config(tmp_path, lambda c: _set(c["config"], "d_ff", 256))
     with pytest.raises(ValueError, match=r"has shape \(512, 128\), expected \(256, 128\)"):
         DecoderLM.load(tmp_path)
+
+
+def test_a_seq2seq_config_with_a_non_boolean_share_embeddings_names_the_file(tmp_path):
+    Seq2SeqLM(tiny_config(n_layers=1), tiny_config(n_layers=1)).save(tmp_path)
+    _rewrite_config(tmp_path, lambda c: _set(c, "share_embeddings", "yes"))
+    with pytest.raises(ValueError, match="config.json: share_embeddings = 'yes': expected true or false"):
+        Seq2SeqLM.load(tmp_path)
