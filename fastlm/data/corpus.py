@@ -64,7 +64,11 @@ def read_shard_offsets(directory: Path, name: str, dtype: np.dtype) -> np.ndarra
         raise ValueError(f"{offsets_path}: size {offsets_path.stat().st_size} is not a positive multiple of 8 bytes")
     offsets = np.fromfile(offsets_path, dtype="<i8")
     if offsets[0] != 0 or np.any(np.diff(offsets) < 0):
-        raise ValueError(f"{offsets_path}: offsets must start at 0 and never decrease")
+        decreasing = np.flatnonzero(np.diff(offsets) < 0)
+        where = f"offsets[0] = {offsets[0]}" if offsets[0] != 0 else (
+            f"offsets[{decreasing[0] + 1}] = {offsets[decreasing[0] + 1]} < offsets[{decreasing[0]}] = "
+            f"{offsets[decreasing[0]]}")
+        raise ValueError(f"{offsets_path}: offsets must start at 0 and never decrease ({where})")
     expected = int(offsets[-1]) * dtype.itemsize
     if ids_path.stat().st_size != expected:
         raise ValueError(
@@ -74,9 +78,26 @@ def read_shard_offsets(directory: Path, name: str, dtype: np.dtype) -> np.ndarra
     return offsets
 
 
+def check_ids_below(ids: np.ndarray, vocab_size: int, path: Path) -> None:
+    """Raises ValueError if an id of `ids` (a shard's memory map) is >= vocab_size: one vectorised pass over the
+    file (a few GB/s from the page cache), skipped when the dtype cannot hold such an id."""
+    if len(ids) and vocab_size <= np.iinfo(ids.dtype).max:
+        largest = int(ids.max())
+        if largest >= vocab_size:
+            position = int(np.argmax(ids >= vocab_size))
+            raise ValueError(f"{path}: id {largest} (first bad id at token {position}) is >= vocab_size={vocab_size} "
+                             f"of {META_FILE}: the shard does not belong to this corpus's tokenizer")
+
+
 class TokenizedCorpus:
     """A prepared corpus: `len(corpus)` sentences, `corpus[i]` the ids of sentence i (a zero-copy view of the
-    memory map), `lengths` and `offsets` over the whole corpus. Opening validates meta.json and every shard's size."""
+    memory map), `lengths` and `offsets` over the whole corpus.
+
+    Opening checks what a damaged or hand-edited corpus could get wrong, so that training never reads outside a
+    shard or feeds the model an id outside its embedding table: meta.json's keys, types and values (dtype fits the
+    vocab, special ids inside it, shard names as `prepare` writes them); each shard's offsets (start at 0, never
+    decrease, end at the ids file's size); the counts of meta.json against the files; and every id < vocab_size
+    (`check_ids_below`, one vectorised pass over the ids)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -102,6 +123,7 @@ class TokenizedCorpus:
             ids_path = shard_files(self.path, shard["name"])[0]
             # np.memmap refuses empty files; an empty shard is simply an empty array.
             ids = np.memmap(ids_path, dtype=self.dtype, mode="r") if shard["num_tokens"] else np.empty(0, self.dtype)
+            check_ids_below(ids, self.vocab_size, ids_path)
             self._shard_ids.append(ids)
             offsets.append(shard_offsets[1:] + offsets[-1][-1])
         self.offsets = np.concatenate(offsets)  # (num_sentences + 1,) into the concatenation of all shards
@@ -145,7 +167,8 @@ class TokenizedCorpus:
     def check_tokenizer(self, tokenizer) -> None:
         """Raises ValueError unless this corpus was prepared with exactly this tokenizer."""
         actual = tokenizer_sha256(tokenizer)
-        if actual != self.tokenizer_sha256:
+        # The vocab sizes as well: a meta.json edited to a larger vocab_size would let larger ids through.
+        if actual != self.tokenizer_sha256 or tokenizer.vocab_size != self.vocab_size:
             raise ValueError(
                 f"{self.path}: prepared with tokenizer sha256={self.tokenizer_sha256[:12]}... (vocab_size="
                 f"{self.vocab_size}), but the tokenizer given has sha256={actual[:12]}... (vocab_size="
@@ -201,6 +224,18 @@ def _read_meta(directory: Path) -> dict:
     for key, kind in _META_KEYS.items():
         if not isinstance(meta.get(key), kind):
             raise ValueError(f"{path}: {key}={meta.get(key)!r}, expected a {kind.__name__}")
-    if meta["dtype"] not in ("uint16", "uint32"):
-        raise ValueError(f"{path}: dtype={meta['dtype']!r}, expected 'uint16' or 'uint32'")
+    if meta["vocab_size"] < 1 or meta["dtype"] != dtype_for_vocab(meta["vocab_size"]).name:
+        raise ValueError(f"{path}: dtype={meta['dtype']!r} with vocab_size={meta['vocab_size']}, expected a positive "
+                         f"vocab_size and the dtype prepare picks for it")
+    for name, value in meta["special_token_ids"].items():
+        if value is not None and (not isinstance(value, int) or not 0 <= value < meta["vocab_size"]):
+            raise ValueError(f"{path}: special_token_ids[{name!r}]={value!r}, expected an id in "
+                             f"[0, {meta['vocab_size']}) or null")
+    for index, shard in enumerate(meta["shards"]):
+        # The name becomes a file path: only the names prepare writes, so that meta.json cannot point elsewhere.
+        if not isinstance(shard, dict) or shard.get("name") != shard_name(index) or any(
+                not isinstance(shard.get(key), int) or isinstance(shard.get(key), bool) or shard[key] < 0
+                for key in ("num_sentences", "num_tokens")):
+            raise ValueError(f"{path}: shards[{index}]={shard!r}, expected {{'name': {shard_name(index)!r}, "
+                             "'num_sentences': int >= 0, 'num_tokens': int >= 0, ...}")
     return meta

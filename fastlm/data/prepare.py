@@ -147,13 +147,18 @@ def _write_shards(rows: Iterator[tuple[str, ...]], encode: Callable, out_dirs: l
                                      "first run; prepare into a new out_dir")
             else:
                 encoded = _encoded_in_background(_chunks(shard_rows, ENCODE_CHUNK), encode, pool)
-                counts = _write_shard(encoded, out_dirs, name, dtype, vocab_size)
-                if counts[0][0] == 0:
-                    break
-                records = [{"name": name, "num_sentences": num_sentences, "num_tokens": num_tokens,
-                            "input_sha256": digest.hexdigest()} for num_sentences, num_tokens in counts]
-                for directory, record in zip(out_dirs, records):
-                    _write_json_atomically(_record_path(directory, name), record)
+                try:
+                    counts = _write_shard(encoded, out_dirs, name, dtype, vocab_size)
+                    if counts[0][0] == 0:
+                        break
+                    records = [{"name": name, "num_sentences": num_sentences, "num_tokens": num_tokens,
+                                "input_sha256": digest.hexdigest()} for num_sentences, num_tokens in counts]
+                    for directory, record in zip(out_dirs, records):
+                        _write_json_atomically(_record_path(directory, name), record)
+                except OSError as error:  # a full disk, most likely: say what is kept and how to go on
+                    raise OSError(error.errno, f"prepare: writing {out_dirs[0] / name} failed ({error.strerror}); "
+                                  f"the {index} shard(s) finished before it are kept and meta.json is not written: "
+                                  "free some space and run the same prepare again to finish") from error
             for shard_list, record in zip(shards, records):
                 shard_list.append(record)
             progress.update(sentences=records[0]["num_sentences"],
@@ -234,24 +239,28 @@ def _write_shard(encoded_chunks: Iterator, out_dirs: list[Path], name: str, dtyp
                     raise ValueError(f"token id {int(ids.max())} from the tokenizer is >= vocab_size={vocab_size}")
                 file.write(ids.astype(dtype.newbyteorder("<"), copy=False).tobytes())
                 column_lengths.append(np.diff(offsets))
+        if files is None:
+            return [(0, 0) for _ in out_dirs]
+        counts = []
+        for file, column_lengths, (ids_tmp, offsets_tmp), directory in zip(files, lengths, temporary, out_dirs):
+            offsets = np.concatenate([[0], np.cumsum(np.concatenate(column_lengths))]).astype("<i8")
+            _sync_and_close(file)
+            with open(offsets_tmp, "wb") as offsets_file:
+                offsets_file.write(offsets.tobytes())
+                _sync_and_close(offsets_file)
+            ids_path, offsets_path = shard_files(directory, name)
+            os.replace(ids_tmp, ids_path)
+            os.replace(offsets_tmp, offsets_path)
+            counts.append((len(offsets) - 1, int(offsets[-1])))
+        return counts
     except BaseException:
+        # A failed shard (full disk, bad id, interrupt) leaves no partial file: its record is not written either, so
+        # a re-run tokenises it again.
         for file in files or ():
             file.close()
+        for path in (path for pair in temporary for path in pair):
+            path.unlink(missing_ok=True)
         raise
-    if files is None:
-        return [(0, 0) for _ in out_dirs]
-    counts = []
-    for file, column_lengths, (ids_tmp, offsets_tmp), directory in zip(files, lengths, temporary, out_dirs):
-        offsets = np.concatenate([[0], np.cumsum(np.concatenate(column_lengths))]).astype("<i8")
-        _sync_and_close(file)
-        with open(offsets_tmp, "wb") as offsets_file:
-            offsets_file.write(offsets.tobytes())
-            _sync_and_close(offsets_file)
-        ids_path, offsets_path = shard_files(directory, name)
-        os.replace(ids_tmp, ids_path)
-        os.replace(offsets_tmp, offsets_path)
-        counts.append((len(offsets) - 1, int(offsets[-1])))
-    return counts
 
 
 def _with_markers(ids: np.ndarray, offsets: np.ndarray, bos_id: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -275,8 +284,11 @@ def _sync_and_close(file) -> None:
 
 def _write_json_atomically(path: Path, value: dict) -> None:
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(value, file, indent=1, ensure_ascii=False)
-        file.write("\n")
-        _sync_and_close(file)
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(value, file, indent=1, ensure_ascii=False)
+            file.write("\n")
+            _sync_and_close(file)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import Tensor, nn
 
 from fastlm.kernels import linear_cross_entropy
 
 from .config import ModelConfig
+from .weights import load_weights
 
 IGNORE_INDEX = -100   # labels that have no target (padding, unmasked MLM positions)
 INDEX_DTYPES = (torch.int64, torch.int32)   # what ids, lengths and labels may be
@@ -155,7 +155,8 @@ class LanguageModel(nn.Module):
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device | None = None) -> LanguageModel:
         """The model `save` wrote to `directory`. A missing file is a FileNotFoundError; a config.json or
-        model.safetensors that is corrupt or belongs to another model is a ValueError naming the file."""
+        model.safetensors that is corrupt, belongs to another model or holds non-finite weights is a ValueError naming
+        the file and the problem (see `load_weights`)."""
         directory = Path(directory)
         config_path, weights_path = directory / "config.json", directory / "model.safetensors"
         try:
@@ -169,13 +170,11 @@ class LanguageModel(nn.Module):
             model = cls.from_config_dict(config)
         except KeyError as error:
             raise ValueError(f"{config_path}: missing key {error}, expected a config written by save") from None
+        except (TypeError, ValueError) as error:  # a value of the wrong type or out of range
+            raise ValueError(f"{config_path}: {error}") from None
         if not weights_path.is_file():
             raise FileNotFoundError(f"{weights_path}: missing, expected the weights written by save")
-        try:
-            load_model(model, str(weights_path))
-        except (SafetensorError, RuntimeError) as error:
-            raise ValueError(f"{weights_path}: not the weights of the {cls.__name__} in {config_path} "
-                             f"({str(error)[:500]})") from None
+        load_weights(model, weights_path)
         return model.to(map_location) if map_location is not None else model
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

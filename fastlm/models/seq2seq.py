@@ -30,6 +30,8 @@ class Seq2SeqLM(LanguageModel):
 
     def __init__(self, encoder_config: ModelConfig, decoder_config: ModelConfig, *, share_embeddings: bool = False):
         super().__init__()
+        if not isinstance(share_embeddings, bool):  # a config.json may hold "yes", which would pass as true
+            raise ValueError(f"share_embeddings = {share_embeddings!r}: expected true or false")
         if encoder_config.vocab_size != decoder_config.vocab_size:
             raise ValueError(f"decoder vocab_size = {decoder_config.vocab_size}: expected the encoder's, "
                              f"{encoder_config.vocab_size} (both sides must use one tokenizer)")

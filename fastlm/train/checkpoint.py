@@ -1,12 +1,16 @@
-"""Training checkpoints: atomic writes, the last K kept plus the best, and the RNG states that make resume exact.
+"""Training checkpoints: atomic writes, the last K kept plus the best, the RNG states that make resume exact, and
+the checks that refuse a checkpoint of another run.
 
 A checkpoint is one file `step-00000100.pt` holding a plain dict (tensors, numbers, strings, lists) so that it
-loads with `torch.load(weights_only=True)`: model, optimizer and scheduler state, the data position, the config,
-and the RNG states of every rank. `best.pt` is a hard link to the best step file (no copy), made atomically.
+loads with `torch.load(weights_only=True)`, which unpickles no code: model, optimizer and scheduler state, the data
+position, the config, and the RNG states of every rank. Model and optimizer state are unsharded and keyed by
+parameter names, so a checkpoint fits any world size. `best.pt` is a hard link to the best step file (no copy),
+made atomically. A failed write (a full disk) leaves the earlier files as they were.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -17,6 +21,18 @@ import torch
 
 _STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
 BEST_NAME = "best.pt"
+CHECKPOINT_FORMAT = "fastlm-checkpoint"
+# 2: optimizer state keyed by parameter names (any world size); 1 keyed it by position (one layout only).
+CHECKPOINT_VERSION = 2
+# run_info entries that may change between a run and its resumption: paths of data that may have moved.
+MOVABLE_RUN_INFO = ("data",)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def capture_rng_state() -> dict:
@@ -45,6 +61,16 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_rank_rng_state(states: list[dict], rank: int, *, seed: int, step: int) -> None:
+    """Restore rank `rank`'s generators from the per-rank `states` of a checkpoint. A rank that the checkpoint's
+    run did not have (resuming on more processes) gets a fresh stream, seeded from (seed, rank, step) so that it is
+    reproducible and differs from every stream used before; the states of ranks that are gone are dropped."""
+    if rank < len(states):
+        restore_rng_state(states[rank])
+    else:
+        seed_everything(hash((seed, rank, step)) % 2**63)
+
+
 def atomic_save(payload: dict, path: Path) -> None:
     """Write `payload` to `path` so that a reader (or a crash) sees either the old file or the complete new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -54,6 +80,10 @@ def atomic_save(payload: dict, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        kept = "the earlier checkpoints are intact" if error.errno == errno.ENOSPC else "no file was replaced"
+        raise OSError(error.errno, f"writing checkpoint {path} failed ({error.strerror or error}); {kept}, "
+                      "and a resumed run starts from the latest of them") from error
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
@@ -76,6 +106,41 @@ def load_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a truncated or foreign file
         raise ValueError(f"checkpoint {str(path)!r} cannot be read: {error}") from error
+
+
+def check_resumable(state: dict, path: Path, *, run_info: dict, model: torch.nn.Module) -> None:
+    """Raise ValueError unless the checkpoint `state` read from `path` can resume this run: the same format and
+    version, the same run_info (task, model config, tokenizer; data paths may move) and the same parameter names and
+    shapes as `model` (a clear message instead of a state_dict traceback)."""
+    found = (state.get("format"), state.get("version"))
+    if found != (CHECKPOINT_FORMAT, CHECKPOINT_VERSION):
+        raise ValueError(f"checkpoint {path}: format {found[0]!r} version {found[1]!r}, expected "
+                         f"{CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION}")
+    saved_info = {k: v for k, v in state.get("run_info", {}).items() if k not in MOVABLE_RUN_INFO}
+    current_info = {k: v for k, v in run_info.items() if k not in MOVABLE_RUN_INFO}
+    changes = _differences(saved_info, current_info)
+    if changes:
+        raise ValueError(f"checkpoint {path} belongs to another run ({'; '.join(changes[:6])}): resume with the "
+                         "settings the run was started with, or train in a new run directory")
+    saved_shapes = {name: tuple(tensor.shape) for name, tensor in state["model"].items()}
+    # Under FSDP2 the model's tensors are DTensors, whose shape is the global (unsharded) one.
+    model_shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    changes = _differences(saved_shapes, model_shapes)
+    if changes:
+        raise ValueError(f"checkpoint {path} holds another model ({'; '.join(changes[:6])}): resume with the model "
+                         "the run was started with, or train in a new run directory")
+
+
+def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """'key: checkpoint has X, this run Y' for every (nested) key whose values differ."""
+    changes = []
+    for key in sorted(set(saved) | set(current), key=str):
+        old, new = saved.get(key, "nothing"), current.get(key, "nothing")
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key}: checkpoint has {old!r}, this run {new!r}")
+    return changes
 
 
 class CheckpointDir:

@@ -6,10 +6,16 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_optimizer_state_dict,
+)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,9 @@ def init_world(device: str | None = None) -> World:
 
 def close_world(world: World) -> None:
     if world.is_distributed and dist.is_initialized():
+        # Every rank past its last collective first: a rank that tears down its group while the root of a
+        # broadcast is still completing it leaves that root waiting forever under gloo.
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -103,31 +112,45 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def full_state_dicts(wrapped: nn.Module, optimizer: torch.optim.Optimizer, *, fsdp: bool) -> tuple[dict, dict]:
-    """Unsharded model and optimizer state dicts on CPU (FSDP2 gathers its shards; every rank must call this)."""
-    if fsdp and dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        return get_state_dict(wrapped, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return unwrap(wrapped).state_dict(), optimizer.state_dict()
+def full_state_dicts(wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state dicts on CPU, both keyed by parameter names whatever the layout (one
+    process, DDP or FSDP2), so that a checkpoint loads on any world size. Under a process group this is a collective
+    (every rank must call it) and only rank 0 gets the gathered tensors: the others never hold the whole state."""
+    return get_state_dict(wrapped, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def full_model_state_dict(wrapped: nn.Module, *, fsdp: bool) -> dict:
     """The unsharded model state dict on CPU (a collective under FSDP2: every rank must call it)."""
     if fsdp and dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return unwrap(wrapped).state_dict()
 
 
 def load_full_state_dicts(wrapped: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
-                          optimizer_state: dict, *, fsdp: bool) -> None:
-    if fsdp and dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+                          optimizer_state: dict) -> None:
+    """Load the state dicts of `full_state_dicts` into any layout. Under a process group only rank 0 passes them
+    (the others pass empty dicts): rank 0 broadcasts one tensor at a time and each rank keeps its FSDP2 shard of it,
+    so no rank but 0 reads the file or holds the whole state."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
+    # Two calls rather than one set_state_dict: with broadcast_from_rank0 the combined call hangs under gloo
+    # (seen with torch 2.13), the separate ones do not.
+    set_model_state_dict(wrapped, model_state, options=options)
+    set_optimizer_state_dict(wrapped, optimizer, optimizer_state, options=options)
 
-        set_state_dict(wrapped, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                       options=StateDictOptions(full_state_dict=True))
-        return
-    unwrap(wrapped).load_state_dict(model_state)
-    optimizer.load_state_dict(optimizer_state)
+
+def run_on_main(world: World, function: Callable[[], T]) -> T:
+    """`function()` run on rank 0 only and its result (picklable, small) sent to every rank. An exception on rank 0
+    is re-raised on every rank, so that a bad file stops the whole job instead of leaving ranks in a collective."""
+    if not world.is_distributed:
+        return function()
+    outcome: list = [None]
+    if world.is_main:
+        try:
+            outcome[0] = (True, function())
+        except Exception as error:  # noqa: BLE001 - any failure must reach the other ranks
+            outcome[0] = (False, error)
+    dist.broadcast_object_list(outcome, src=0)
+    succeeded, value = outcome[0]
+    if not succeeded:
+        raise value
+    return value

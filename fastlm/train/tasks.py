@@ -13,7 +13,7 @@ import torch
 
 from fastlm import hf
 from fastlm.data.batches import CausalLMBatches, MaskedLMBatches, TranslationBatches
-from fastlm.data.corpus import ParallelCorpus, TokenizedCorpus
+from fastlm.data.corpus import ParallelCorpus, TokenizedCorpus, tokenizer_sha256
 from fastlm.models import DecoderLM, EncoderLM, ModelConfig, Seq2SeqLM
 from fastlm.tokenizer import Tokenizer
 from fastlm.train.config import TrainConfig, typed_overrides
@@ -144,6 +144,7 @@ def pretrain(arch: str, tokenizer_path: str | Path, train_dir: str | Path, valid
     torch.manual_seed(config.seed)  # the same initial weights on every rank and in every run with this seed
     model = ARCHS[arch](architecture)
     run_info = {"task": f"pretrain-{arch}", "model": architecture.to_dict(),
+                "tokenizer_sha256": tokenizer_sha256(tokenizer),
                 "data": {"tokenizer": str(tokenizer_path), "train": str(train_dir), "valid": str(valid_dir)}}
     return _train(model, train, valid, config, Path(run_dir), world=world, resume=resume, run_info=run_info)
 
@@ -167,7 +168,7 @@ def finetune(encoder: str | Path, decoder: str | Path, tokenizer_path: str | Pat
             def extra_eval(seq2seq) -> dict:
                 return bleu_on_pairs(seq2seq, tokenizer, pairs, bleu_sentences, num_beams=num_beams,
                                      max_new_tokens=config.max_len)
-    run_info = {"task": "finetune", "model": model.config_dict(),
+    run_info = {"task": "finetune", "model": model.config_dict(), "tokenizer_sha256": tokenizer_sha256(tokenizer),
                 "data": {"tokenizer": str(tokenizer_path), "train": str(train_dir), "valid": str(valid_dir),
                          "encoder": str(encoder), "decoder": str(decoder)}}
     return _train(model, train, valid, config, Path(run_dir), world=world, resume=resume, run_info=run_info,

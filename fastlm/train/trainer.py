@@ -4,6 +4,12 @@ Data comes from a batch source (`num_batches(epoch)`, `batch(epoch, index)`, det
 whole data position is two integers. An optimizer step uses the global micro-batch indices
 `index .. index + grad_accum * world_size - 1`; rank r takes those congruent to r modulo the world size, which makes
 W processes with accumulation A compute the same step as one process with accumulation A * W.
+
+Resuming on another world size (checkpoints are unsharded, keyed by parameter names): weights, optimizer and
+scheduler state and the data position are exact, so the next step starts at the very micro-batch where the run
+stopped and no batch is skipped or seen twice; keep grad_accum * world_size unchanged to keep the global batch. Not
+exact: which rank takes which micro-batch, and the dropout streams: ranks present in both layouts continue their own,
+new ranks start fresh ones (seeded from seed, rank and step), and the streams of ranks that are gone end.
 """
 
 from __future__ import annotations
@@ -11,25 +17,24 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
 from fastlm.data.prefetch import Prefetcher
 from fastlm.train import distributed
-from fastlm.train.checkpoint import CheckpointDir, capture_rng_state, load_checkpoint, restore_rng_state
+from fastlm.train.checkpoint import (
+    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointDir, capture_rng_state, check_resumable, load_checkpoint,
+    restore_rank_rng_state, seed_everything,
+)
 from fastlm.train.config import TrainConfig
 from fastlm.train.distributed import World
 from fastlm.train.evaluation import evaluate_loss, to_device
 from fastlm.train.metrics import MetricsLog, ProgressBar
 from fastlm.train.optim import build_optimizer, build_scheduler
-
-CHECKPOINT_FORMAT = "fastlm-checkpoint"
 
 
 class TrainingDiverged(RuntimeError):
@@ -67,10 +72,7 @@ class Trainer:
             raise ValueError("extra_eval needs the whole model on one rank: it cannot run with fsdp=True")
 
         # Dropout streams differ per rank (each sees different data) but are reproducible from the seed.
-        seed = config.seed + self.world.rank
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        seed_everything(config.seed + self.world.rank)
 
         self.model = model.to(self.world.device)
         self.wrapped = distributed.wrap_model(self.model, self.world, fsdp=config.fsdp)
@@ -108,43 +110,50 @@ class Trainer:
 
     # ----- checkpoints -----
 
-    def save_checkpoint(self, *, is_best: bool) -> Path | None:
-        """Every rank must call this (FSDP gathers shards, RNG states are gathered); rank 0 writes."""
-        model_state, optimizer_state = distributed.full_state_dicts(self.wrapped, self.optimizer,
-                                                                    fsdp=self.config.fsdp)
+    def save_checkpoint(self, *, is_best: bool) -> Path:
+        """Every rank must call this (FSDP gathers shards, RNG states are gathered); rank 0 writes, and a failed
+        write (a full disk) raises on every rank."""
+        model_state, optimizer_state = distributed.full_state_dicts(self.wrapped, self.optimizer)
         rng_states = distributed.all_gather_objects(capture_rng_state(), self.world)
-        path = None
-        if self.world.is_main:
+
+        def write_on_main() -> Path:
             payload = {
-                "format": CHECKPOINT_FORMAT, "version": 1,
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "step": self.step, "epoch": self.epoch, "index": self.index,
                 "best_eval_loss": self.best_eval_loss, "bad_steps": self.bad_steps,
                 "model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                 "rng": rng_states, "world_size": self.world.world_size,
                 "config": self.config.to_dict(), "run_info": self.run_info,
             }
-            path = self.checkpoints.save(payload, self.step, is_best=is_best)
-        distributed.barrier(self.world)
-        return path
+            return self.checkpoints.save(payload, self.step, is_best=is_best)
+
+        return distributed.run_on_main(self.world, write_on_main)
 
     def resume(self, path: str | Path | None = None) -> bool:
-        """Restore everything from `path` (default: the latest checkpoint of the run); False if there is none."""
-        path = Path(path) if path is not None else self.checkpoints.latest()
-        if path is None:
+        """Restore everything from `path` (default: the latest checkpoint of the run); False if there is none.
+
+        Any world size (see the module docstring). Rank 0 alone reads and checks the file (a checkpoint of another
+        run is a ValueError on every rank) and broadcasts the weights and optimizer state."""
+        tensors: dict = {}
+
+        def read_on_main() -> dict | None:
+            chosen = Path(path) if path is not None else self.checkpoints.latest()
+            if chosen is None:
+                return None
+            state = load_checkpoint(chosen)
+            check_resumable(state, chosen, run_info=self.run_info, model=self.model)
+            tensors["model"], tensors["optimizer"] = state.pop("model"), state.pop("optimizer")
+            return state
+
+        state = distributed.run_on_main(self.world, read_on_main)
+        if state is None:
             return False
-        state = load_checkpoint(path)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint {str(path)!r}: format {state.get('format')!r}, "
-                             f"expected {CHECKPOINT_FORMAT!r}")
-        if state["world_size"] != self.world.world_size:
-            raise ValueError(f"checkpoint {str(path)!r} was written by {state['world_size']} processes, this run has "
-                             f"{self.world.world_size}: exact resume needs the same world size")
-        distributed.load_full_state_dicts(self.wrapped, self.optimizer, state["model"], state["optimizer"],
-                                          fsdp=self.config.fsdp)
+        distributed.load_full_state_dicts(self.wrapped, self.optimizer, tensors.get("model", {}),
+                                          tensors.get("optimizer", {}))
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.index = state["step"], state["epoch"], state["index"]
         self.best_eval_loss, self.bad_steps = state["best_eval_loss"], state["bad_steps"]
-        restore_rng_state(state["rng"][self.world.rank])
+        restore_rank_rng_state(state["rng"], self.world.rank, seed=self.config.seed, step=self.step)
         self.log.truncate_after(self.step)
         return True
 
