@@ -184,6 +184,13 @@ void test_long_word_matches_short_path() {
   CHECK(encode(model, longer) == expected);
 }
 
+// Training on one long run of a character gives tokens of 2^k bytes up to half the run: the model's pair table
+// must be built without testing every split of each (O(length^2) bytes hashed: hours for this 1 MiB run).
+void test_megabyte_tokens() {
+  const Model model = model_of(Level::kByte, train(Level::kByte, {std::string(size_t{1} << 20, 'a')}, 1000, 1), 2);
+  CHECK(encode(model, std::string((size_t{1} << 20) + 1, 'a')).size() == 2);
+}
+
 void test_char_level_coverage() {
   std::vector<std::string> texts(50, "aaaa bbb cc");
   texts.push_back("z");
@@ -220,6 +227,14 @@ void test_bad_models_rejected() {
   tokens = good.tokens;
   tokens.pop_back();
   CHECK(throws<std::invalid_argument>(build(Level::kByte, tokens, good.merges), "entries"));
+  merges = good.merges;
+  tokens = good.tokens;
+  merges[1] = merges[0];  // training never learns a pair twice
+  tokens[258 + 1] = tokens[258];
+  CHECK(throws<std::invalid_argument>(build(Level::kByte, tokens, merges), "repeats merges[0]"));
+  tokens = good.tokens;
+  tokens.back() = std::string(1 << 20, 'x');  // a giant wrong token is named by its start and its length
+  CHECK(throws<std::invalid_argument>(build(Level::kByte, tokens, good.merges), "... (1048576 bytes)"));
   const Model model = model_of(Level::kByte, good, 2);
   const std::vector<TokenId> out_of_range = {5, 300};
   CHECK(throws<std::invalid_argument>([&] { decode(model, out_of_range); }, "id 300"));
@@ -282,6 +297,7 @@ int main() {
   test_textbook_training();
   test_round_trip_and_determinism();
   test_long_word_matches_short_path();
+  test_megabyte_tokens();
   test_char_level_coverage();
   test_bad_models_rejected();
   test_add_files();

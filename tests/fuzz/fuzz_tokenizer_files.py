@@ -88,5 +88,7 @@ def test_one_input(data: bytes) -> None:
 
 if __name__ == "__main__":
     seed_corpus()
-    atheris.Setup([*sys.argv, str(CORPUS)], test_one_input)
+    # Without an input file or corpus directory named, fuzz (and grow) the default corpus.
+    named_inputs = any(not argument.startswith("-") for argument in sys.argv[1:])
+    atheris.Setup(sys.argv if named_inputs else [*sys.argv, str(CORPUS)], test_one_input)
     atheris.Fuzz()
