@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="also the 100 MB line, 1 GB file and 1M-line batch")
     args = parser.parse_args()
     sizes = dict(list(SIZES.items())[:2]) if args.quick else SIZES
-    rows = scaling_rows(sizes, repeat=1 if args.quick else 3)
+    rows = scaling_rows(sizes, repeat=1 if args.quick else 2)
     if args.large:
         rows += large_rows()
     report("Tokenizer scaling on worst-case inputs (seconds; growth = time at 10x the input / time at 1x)",
