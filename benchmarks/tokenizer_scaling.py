@@ -84,10 +84,12 @@ def scaling_rows(sizes: dict[str, int], repeat: int) -> list[Row]:
 
 
 def _train_on_file_in_subprocess(path: Path, level: str) -> tuple[float, float]:
-    """Seconds and peak RSS (MiB) of training on `path` in a fresh process (so the peak is this run's alone)."""
-    script = ("import resource, sys, time; from fastlm import Tokenizer; t = time.perf_counter(); "
-              f"Tokenizer.train({str(path)!r}, vocab_size=4000, level={level!r}); "
-              "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    """Seconds and peak RSS (MiB) of training on `path` in a fresh process. The peak is VmHWM, which starts afresh
+    at exec (ru_maxrss would keep the parent's peak, inherited through fork)."""
+    script = ("import re, time; from fastlm import Tokenizer; t = time.perf_counter(); "
+              f"Tokenizer.train({str(path)!r}, vocab_size=4000, level={level!r}); seconds = time.perf_counter() - t; "
+              "status = open('/proc/self/status').read(); "
+              "print(seconds, int(re.search(r'VmHWM:\\s*(\\d+)', status).group(1)) / 1024)")
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1])
     seconds, peak = out.stdout.split()

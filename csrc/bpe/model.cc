@@ -17,6 +17,8 @@ constexpr TokenId kNoToken = PairTable::kMissing;
 static_assert(PairTable::kMissing == U64Map::kMissing && PairTable::kMissing == StringTable::kMissing);
 // Words up to this many symbols use the quadratic merge loop (fewer pointer hops); longer ones the O(n log n) one.
 constexpr size_t kShortWordSymbols = 64;
+// Pre-tokens are split off this many at a time, so that a 100 MB line never holds all its pieces (16 bytes each).
+constexpr size_t kPiecesPerBatch = 4096;
 // Longer pre-tokens are rare and would let the word cache grow without bound in bytes: they are not cached.
 constexpr size_t kMaxCachedPieceBytes = 256;
 
@@ -304,8 +306,12 @@ void Model::encode_piece(std::string_view piece, EncoderScratch& state, std::vec
 
 void Model::encode(std::string_view text, std::vector<TokenId>& ids) const {
   EncoderScratch& state = thread_scratch();
-  pretokenize(level_, text, state.marked, state.pieces);
-  for (std::string_view piece : state.pieces) encode_piece(piece, state, ids);
+  const std::string_view view = level_ == Level::kByte ? text : mark_spaces(text, state.marked);
+  for (size_t pos = 0; pos < view.size();) {
+    state.pieces.clear();
+    pos = next_pretokens(level_, view, pos, kPiecesPerBatch, state.pieces);
+    for (std::string_view piece : state.pieces) encode_piece(piece, state, ids);
+  }
 }
 
 void Model::encode_batch(const std::vector<std::string_view>& texts, int num_threads, std::vector<TokenId>& ids,

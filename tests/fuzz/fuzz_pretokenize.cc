@@ -1,5 +1,6 @@
-// The pre-splits of arbitrary bytes: no empty piece, and the pieces concatenate back to the input (byte level)
-// or to the marked text (char level: '▁' for each space, one '▁' prepended).
+// The pre-splits of arbitrary bytes: no empty piece, the pieces concatenate back to the input (byte level) or to
+// the marked text (char level: '▁' for each space, one '▁' prepended), and taking them a few at a time
+// (next_pretokens, as the encoder does on long texts) gives the same pieces.
 #include <cstddef>
 #include <cstdint>
 
@@ -31,6 +32,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       }
     }
     FUZZ_CHECK(joined == expected);
+    const std::string_view view = level == fuzz::Level::kByte ? text : std::string_view(scratch);
+    for (size_t batch : {1, 2, 3}) {
+      std::vector<std::string_view> batched;
+      for (size_t pos = 0; pos < view.size();) pos = fastlm::bpe::next_pretokens(level, view, pos, batch, batched);
+      FUZZ_CHECK(batched == pieces);
+    }
   }
   return 0;
 }
