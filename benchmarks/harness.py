@@ -124,14 +124,16 @@ def max_rss_mib_of_children() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
-def format_table(title: str, rows: list[Row], ours: str = "fastlm") -> str:
+def format_table(title: str, rows: list[Row], ours: str = "fastlm", compare: bool = True) -> str:
+    """A markdown table, one column per provider; with `compare`, also the ratio of `ours` to each of them."""
     providers: list[str] = []
     for row in rows:
         for m in row.results:
             if m.provider not in providers:
                 providers.append(m.provider)
     show_memory = any(m.peak_mib is not None for row in rows for m in row.results)
-    header = ["case", "unit"] + providers + [f"{ours} / {p}" for p in providers if p != ours]
+    peers = [p for p in providers if p != ours] if compare else []
+    header = ["case", "unit"] + providers + [f"{ours} / {p}" for p in peers]
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         by = {m.provider: m for m in row.results}
@@ -144,19 +146,24 @@ def format_table(title: str, rows: list[Row], ours: str = "fastlm") -> str:
                 mem = f" ({m.peak_mib:.0f} MiB)" if show_memory and m.peak_mib is not None else ""
                 cells.append(f"{m.value:.3g}{mem}")
         ratios = row.ratio(ours)
-        cells += [f"{ratios[p]:.2f}x" if p in ratios else "-" for p in providers if p != ours]
+        cells += [f"{ratios[p]:.2f}x" if p in ratios else "-" for p in peers]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Ratios are oriented so that > 1 means fastlm is better; memory in parentheses is extra peak memory.")
+    if compare:
+        lines.append("Ratios are oriented so that > 1 means fastlm is better; memory in parentheses is extra peak "
+                     "memory.")
+    elif show_memory:
+        lines.append("Memory in parentheses is extra peak memory.")
     return "\n".join(lines)
 
 
-def report(title: str, rows: list[Row], *, json_path: str | None = None, notes: str = "") -> str:
-    """Print the table with the date, machine and command line; optionally write the JSON record."""
+def report(title: str, rows: list[Row], *, json_path: str | None = None, notes: str = "", compare: bool = True) -> str:
+    """Print the table with the date, machine and command line; optionally write the JSON record. `compare=False`
+    leaves out the ratio columns, for tables whose columns are not providers (sizes, say)."""
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["python"] + sys.argv)
     text = "\n".join([
-        format_table(title, rows),
+        format_table(title, rows, compare=compare),
         "",
         f"Date: {when}. Machine: {device_name()}. torch {torch.__version__}. Command: `{command}`",
     ] + ([notes] if notes else []))

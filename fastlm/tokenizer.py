@@ -404,12 +404,14 @@ class Tokenizer:
         path = Path(path)
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path}: not a fastlm tokenizer file (truncated or corrupt JSON: {error})") from None
+        # ValueError covers bad UTF-8, bad JSON and integers too long to convert; RecursionError deep nesting.
+        except (ValueError, RecursionError) as error:
+            raise ValueError(f"{path}: not a fastlm tokenizer file (truncated or corrupt JSON: "
+                             f"{_shortened(str(error))})") from None
         try:
             return cls(**_parse_record(record))
         except (ValueError, TypeError, KeyError, IndexError) as error:
-            raise ValueError(f"{path}: invalid fastlm tokenizer file: {error}") from None
+            raise ValueError(f"{path}: invalid fastlm tokenizer file: {_shortened(str(error))}") from None
 
     # ---- exports ----------------------------------------------------------------------------------------------
     def save_huggingface(self, path: str | os.PathLike) -> None:
@@ -511,6 +513,13 @@ def _parse_record(record: object) -> dict:
         "special_tokens": record["special_tokens"],
         "normalization": record["normalization"],
     }
+
+
+def _shortened(message: str, limit: int = 500) -> str:
+    """An error message cut to `limit` characters: a hostile file's giant strings must not flood the terminal."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit]}... ({len(message)} characters in all)"
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -17,12 +17,18 @@ constexpr TokenId kNoToken = PairTable::kMissing;
 static_assert(PairTable::kMissing == U64Map::kMissing && PairTable::kMissing == StringTable::kMissing);
 // Words up to this many symbols use the quadratic merge loop (fewer pointer hops); longer ones the O(n log n) one.
 constexpr size_t kShortWordSymbols = 64;
+// Pre-tokens are split off this many at a time, so that a 100 MB line never holds all its pieces (16 bytes each).
+constexpr size_t kPiecesPerBatch = 4096;
 // Longer pre-tokens are rare and would let the word cache grow without bound in bytes: they are not cached.
 constexpr size_t kMaxCachedPieceBytes = 256;
 
+// A token's bytes for an error message: Python's bytes literal, cut after kDescribedBytes (a hostile file's token
+// may hold megabytes) with the full length said.
+constexpr size_t kDescribedBytes = 64;
+
 std::string describe(std::string_view bytes) {
   std::string out = "b'";
-  for (unsigned char c : bytes) {
+  for (unsigned char c : bytes.substr(0, kDescribedBytes)) {
     if (c >= 0x20 && c < 0x7F && c != '\'' && c != '\\') {
       out.push_back(static_cast<char>(c));
     } else {
@@ -32,7 +38,9 @@ std::string describe(std::string_view bytes) {
       out.push_back(hex[c & 15]);
     }
   }
-  return out + "'";
+  out += "'";
+  if (bytes.size() > kDescribedBytes) out += "... (" + std::to_string(bytes.size()) + " bytes)";
+  return out;
 }
 
 std::atomic<uint64_t> next_model_serial{1};
@@ -109,6 +117,7 @@ void Model::validate_and_store(const std::vector<std::string>& tokens, const std
                                   std::to_string(slot) + "] " + describe(token));
     }
   }
+  U64Map merge_index(merges.size());  // (left, right) -> k: training never learns a pair twice
   for (size_t k = 0; k < merges.size(); ++k) {
     const TokenId created = base_size_ + static_cast<TokenId>(k);
     const auto [left, right] = merges[k];
@@ -120,6 +129,12 @@ void Model::validate_and_store(const std::vector<std::string>& tokens, const std
                                     std::to_string(created) + ") (defined before it, no special" +
                                     (level_ == Level::kChar ? " or byte-fallback" : "") + " token)");
       }
+    }
+    // Both ids are below created (checked above), so the key is never U64Map's empty key.
+    const uint32_t first = merge_index.find_or_insert((uint64_t{left} << 32) | right, static_cast<uint32_t>(k));
+    if (first != k) {
+      throw std::invalid_argument("merges[" + std::to_string(k) + "] = (" + std::to_string(left) + ", " +
+                                  std::to_string(right) + ") repeats merges[" + std::to_string(first) + "]");
     }
     if (tokens[created] != tokens[left] + tokens[right]) {
       throw std::invalid_argument("merges[" + std::to_string(k) + "] = (" + std::to_string(left) + ", " +
@@ -145,11 +160,25 @@ void Model::build_lookups() {
     if (inserted) mergeable_ids_.push_back(id);
   }
   // Every split of a token into two tokens is a pair that merges into it (tiktoken's rule goes by bytes, so this
-  // includes splits that are not the recorded merge).
+  // includes splits that are not the recorded merge). Only splits into two lengths that some token has are
+  // tried: testing every split of every token hashes O(length^2) bytes per token, minutes for the megabyte tokens
+  // that training on one long run of a character gives (few distinct lengths, so this way is fast).
+  std::vector<bool> is_token_length;
+  std::vector<size_t> token_lengths;  // ascending
+  for (TokenId id : mergeable_ids_) {
+    const size_t length = token(id).size();
+    if (length >= is_token_length.size()) is_token_length.resize(length + 1, false);
+    is_token_length[length] = true;
+  }
+  for (size_t length = 1; length < is_token_length.size(); ++length) {
+    if (is_token_length[length]) token_lengths.push_back(length);
+  }
   for (TokenId id = base_size_; id < vocab; ++id) {
     const std::string_view bytes = token(id);
     if (mergeable_ids_[mergeable_tokens_.find(bytes)] != id) continue;
-    for (size_t split = 1; split < bytes.size(); ++split) {
+    for (size_t split : token_lengths) {
+      if (split >= bytes.size()) break;
+      if (!is_token_length[bytes.size() - split]) continue;
       const uint32_t left = mergeable_tokens_.find(bytes.substr(0, split));
       if (left == StringTable::kMissing) continue;
       const uint32_t right = mergeable_tokens_.find(bytes.substr(split));
@@ -277,8 +306,12 @@ void Model::encode_piece(std::string_view piece, EncoderScratch& state, std::vec
 
 void Model::encode(std::string_view text, std::vector<TokenId>& ids) const {
   EncoderScratch& state = thread_scratch();
-  pretokenize(level_, text, state.marked, state.pieces);
-  for (std::string_view piece : state.pieces) encode_piece(piece, state, ids);
+  const std::string_view view = level_ == Level::kByte ? text : mark_spaces(text, state.marked);
+  for (size_t pos = 0; pos < view.size();) {
+    state.pieces.clear();
+    pos = next_pretokens(level_, view, pos, kPiecesPerBatch, state.pieces);
+    for (std::string_view piece : state.pieces) encode_piece(piece, state, ids);
+  }
 }
 
 void Model::encode_batch(const std::vector<std::string_view>& texts, int num_threads, std::vector<TokenId>& ids,

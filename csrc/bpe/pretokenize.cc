@@ -140,20 +140,9 @@ CharGroup char_group(const CodePoint& c, CharGroup previous) {
 
 }  // namespace
 
-void split_cl100k(std::string_view text, std::vector<std::string_view>& pieces) {
-  pieces.clear();
-  size_t pos = 0;
-  while (pos < text.size()) {
-    const size_t end = cl100k_piece_end(text, pos);
-    pieces.push_back(text.substr(pos, end - pos));
-    pos = end;
-  }
-}
-
-void split_char_level(std::string_view text, std::string& marked, std::vector<std::string_view>& pieces) {
+std::string_view mark_spaces(std::string_view text, std::string& marked) {
   marked.clear();
-  pieces.clear();
-  if (text.empty()) return;
+  if (text.empty()) return marked;
   marked.reserve(text.size() + 3);
   marked.append(kSpaceMark);
   for (char c : text) {
@@ -163,29 +152,44 @@ void split_char_level(std::string_view text, std::string& marked, std::vector<st
       marked.push_back(c);
     }
   }
-  const std::string_view view(marked);
-  size_t piece_start = 0;
+  return marked;
+}
+
+size_t next_pretokens(Level level, std::string_view view, size_t pos, size_t max_pieces,
+                      std::vector<std::string_view>& pieces) {
+  if (level == Level::kByte) {
+    for (size_t count = 0; pos < view.size() && count < max_pieces; ++count) {
+      const size_t end = cl100k_piece_end(view, pos);
+      pieces.push_back(view.substr(pos, end - pos));
+      pos = end;
+    }
+    return pos;
+  }
+  // Char level. Starting at a piece start with previous = '▁' is exact: a piece that starts with a combining mark
+  // follows no letter, so the mark is "anything else" either way.
+  size_t piece_start = pos;
+  size_t count = 0;
   CharGroup previous = CharGroup::kSpaceMark;
-  for (size_t pos = 0; pos < view.size();) {
+  while (pos < view.size()) {
     const CodePoint c = code_point_at(view, pos);
     const CharGroup group = char_group(c, previous);
     const bool starts_piece = group == CharGroup::kSpaceMark || (previous != CharGroup::kSpaceMark && group != previous);
     if (starts_piece && pos > piece_start) {
       pieces.push_back(view.substr(piece_start, pos - piece_start));
       piece_start = pos;
+      if (++count == max_pieces) return pos;
     }
     previous = group;
     pos += c.length;
   }
-  pieces.push_back(view.substr(piece_start));
+  if (pos > piece_start) pieces.push_back(view.substr(piece_start, pos - piece_start));
+  return pos;
 }
 
 void pretokenize(Level level, std::string_view text, std::string& scratch, std::vector<std::string_view>& pieces) {
-  if (level == Level::kByte) {
-    split_cl100k(text, pieces);
-  } else {
-    split_char_level(text, scratch, pieces);
-  }
+  pieces.clear();
+  const std::string_view view = level == Level::kByte ? text : mark_spaces(text, scratch);
+  next_pretokens(level, view, 0, view.size(), pieces);
 }
 
 }  // namespace fastlm::bpe

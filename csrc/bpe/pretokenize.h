@@ -29,13 +29,17 @@ namespace fastlm::bpe {
 inline constexpr char kSpaceMark[] = "\xE2\x96\x81";  // U+2581 '▁' in UTF-8
 inline constexpr uint32_t kSpaceMarkCodePoint = 0x2581;
 
-// Splits `text` with the cl100k pattern; the pieces view into `text`.
-void split_cl100k(std::string_view text, std::vector<std::string_view>& pieces);
+// Char level: `text` with every space marked and the dummy prefix prepended (step 1 above), into `marked`.
+std::string_view mark_spaces(std::string_view text, std::string& marked);
 
-// Marks spaces of `text` into `marked` (see above) and splits it; the pieces view into `marked`.
-void split_char_level(std::string_view text, std::string& marked, std::vector<std::string_view>& pieces);
+// Appends the pre-tokens of `view` from `pos` on, at most `max_pieces` of them, and returns where the next one
+// starts (view.size() once all are out). Byte level: `view` is the text; char level: the marked text. The pieces
+// view into `view`. Going on from the returned position gives exactly the pieces of one split of the whole, so a
+// caller holds the pieces of a long text a batch at a time, in bounded memory.
+size_t next_pretokens(Level level, std::string_view view, size_t pos, size_t max_pieces,
+                      std::vector<std::string_view>& pieces);
 
-// The pre-split of a level: pieces view into `text` (byte) or into `scratch` (char).
+// All the pre-tokens of `text` at a level (pieces view into `text`, or into `scratch` at char level).
 void pretokenize(Level level, std::string_view text, std::string& scratch, std::vector<std::string_view>& pieces);
 
 }  // namespace fastlm::bpe

@@ -4,6 +4,7 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "bpe/model.h"
@@ -183,6 +184,13 @@ void test_long_word_matches_short_path() {
   CHECK(encode(model, longer) == expected);
 }
 
+// Training on one long run of a character gives tokens of 2^k bytes up to half the run: the model's pair table
+// must be built without testing every split of each (O(length^2) bytes hashed: hours for this 1 MiB run).
+void test_megabyte_tokens() {
+  const Model model = model_of(Level::kByte, train(Level::kByte, {std::string(size_t{1} << 20, 'a')}, 1000, 1), 2);
+  CHECK(encode(model, std::string((size_t{1} << 20) + 1, 'a')).size() == 2);
+}
+
 void test_char_level_coverage() {
   std::vector<std::string> texts(50, "aaaa bbb cc");
   texts.push_back("z");
@@ -219,6 +227,14 @@ void test_bad_models_rejected() {
   tokens = good.tokens;
   tokens.pop_back();
   CHECK(throws<std::invalid_argument>(build(Level::kByte, tokens, good.merges), "entries"));
+  merges = good.merges;
+  tokens = good.tokens;
+  merges[1] = merges[0];  // training never learns a pair twice
+  tokens[258 + 1] = tokens[258];
+  CHECK(throws<std::invalid_argument>(build(Level::kByte, tokens, merges), "repeats merges[0]"));
+  tokens = good.tokens;
+  tokens.back() = std::string(1 << 20, 'x');  // a giant wrong token is named by its start and its length
+  CHECK(throws<std::invalid_argument>(build(Level::kByte, tokens, good.merges), "... (1048576 bytes)"));
   const Model model = model_of(Level::kByte, good, 2);
   const std::vector<TokenId> out_of_range = {5, 300};
   CHECK(throws<std::invalid_argument>([&] { decode(model, out_of_range); }, "id 300"));
@@ -241,6 +257,37 @@ void test_add_files() {
   std::remove(path.c_str());
 }
 
+// Several threads encoding and decoding with one model at once (each batch call also uses the shared pool,
+// which serialises concurrent runs): the results equal serial calls. Run under ThreadSanitizer in CI.
+void test_concurrent_callers() {
+  for (Level level : {Level::kByte, Level::kChar}) {
+    const Model model = model_of(level, train(level, kCorpus, 500, 2), 2);
+    std::vector<std::string_view> views(kCorpus.begin(), kCorpus.end());
+    std::vector<std::vector<TokenId>> serial;
+    for (const std::string& text : kCorpus) serial.push_back(encode(model, text));
+    constexpr int kThreads = 4;
+    std::vector<int> mismatches(kThreads, 0);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        for (int round = 0; round < 20; ++round) {
+          std::vector<TokenId> flat;
+          std::vector<int64_t> offsets;
+          model.encode_batch(views, 2, flat, offsets);
+          const std::vector<std::string> decoded = model.decode_batch(serial, 2);
+          for (size_t i = 0; i < kCorpus.size(); ++i) {
+            mismatches[t] += std::vector<TokenId>(flat.begin() + offsets[i], flat.begin() + offsets[i + 1]) != serial[i];
+            mismatches[t] += encode(model, kCorpus[i]) != serial[i];
+            mismatches[t] += decoded[i] != kCorpus[i];
+          }
+        }
+      });
+    }
+    for (std::thread& thread : threads) thread.join();
+    for (int count : mismatches) CHECK(count == 0);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -250,9 +297,11 @@ int main() {
   test_textbook_training();
   test_round_trip_and_determinism();
   test_long_word_matches_short_path();
+  test_megabyte_tokens();
   test_char_level_coverage();
   test_bad_models_rejected();
   test_add_files();
+  test_concurrent_callers();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;
