@@ -250,7 +250,7 @@ PYBIND11_MODULE(_native, m) {
           },
           "vocab_size"_a, "special_tokens"_a, "min_frequency"_a = 2, "character_coverage"_a = 0.9995);
 
-  py::class_<BoundModel>(m, "Model", "A trained BPE model: encodes text to ids and decodes ids to bytes.")
+  py::class_<BoundModel>(m, "Model", "A trained BPE model: encodes text to ids and decodes ids to text or bytes.")
       .def(py::init([](const std::string& level, const py::list& tokens, const std::vector<fastlm::bpe::Merge>& merges,
                        uint32_t num_special, size_t cache_size) {
              return std::make_unique<BoundModel>(Model(fastlm::bpe::parse_level(level), to_token_bytes(tokens), merges,
