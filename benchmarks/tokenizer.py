@@ -78,7 +78,8 @@ class Corpus:
 def find_corpus(data: Path | None, quick: bool) -> Corpus:
     """--data (which must hold train/test .ko/.en), else ../shared/data/ko-en, else the demo sample (said so)."""
     directory = data or SHARED_DATA
-    files = {(split, language): directory / f"{split}.{language}" for split in ("train", "test") for language in ("ko", "en")}
+    files = {(split, language): directory / f"{split}.{language}"
+             for split in ("train", "test") for language in ("ko", "en")}
     if all(path.is_file() for path in files.values()):
         return Corpus(f"`{directory}` train split", {lang: files["train", lang] for lang in ("ko", "en")},
                       {lang: files["test", lang] for lang in ("ko", "en")},

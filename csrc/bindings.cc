@@ -292,7 +292,8 @@ PYBIND11_MODULE(_native, m) {
           },
           "texts"_a, "num_threads"_a = 0)
       .def(
-          "decode_bytes", [](const BoundModel& bound, py::handle ids) { return py::bytes(decode_to_bytes(bound.model, ids)); },
+          "decode_bytes",
+          [](const BoundModel& bound, py::handle ids) { return py::bytes(decode_to_bytes(bound.model, ids)); },
           "ids"_a)
       .def(
           "decode",
