@@ -98,23 +98,24 @@ TokenId checked_id(Int id, size_t position, size_t vocab_size) {
   return static_cast<TokenId>(id);
 }
 
-// The ids of a 1-D numpy array read as Int (unsigned arrays as unsigned, so that values above 2^63 show as they are).
+// Appends the ids of a 1-D numpy array read as Int (unsigned arrays as unsigned, so that values above 2^63 show as
+// they are).
 template <typename Int>
-std::vector<TokenId> array_ids(py::handle ids, size_t vocab_size) {
+void append_array_ids(py::handle ids, size_t vocab_size, std::vector<TokenId>& out) {
   const auto array = py::array_t<Int, py::array::c_style | py::array::forcecast>::ensure(ids);
   if (!array || array.ndim() != 1) throw py::value_error("ids must be a 1-D integer array");
-  std::vector<TokenId> out(static_cast<size_t>(array.size()));
-  for (size_t i = 0; i < out.size(); ++i) out[i] = checked_id(array.data()[i], i, vocab_size);
-  return out;
+  const size_t count = static_cast<size_t>(array.size());
+  const Int* values = array.data();
+  for (size_t i = 0; i < count; ++i) out.push_back(checked_id(values[i], i, vocab_size));
 }
 
-// Token ids from a list/sequence of ints or an integer numpy array; negative or too large ids raise ValueError,
-// items that are not integers TypeError.
-std::vector<TokenId> to_ids(py::handle ids, size_t vocab_size) {
+// Appends the token ids of a list/sequence of ints or an integer numpy array; negative or too large ids raise
+// ValueError, items that are not integers TypeError (positions counted within `ids`).
+void append_ids(py::handle ids, size_t vocab_size, std::vector<TokenId>& out) {
   if (py::isinstance<py::array>(ids)) {
     const char kind = py::reinterpret_borrow<py::array>(ids).dtype().kind();
-    if (kind == 'i') return array_ids<long long>(ids, vocab_size);
-    if (kind == 'u') return array_ids<unsigned long long>(ids, vocab_size);
+    if (kind == 'i') return append_array_ids<long long>(ids, vocab_size, out);
+    if (kind == 'u') return append_array_ids<unsigned long long>(ids, vocab_size, out);
     throw py::type_error("ids must be an integer array, got dtype " +
                          std::string(py::str(py::reinterpret_borrow<py::array>(ids).dtype())));
   }
@@ -122,7 +123,6 @@ std::vector<TokenId> to_ids(py::handle ids, size_t vocab_size) {
   if (!sequence) throw py::error_already_set();
   const size_t count = static_cast<size_t>(PySequence_Fast_GET_SIZE(sequence.ptr()));
   PyObject** items = PySequence_Fast_ITEMS(sequence.ptr());
-  std::vector<TokenId> out(count);
   for (size_t i = 0; i < count; ++i) {
     int overflow = 0;
     const long long id = PyLong_AsLongLongAndOverflow(items[i], &overflow);
@@ -133,9 +133,23 @@ std::vector<TokenId> to_ids(py::handle ids, size_t vocab_size) {
                            std::to_string(i));
     }
     if (overflow != 0) throw py::value_error("id at position " + std::to_string(i) + " does not fit in 64 bits");
-    out[i] = checked_id(id, i, vocab_size);
+    out.push_back(checked_id(id, i, vocab_size));
   }
-  return out;
+}
+
+std::string decode_to_bytes(const Model& model, py::handle ids) {
+  std::vector<TokenId> checked;
+  append_ids(ids, model.vocab_size(), checked);
+  py::gil_scoped_release release;
+  return model.decode(checked.data(), checked.size());
+}
+
+// A str of UTF-8 bytes, each invalid sequence U+FFFD (as bytes.decode(errors="replace")): only hand-made ids give
+// invalid UTF-8.
+PyObject* new_str(const std::string& utf8) {
+  PyObject* text = PyUnicode_DecodeUTF8(utf8.data(), static_cast<Py_ssize_t>(utf8.size()), "replace");
+  if (text == nullptr) throw py::error_already_set();
+  return text;
 }
 
 // A numpy array that owns (moves in) a vector, with no copy.
@@ -236,7 +250,7 @@ PYBIND11_MODULE(_native, m) {
           },
           "vocab_size"_a, "special_tokens"_a, "min_frequency"_a = 2, "character_coverage"_a = 0.9995);
 
-  py::class_<BoundModel>(m, "Model", "A trained BPE model: encodes text to ids and decodes ids to bytes.")
+  py::class_<BoundModel>(m, "Model", "A trained BPE model: encodes text to ids and decodes ids to text or bytes.")
       .def(py::init([](const std::string& level, const py::list& tokens, const std::vector<fastlm::bpe::Merge>& merges,
                        uint32_t num_special, size_t cache_size) {
              return std::make_unique<BoundModel>(Model(fastlm::bpe::parse_level(level), to_token_bytes(tokens), merges,
@@ -279,31 +293,33 @@ PYBIND11_MODULE(_native, m) {
           "texts"_a, "num_threads"_a = 0)
       .def(
           "decode_bytes",
+          [](const BoundModel& bound, py::handle ids) { return py::bytes(decode_to_bytes(bound.model, ids)); },
+          "ids"_a)
+      .def(
+          "decode",
           [](const BoundModel& bound, py::handle ids) {
-            const Model& self = bound.model;
-            const std::vector<TokenId> checked = to_ids(ids, self.vocab_size());
-            std::string out;
-            {
-              py::gil_scoped_release release;
-              out = self.decode(checked.data(), checked.size());
-            }
-            return py::bytes(out);
+            return py::reinterpret_steal<py::str>(new_str(decode_to_bytes(bound.model, ids)));
           },
           "ids"_a)
       .def(
-          "decode_batch_bytes",
+          "decode_batch",
           [](const BoundModel& bound, const py::iterable& batch, int num_threads) {
             const Model& self = bound.model;
-            std::vector<std::vector<TokenId>> checked;
-            for (py::handle ids : batch) checked.push_back(to_ids(ids, self.vocab_size()));
-            std::vector<std::string> out;
+            // All texts' ids back to back, read under the GIL; then decoded on native threads without it.
+            std::vector<TokenId> ids;
+            std::vector<int64_t> offsets{0};
+            for (py::handle text_ids : batch) {
+              append_ids(text_ids, self.vocab_size(), ids);
+              offsets.push_back(static_cast<int64_t>(ids.size()));
+            }
+            std::vector<std::string> texts;
             {
               py::gil_scoped_release release;
-              out = self.decode_batch(checked, num_threads);
+              texts = self.decode_batch(ids.data(), offsets, num_threads);
             }
-            py::list result(out.size());
-            for (size_t i = 0; i < out.size(); ++i) {
-              PyList_SET_ITEM(result.ptr(), static_cast<Py_ssize_t>(i), py::bytes(out[i]).release().ptr());
+            py::list result(texts.size());
+            for (size_t i = 0; i < texts.size(); ++i) {
+              PyList_SET_ITEM(result.ptr(), static_cast<Py_ssize_t>(i), new_str(texts[i]));
             }
             return result;
           },

@@ -291,42 +291,16 @@ class Tokenizer:
     # ---- decoding ---------------------------------------------------------------------------------------------
     def decode_bytes(self, ids: Sequence[int] | np.ndarray) -> bytes:
         """The exact bytes of `ids` (byte level: any bytes that were encoded). Ids out of range raise ValueError."""
-        if self.level == "char" and self._has_special(ids):
-            return b"".join(self._decode_char_segments(ids))
         return self._native.decode_bytes(ids)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """The text of `ids`; bytes that are not valid UTF-8 (only possible for hand-made ids) become U+FFFD."""
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+        return self._native.decode(ids)
 
-    def decode_batch(self, batch: Sequence[Sequence[int] | np.ndarray], num_threads: int | None = None) -> list[str]:
+    def decode_batch(self, batch: Iterable[Sequence[int] | np.ndarray], num_threads: int | None = None) -> list[str]:
+        """`[decode(ids) for ids in batch]`, decoded on native threads (None: all cores)."""
         _check_iterable(batch, "batch", "an iterable of id sequences")
-        batch = list(batch)
-        if self.level == "char" and any(self._has_special(ids) for ids in batch):
-            return [self.decode(ids) for ids in batch]
-        decoded = self._native.decode_batch_bytes(batch, _thread_count(num_threads))
-        return [data.decode("utf-8", errors="replace") for data in decoded]
-
-    def _has_special(self, ids: Sequence[int] | np.ndarray) -> bool:
-        """Whether `ids` holds a special id; False for ids that are not integers, which the native decode rejects
-        with an error naming the first bad one."""
-        if isinstance(ids, np.ndarray):
-            return ids.dtype.kind in "iu" and ids.ndim == 1 and ids.size > 0 and ids.min() < len(self.special_tokens)
-        try:
-            lowest = min(ids, default=len(self.special_tokens))
-        except TypeError:
-            return False
-        return isinstance(lowest, numbers.Integral) and lowest < len(self.special_tokens)
-
-    def _decode_char_segments(self, ids: Sequence[int] | np.ndarray) -> list[bytes]:
-        """Char level: the text between special tokens is decoded run by run, as each run was encoded with its own
-        dummy prefix: so `decode(encode(s, allowed_special=...)) == s`."""
-        self._native.decode_bytes(ids)  # only to check every id: a bad one raises there, named with its position
-        pieces: list[bytes] = []
-        for is_special, run in itertools.groupby(ids, key=lambda token_id: 0 <= token_id < len(self.special_tokens)):
-            run = list(run)
-            pieces += [self._tokens[token_id] for token_id in run] if is_special else [self._native.decode_bytes(run)]
-        return pieces
+        return self._native.decode_batch(batch, _thread_count(num_threads))
 
     # ---- vocabulary -------------------------------------------------------------------------------------------
     @property

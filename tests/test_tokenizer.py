@@ -1,5 +1,6 @@
 """fastlm.Tokenizer: round trips, the native core against the reference BPE, special tokens, files, bad input."""
 
+import itertools
 import json
 import pickle
 import unicodedata
@@ -118,6 +119,44 @@ def test_encode_batch_equals_one_by_one(byte_tokenizer, char_tokenizer, batch):
         assert ids.dtype == np.uint32 and offsets.dtype == np.int64 and len(offsets) == len(batch) + 1
         assert [ids[offsets[i]:offsets[i + 1]].tolist() for i in range(len(batch))] == one_by_one
         assert tokenizer.decode_batch(one_by_one) == [tokenizer.decode(ids) for ids in one_by_one]
+
+
+def documented_decode_bytes(tokenizer: Tokenizer, ids: list[int]) -> bytes:
+    """The decoding rule, spelt out slowly: special ids give their strings; at char level the tokens' bytes between
+    them are joined run by run, '▁' (also one spelt by byte-fallback tokens) becomes a space, and each run loses
+    the one leading space of its dummy prefix."""
+    num_special = len(tokenizer.special_tokens)
+    pieces = []
+    for is_special, run in itertools.groupby(ids, key=lambda token_id: token_id < num_special):
+        data = b"".join(tokenizer._tokens[token_id] for token_id in run)
+        if tokenizer.level == "char" and not is_special:
+            data = data.replace("\u2581".encode(), b" ").removeprefix(b" ")
+        pieces.append(data)
+    return b"".join(pieces)
+
+
+def decodable_ids(tokenizer: Tokenizer) -> st.SearchStrategy[list[int]]:
+    """Any ids, with the corners weighted up: special ids, the byte-fallback ids of ' ' and of '▁''s bytes (alone
+    and as the whole '▁'), and the '▁' token."""
+    fallback = [len(tokenizer.special_tokens) + byte for byte in b" \xe2\x96\x81"]
+    corners = [[token_id] for token_id in [*tokenizer.special_ids, *fallback]] + [fallback[1:]]
+    if tokenizer.token_to_id("\u2581") is not None:
+        corners.append([tokenizer.token_to_id("\u2581")])
+    pieces = st.one_of(st.integers(0, tokenizer.vocab_size - 1).map(lambda token_id: [token_id]),
+                       st.sampled_from(corners))
+    return st.lists(pieces, max_size=8).map(lambda ids: list(itertools.chain.from_iterable(ids)))
+
+
+@given(st.data())
+def test_decode_follows_the_documented_rule_and_batches_agree(byte_tokenizer, char_tokenizer, data):
+    for tokenizer in (byte_tokenizer, char_tokenizer):
+        batch = data.draw(st.lists(decodable_ids(tokenizer), max_size=6))
+        expected = [documented_decode_bytes(tokenizer, ids) for ids in batch]
+        assert [tokenizer.decode_bytes(ids) for ids in batch] == expected
+        texts = [data.decode("utf-8", errors="replace") for data in expected]
+        assert [tokenizer.decode(ids) for ids in batch] == texts
+        assert tokenizer.decode_batch(batch, num_threads=2) == texts
+        assert tokenizer.decode_batch(iter([np.array(ids, dtype=np.int64) for ids in batch])) == texts
 
 
 def test_decode_accepts_numpy_arrays(tokenizer):

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <functional>
 #include <queue>
 #include <stdexcept>
@@ -79,6 +80,7 @@ Model::Model(Level level, const std::vector<std::string>& tokens, const std::vec
     : level_(level), num_special_(num_special), cache_size_(cache_size), serial_(next_model_serial.fetch_add(1)) {
   validate_and_store(tokens, merges);
   build_lookups();
+  if (level_ == Level::kChar) build_text_tokens();
 }
 
 void Model::validate_and_store(const std::vector<std::string>& tokens, const std::vector<Merge>& merges) {
@@ -185,6 +187,24 @@ void Model::build_lookups() {
       if (right == StringTable::kMissing) continue;
       pair_to_token_.insert(mergeable_ids_[left], mergeable_ids_[right], id);
     }
+  }
+}
+
+void Model::build_text_tokens() {
+  // Special and byte-fallback ids keep an empty entry: decoding copies those as they are.
+  const TokenId first_alphabet = num_special_ + kNumByteTokens;
+  text_offsets_.assign(first_alphabet + 1, 0);
+  for (TokenId id = first_alphabet; id < static_cast<TokenId>(vocab_size()); ++id) {
+    const std::string_view bytes = token(id);
+    for (size_t pos = 0; pos < bytes.size();) {
+      if (bytes.compare(pos, 3, kSpaceMark) == 0) {
+        text_bytes_.push_back(' ');
+        pos += 3;
+      } else {
+        text_bytes_.push_back(bytes[pos++]);
+      }
+    }
+    text_offsets_.push_back(text_bytes_.size());
   }
 }
 
@@ -343,37 +363,93 @@ void Model::encode_batch(const std::vector<std::string_view>& texts, int num_thr
 }
 
 std::string Model::decode(const TokenId* ids, size_t count) const {
-  const TokenId vocab = static_cast<TokenId>(vocab_size());
   std::string out;
+  decode_into(ids, count, out);
+  return out;
+}
+
+void Model::decode_into(const TokenId* ids, size_t count, std::string& out) const {
+  // One pass checks the ids and sizes the output (the bytes of every token: char level only ever shrinks them),
+  // one pass copies whole tokens into it.
+  const TokenId vocab = static_cast<TokenId>(vocab_size());
+  size_t bytes = 0;
   for (size_t i = 0; i < count; ++i) {
     if (ids[i] >= vocab) {
       throw std::invalid_argument("id " + std::to_string(ids[i]) + " (at position " + std::to_string(i) +
                                   ") is out of range for vocab size " + std::to_string(vocab));
     }
-    out += token(ids[i]);
+    bytes += token_offsets_[ids[i] + 1] - token_offsets_[ids[i]];
   }
-  if (level_ == Level::kByte) return out;
-  // '▁' -> ' ' in place (3 bytes become 1), then drop the one space the dummy prefix added.
-  size_t kept = 0;
-  for (size_t pos = 0; pos < out.size();) {
-    if (out[pos] == kSpaceMark[0] && out.compare(pos, 3, kSpaceMark) == 0) {
-      out[kept++] = ' ';
-      pos += 3;
-    } else {
-      out[kept++] = out[pos++];
+  const size_t start = out.size();
+  out.resize(start + bytes);
+  char* write = out.data() + start;
+  auto copy_token = [&](TokenId id) {
+    const std::string_view bytes_of_id = token(id);
+    std::memcpy(write, bytes_of_id.data(), bytes_of_id.size());
+    write += bytes_of_id.size();
+  };
+  if (level_ == Level::kByte) {
+    for (size_t i = 0; i < count; ++i) copy_token(ids[i]);
+  } else {
+    size_t run = 0;
+    for (size_t i = 0; i < count; ++i) {
+      if (ids[i] >= num_special_) continue;
+      write = write_char_run(ids + run, i - run, write);
+      copy_token(ids[i]);
+      run = i + 1;
     }
+    write = write_char_run(ids + run, count - run, write);
   }
-  out.resize(kept);
-  if (!out.empty() && out[0] == ' ') out.erase(0, 1);
-  return out;
+  out.resize(static_cast<size_t>(write - out.data()));
 }
 
-std::vector<std::string> Model::decode_batch(const std::vector<std::vector<TokenId>>& batch, int num_threads) const {
-  std::vector<std::string> out(batch.size());
-  const size_t parts = std::min<size_t>(resolve_num_threads(num_threads), std::max<size_t>(batch.size(), 1));
+char* Model::write_char_run(const TokenId* ids, size_t count, char* write) const {
+  char* const start = write;
+  const TokenId first_alphabet = num_special_ + kNumByteTokens;
+  auto text_of = [&](TokenId id) {
+    return std::string_view(text_bytes_).substr(text_offsets_[id], text_offsets_[id + 1] - text_offsets_[id]);
+  };
+  size_t i = 0;
+  const bool starts_with_text_token = count > 0 && ids[0] >= first_alphabet;
+  if (starts_with_text_token) {  // the usual case: the dummy prefix's space is dropped while copying
+    std::string_view text = text_of(ids[0]);
+    if (text[0] == ' ') text.remove_prefix(1);
+    std::memcpy(write, text.data(), text.size());
+    write += text.size();
+    i = 1;
+  }
+  for (; i < count; ++i) {
+    if (ids[i] >= first_alphabet) {
+      const std::string_view text = text_of(ids[i]);
+      std::memcpy(write, text.data(), text.size());
+      write += text.size();
+      continue;
+    }
+    // A byte-fallback token. Its byte may complete a '▁' whose first two bytes came from the fallback tokens
+    // before it (text tokens are whole code points, so they neither end nor begin inside one).
+    const char byte = static_cast<char>(ids[i] - num_special_);
+    if (byte == kSpaceMark[2] && write - start >= 2 && write[-2] == kSpaceMark[0] && write[-1] == kSpaceMark[1]) {
+      write -= 2;
+      *write++ = ' ';
+    } else {
+      *write++ = byte;
+    }
+  }
+  if (!starts_with_text_token && write > start && *start == ' ') {
+    std::memmove(start, start + 1, static_cast<size_t>(write - start - 1));
+    --write;
+  }
+  return write;
+}
+
+std::vector<std::string> Model::decode_batch(const TokenId* ids, const std::vector<int64_t>& offsets,
+                                             int num_threads) const {
+  const size_t count = offsets.empty() ? 0 : offsets.size() - 1;
+  std::vector<std::string> out(count);
+  const size_t parts = std::min<size_t>(resolve_num_threads(num_threads), std::max<size_t>(count, 1));
   parallel_for(static_cast<int>(parts), [&](int part) {
-    for (size_t i = batch.size() * part / parts; i < batch.size() * (part + 1) / parts; ++i) {
-      out[i] = decode(batch[i].data(), batch[i].size());
+    for (size_t i = count * part / parts; i < count * (part + 1) / parts; ++i) {
+      decode_into(ids + offsets[i], static_cast<size_t>(offsets[i + 1] - offsets[i]), out[i]);
     }
   });
   return out;

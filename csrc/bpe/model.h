@@ -38,12 +38,16 @@ class Model {
   void encode_batch(const std::vector<std::string_view>& texts, int num_threads, std::vector<TokenId>& ids,
                     std::vector<int64_t>& offsets) const;
 
-  // The bytes of ids; at the char level every '▁' becomes a space and the leading space the dummy prefix added
-  // is removed. Throws std::invalid_argument naming an id >= vocab_size().
+  // The bytes of ids. A special id gives its string as it is. At the char level the ids between special ids are
+  // decoded run by run, as each run was encoded with its own dummy prefix: every '▁' becomes a space (also one
+  // spelt by byte-fallback tokens) and the run's leading space is removed. Throws std::invalid_argument naming an
+  // id >= vocab_size() and its position.
   std::string decode(const TokenId* ids, size_t count) const;
+  // decode(), appended to `out`.
+  void decode_into(const TokenId* ids, size_t count, std::string& out) const;
 
-  // decode() of each id sequence, on num_threads threads (0 = all cores).
-  std::vector<std::string> decode_batch(const std::vector<std::vector<TokenId>>& batch, int num_threads) const;
+  // decode() of each text of a batch on num_threads threads (0 = all cores): text i is ids[offsets[i]:offsets[i+1]].
+  std::vector<std::string> decode_batch(const TokenId* ids, const std::vector<int64_t>& offsets, int num_threads) const;
 
   size_t vocab_size() const { return token_offsets_.size() - 1; }
   Level level() const { return level_; }
@@ -60,6 +64,10 @@ class Model {
   void merge_short(std::vector<TokenId>& symbols) const;
   void merge_long(std::vector<TokenId>& symbols) const;
   TokenId merged(TokenId left, TokenId right) const { return pair_to_token_.find(left, right); }
+  // Char level: the text of a run of ids holding no special id (see decode()), appended to out at `write`, which
+  // has room for the run's token bytes; returns the new end.
+  char* write_char_run(const TokenId* ids, size_t count, char* write) const;
+  void build_text_tokens();
 
   Level level_;
   uint32_t num_special_;
@@ -67,6 +75,10 @@ class Model {
   TokenId base_size_;        // id of the first merged token
   std::string token_bytes_;  // all tokens' bytes back to back
   std::vector<size_t> token_offsets_;
+  // Char level: each alphabet or merged token's bytes with every '▁' already a space, so that decoding copies
+  // whole tokens; '▁' spelt by byte-fallback tokens is joined while decoding.
+  std::string text_bytes_;
+  std::vector<size_t> text_offsets_;
   StringTable mergeable_tokens_;          // bytes -> index into mergeable_ids_ (special/fallback tokens excluded)
   std::vector<TokenId> mergeable_ids_;
   PairTable pair_to_token_;               // (left, right) -> the token their bytes concatenate to
