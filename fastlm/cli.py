@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import signal
 import sys
+import warnings
 from pathlib import Path
 
 from fastlm.train.config import PRESETS, ConfigError, parse_overrides, resolve
-from fastlm.train.trainer import TrainingDiverged
+from fastlm.train.trainer import TrainingDiverged, TrainingInterrupted
 
 USAGE_ERROR = 2
 MODEL_PREFIX = "model."
@@ -138,7 +141,7 @@ def cmd_pretrain(args, extra: list[str]) -> None:
     config, model_overrides = _configs(args, extra)
     result = _distributed(lambda world: pretrain(args.arch, args.tokenizer, args.train, args.valid, args.run_dir,
                                                  config, model_overrides=model_overrides, resume=args.resume,
-                                                 world=world))
+                                                 overwrite=args.overwrite, world=world))
     if result is not None:
         _report(result, f"pretrain {args.arch}")
 
@@ -153,7 +156,8 @@ def cmd_finetune(args, extra: list[str]) -> None:
     result = _distributed(lambda world: finetune(
         args.encoder, args.decoder, args.tokenizer, args.train, args.valid, args.run_dir, config,
         cross_attention_init=args.cross_attention_init, share_embeddings=args.share_embeddings,
-        bleu_sentences=args.bleu_sentences, num_beams=args.beam, resume=args.resume, world=world))
+        bleu_sentences=args.bleu_sentences, num_beams=args.beam, resume=args.resume, overwrite=args.overwrite,
+        world=world))
     if result is not None:
         _report(result, "finetune")
 
@@ -164,13 +168,14 @@ def cmd_translate(args) -> None:
     import torch
 
     from fastlm.models import Seq2SeqLM
-    from fastlm.train.tasks import check_vocab, load_model, load_tokenizer, translate_texts
+    from fastlm.train.tasks import check_tokenizer, check_vocab, load_model, load_tokenizer, translate_texts
 
     tokenizer = load_tokenizer(args.tokenizer)
     model = load_model(args.model, map_location="cuda" if torch.cuda.is_available() else "cpu")
     if not isinstance(model, Seq2SeqLM):
         raise UsageError(f"translate --model {args.model}: a {type(model).__name__}, expected a fine-tuned Seq2SeqLM")
     check_vocab(model, tokenizer, f"translate --model {args.model}")
+    check_tokenizer(args.model, tokenizer)
     if args.text and args.input:
         raise UsageError("translate: give sentences or --input FILE, not both")
     if args.input:
@@ -221,6 +226,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints and the model go")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="TrainConfig preset")
     parser.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a run directory that holds a run, removing that run's files (only those)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,7 +311,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run: this one, with --resume instead of --overwrite."""
+    args = [arg for arg in argv if arg != "--overwrite"]
+    launcher = "fastlm" if os.environ.get("WORLD_SIZE", "1") == "1" else "torchrun [the same options] -m fastlm"
+    return f"{launcher} {shlex.join(args + ([] if '--resume' in args else ['--resume']))}"
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"fastlm: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning  # the style of the errors, not Python's two-line format
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -325,4 +350,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fastlm: {error}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as error:  # every rank stops at the same step; one of them says how to go on
+        if os.environ.get("RANK", "0") == "0":
+            print(f"fastlm: {error}; resume with: {_resume_command(argv)}", file=sys.stderr)
+        return 128 + error.signal_number
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
+        print("fastlm: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
