@@ -36,7 +36,8 @@ def earlier_run_files(run_dir: str | Path) -> list[Path]:
 def refuse_or_clear(run_dir: str | Path, *, overwrite: bool) -> None:
     """Raise RunDirectoryInUse if `run_dir` holds a run, unless `overwrite`: then remove that run's files."""
     files = earlier_run_files(run_dir)
-    if not files:
+    # A config.json alone is from a run that failed before its first step: starting again loses nothing.
+    if all(path == Path(run_dir) / "config.json" for path in files):
         return
     if not overwrite:
         shown = ", ".join(str(path.relative_to(run_dir)) for path in files[:3]) + (", ..." if files[3:] else "")

@@ -39,6 +39,18 @@ def test_fit_refuses_an_earlier_run_and_overwrite_replaces_only_its_files(tmp_pa
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_a_run_that_failed_before_its_first_step_is_no_earlier_run(tmp_path):
+    class NoData(ToyBatches):
+        def num_batches(self, epoch):
+            return 0
+
+    with pytest.raises(ValueError, match="fewer than one optimizer step needs"):
+        Trainer(ToyLM(), NoData(), toy_config(), tmp_path).fit()
+    assert [path.name for path in tmp_path.iterdir()] == ["config.json"]
+    toy_trainer(tmp_path, toy_config(max_steps=2, eval_interval=0)).fit()
+    assert [step for step, _ in train_losses(tmp_path)] == [1, 2]
+
+
 def test_a_resumed_trainer_continues_the_run_in_its_directory(tmp_path):
     toy_trainer(tmp_path, toy_config(max_steps=4, checkpoint_interval=2, eval_interval=0)).fit()
     resumed = toy_trainer(tmp_path, toy_config(max_steps=6, checkpoint_interval=2, eval_interval=0))
