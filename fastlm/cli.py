@@ -213,10 +213,11 @@ def cmd_eval(args, extra: list[str]) -> None:
 
 def cmd_export(args) -> None:
     from fastlm.hf import export_model
-    from fastlm.train.tasks import check_tokenizer, load_model, load_tokenizer
+    from fastlm.train.tasks import check_tokenizer, check_vocab, load_model, load_tokenizer
 
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.tokenizer)
+    check_vocab(model, tokenizer, f"export --model {args.model}")
     check_tokenizer(args.model, tokenizer)
     output = export_model(model, tokenizer, args.output, overwrite=args.overwrite)
     print(f"exported {type(model).__name__} -> {output} (load it with transformers' Auto classes)")
