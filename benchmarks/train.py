@@ -145,7 +145,7 @@ def attention_backends(step) -> str:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         step()
     ran = {event.key for event in profiler.key_averages()}
-    return " + ".join(name for op, name in ATTENTION_OPS.items() if op in ran) or "not seen (fused by the compiler)"
+    return " + ".join(name for op, name in ATTENTION_OPS.items() if op in ran) or "plain torch math or compiler-fused"
 
 
 def measure(arch: str, preset: str, shape: tuple[int, int], device: torch.device, compile_model: bool,
