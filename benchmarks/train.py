@@ -20,6 +20,7 @@ batch's real lengths.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -175,16 +176,29 @@ def measure(arch: str, preset: str, shape: tuple[int, int], device: torch.device
     return throughput, utilisation
 
 
+def batch_shape(text: str) -> tuple[int, int]:
+    """"8x128" -> (8, 128), for --shapes."""
+    try:
+        size, length = (int(part) for part in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BATCHxLENGTH, e.g. 8x128") from None
+    if size < 1 or length < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a batch >= 1 and a length >= 2")
+    return size, length
+
+
 def main() -> None:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--preset", help="model preset (default: base on CUDA, tiny on CPU)")
-    parser.add_argument("--shapes", nargs=2, metavar="BxT",
+    parser.add_argument("--shapes", nargs=2, metavar="BxT", type=batch_shape,
                         help="decoder and encoder batch shapes, e.g. 8x128 16x128 (default: by device)")
     parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"],
                         help="which runs to measure (default: eager, plus compiled on CUDA without --quick)")
     parser.add_argument("--repeat", type=int, help="timed steps per provider (default: by device and --quick)")
     add_budget_argument(parser)
     args = parser.parse_args()
+    if args.repeat is not None and args.repeat < 1:
+        parser.error(f"--repeat {args.repeat}: expected at least 1 timed step")
     budget = CaseBudget(args.budget)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = args.preset or ("base" if device.type == "cuda" else "tiny")
@@ -195,8 +209,7 @@ def main() -> None:
     else:
         shapes = [(8, 128), (16, 128)]
         modes, repeat = ["eager"], 5 if args.quick else 10
-    if args.shapes:
-        shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
+    shapes = args.shapes or shapes
     modes, repeat = args.modes or modes, args.repeat or repeat
     rows: list[Row] = []
     for arch, shape in zip(("decoder", "encoder"), shapes):
