@@ -14,6 +14,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -60,6 +61,23 @@ def device_name() -> str:
     return f"CPU {cpu}, {os.cpu_count()} cores"
 
 
+def versions() -> str:
+    """The commit measured (marked dirty when the tree has changes) and the torch / triton versions."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+    commit = (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if git("status", "--porcelain") else "")
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return f"commit {commit}, torch {torch.__version__}, triton {triton_version}"
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -78,6 +96,23 @@ def time_call(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 5, min
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 1, repeat: int = 5) -> dict[str, float]:
+    """Median wall-clock seconds of one call of each function, the calls taken in turns (a, b, a, b, ...): on a
+    shared or throttling machine every provider then sees the same slow and fast moments."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(samples) for name, samples in times.items()}
 
 
 def _rss_mib() -> float:
@@ -165,11 +200,11 @@ def report(title: str, rows: list[Row], *, json_path: str | None = None, notes: 
     text = "\n".join([
         format_table(title, rows, compare=compare),
         "",
-        f"Date: {when}. Machine: {device_name()}. torch {torch.__version__}. Command: `{command}`",
+        f"Date: {when}. Machine: {device_name()}. {versions()}. Command: `{command}`",
     ] + ([notes] if notes else []))
     print(text, flush=True)
     if json_path:
-        record = {"title": title, "date": when, "machine": device_name(), "command": command,
+        record = {"title": title, "date": when, "machine": device_name(), "versions": versions(), "command": command,
                   "rows": [asdict(r) | {"ratios": r.ratio()} for r in rows]}
         with open(json_path, "w") as f:
             json.dump(record, f, indent=2)

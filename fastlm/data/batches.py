@@ -77,9 +77,11 @@ class MaskedLMBatches:
 
 
 class CausalLMBatches:
-    """Causal-LM batches {"input_ids", "labels" (= input_ids; the model shifts), "lengths" (all block_len)} of
-    fixed-length blocks cut from the corpus read as one stream, `sentence </s> sentence </s> ...`; the block order
-    changes every epoch. The stream's last partial block (< block_len tokens) is left out."""
+    """Causal-LM batches {"input_ids", "labels" (= input_ids; the model shifts)} of fixed-length blocks cut from the
+    corpus read as one stream, `sentence </s> sentence </s> ...`; the block order changes every epoch. The stream's
+    last partial block (< block_len tokens) is left out. No row is padded, so the batch carries no "lengths": the
+    model then attends without a padding mask (causal SDPA can take its flash kernels), with no host sync to find
+    out that nothing is padded."""
 
     def __init__(self, corpus: TokenizedCorpus, *, batch_size: int, block_len: int, eos_id: int, seed: int = 0,
                  shuffle: bool = True):
@@ -106,8 +108,7 @@ class CausalLMBatches:
         order = _epoch_order(self.num_blocks, self.seed, epoch, self.shuffle)
         blocks = [self.block(b) for b in order[index * self.batch_size:(index + 1) * self.batch_size]]
         input_ids = torch.from_numpy(np.stack(blocks).astype(np.int64))
-        lengths = torch.full((len(blocks),), self.block_len, dtype=torch.int64)
-        return {"input_ids": input_ids, "labels": input_ids.clone(), "lengths": lengths}
+        return {"input_ids": input_ids, "labels": input_ids.clone()}
 
     def block(self, block_index: int) -> np.ndarray:
         """Stream positions [block_index * block_len, (block_index + 1) * block_len)."""

@@ -241,7 +241,9 @@ def _rows_triton(logits, target, lse, grad_out, grad_scale, options, find_argmax
 
 
 def _rows_torch(logits, target, lse, grad_out, grad_scale, options, find_argmax, column_offset, num_classes):
-    """The plain-torch reference of the row kernel: same outputs, same NaN rows for out-of-range targets."""
+    """The plain-torch reference of the row kernel: same outputs, same NaN rows for out-of-range targets. It is also
+    the CPU's training path, so the gradient is written in place, three passes over the rows and no [rows, V]
+    temporary (each temporary pass over a 48 MiB chunk cost the CPU about as much as the chunk's GEMM)."""
     ignore_index, label_smoothing, z_loss = options
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(compute)
@@ -261,12 +263,18 @@ def _rows_torch(logits, target, lse, grad_out, grad_scale, options, find_argmax,
     if grad_out is not None:
         lse = lse.to(compute)
         scale = torch.where(ignored, 0.0, grad_scale.to(compute).expand(len(target))) + poison
-        grad = torch.exp(x - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None] - label_smoothing / num_classes
+        # (softmax(x) * (1 + 2 z_loss lse) - eps / V) * scale, then (eps - 1) * scale at the target: in `grad_out`
+        # itself (which may be the logits: x is read before it is overwritten, element by element).
+        grad = grad_out if grad_out.dtype == compute else torch.empty_like(x)
+        torch.sub(x, lse[:, None], out=grad).exp_().mul_((scale * (1.0 + 2.0 * z_loss * lse))[:, None])
+        if label_smoothing:
+            grad.sub_((label_smoothing / num_classes * scale)[:, None])
         local_target = target - column_offset
         in_slice = (local_target >= 0) & (local_target < x.shape[1])
-        target_term = torch.where(in_slice, label_smoothing - 1.0, 0.0).to(compute)
+        target_term = torch.where(in_slice, (label_smoothing - 1.0) * scale, 0.0)
         grad.scatter_add_(1, torch.where(in_slice, local_target, 0)[:, None], target_term[:, None])
-        grad_out.copy_(grad * scale[:, None])
+        if grad is not grad_out:
+            grad_out.copy_(grad)
     return loss, lse, correct
 
 

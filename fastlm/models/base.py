@@ -141,9 +141,10 @@ class LanguageModel(nn.Module):
     def from_config_dict(cls, values: dict[str, Any]) -> LanguageModel:
         return cls(ModelConfig.from_dict(values["config"]))
 
-    def attention_spans(self) -> list[tuple[int, int, int]]:
-        """(n_layers, d_model, keys attended per token) of each attention kind, for estimate_flops_per_token."""
-        return [(self.config.n_layers, self.config.d_model, self.config.max_seq_len)]
+    def attention_spans(self, length: float) -> list[tuple[int, int, float]]:
+        """(n_layers, d_model, keys attended per token) of each attention kind at `length` tokens per sequence, for
+        estimate_flops_per_token."""
+        return [(self.config.n_layers, self.config.d_model, length)]
 
     def save(self, directory: str | Path, metadata: dict[str, str] | None = None) -> None:
         """Write config.json and model.safetensors (a tied tensor is stored once and re-tied by the model on load).
@@ -207,10 +208,13 @@ class LanguageModel(nn.Module):
         groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": not_decayed, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
-    def estimate_flops_per_token(self) -> int:
+    def estimate_flops_per_token(self, length: float | None = None) -> float:
         """Training FLOPs (forward + backward) per token, PaLM's estimate (Chowdhery et al. 2022, appendix B):
         6 N for the matrix multiplies over all N parameters (the tied output matrix counts once, as the logits
         matmul; embedding look-ups cost nothing but are few), plus 12 * n_layers * d_model * context for the
-        attention scores and their weighted sum, context being the keys per token at max_seq_len."""
-        attention = sum(12 * layers * width * context for layers, width, context in self.attention_spans())
+        attention scores and their weighted sum, context being the keys per token. `length` is the batch's real
+        tokens per sequence (for padded rows, sum(lengths**2) / sum(lengths): each token attends to its own row);
+        max_seq_len if not given, which overstates a batch of shorter rows."""
+        length = self.config.max_seq_len if length is None else length
+        attention = sum(12 * layers * width * context for layers, width, context in self.attention_spans(length))
         return 6 * self.num_params() + attention

@@ -50,25 +50,41 @@ def attention_mask(n_queries: int, n_keys: int, *, causal: bool, kv_lens: Tensor
     return mask
 
 
+# Device types where attn_impl="fastlm" runs fastlm's Triton kernel. Elsewhere (the CPU) it takes torch's SDPA,
+# which computes the same function (the kernel's reference path is its test oracle) with a fused flash kernel that
+# is several times faster than the reference's unfused math; tests add "cpu" to reach the kernel under Triton's
+# interpreter.
+KERNEL_DEVICE_TYPES = ("cuda",)
+
+
 def scaled_dot_product(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool, kv_lens: Tensor | None, dropout_p: float, impl: str
 ) -> Tensor:
-    """softmax(q k^T / sqrt(hd)) v for q (B, H, Nq, hd), k/v (B, Hkv, Nk, hd) with one of three implementations."""
-    if impl == "fastlm":
+    """softmax(q k^T / sqrt(hd)) v for q (B, H, Nq, hd), k/v (B, Hkv, Nk, hd) with one of three implementations.
+
+    kv_lens = None means no row is padded: the caller knows it from the batch's structure (packed blocks carry no
+    lengths), since reading a device tensor to find out would cost a host sync on every forward."""
+    if impl == "fastlm" and q.device.type in KERNEL_DEVICE_TYPES:
         return attention(q, k, v, causal=causal, kv_lens=kv_lens, dropout_p=dropout_p)
-    mask = attention_mask(q.shape[2], k.shape[2], causal=causal, kv_lens=kv_lens, device=q.device)
-    if impl == "sdpa":
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=k.shape[1] != q.shape[1]
-        )
-    # eager: the teaching version. Each key/value head serves n_heads / n_kv_heads query heads.
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])     # (B, H, Nq, Nk)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probabilities = F.dropout(scores.softmax(dim=-1), p=dropout_p)
-    return probabilities @ v
+    n_queries, n_keys = q.shape[2], k.shape[2]
+    if impl == "eager":
+        # The teaching version. Each key/value head serves n_heads / n_kv_heads query heads.
+        mask = attention_mask(n_queries, n_keys, causal=causal, kv_lens=kv_lens, device=q.device)
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])     # (B, H, Nq, Nk)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probabilities = F.dropout(scores.softmax(dim=-1), p=dropout_p)
+        return probabilities @ v
+    # SDPA picks flash or cuDNN only without a mask: an unpadded causal block goes as is_causal (its causal mask is
+    # aligned top-left, ours bottom-right: the same only for square blocks), and an unpadded bidirectional one bare.
+    # The mask is built only where padding (or a non-square causal block) needs it.
+    is_causal = causal and kv_lens is None and n_queries == n_keys
+    mask = None if is_causal else attention_mask(n_queries, n_keys, causal=causal, kv_lens=kv_lens, device=q.device)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
+    )
 
 
 class Embeddings(nn.Module):

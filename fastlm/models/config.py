@@ -35,7 +35,7 @@ class ModelConfig:
     pad_id: int = 0                  # the tokenizer's default special-token layout: <pad>=0, <s>=1, </s>=2
     bos_id: int = 1                  # also the decoder start token of Seq2SeqLM
     eos_id: int = 2                  # ends every sentence; generation stops at it
-    attn_impl: AttnImpl = "fastlm"   # fastlm kernels (reference path on CPU), torch SDPA, or readable eager math
+    attn_impl: AttnImpl = "fastlm"   # fastlm kernels (torch SDPA on CPU), torch SDPA, or readable eager math
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

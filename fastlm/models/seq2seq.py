@@ -147,13 +147,12 @@ class Seq2SeqLM(LanguageModel):
         return cls(ModelConfig.from_dict(values["encoder"]), ModelConfig.from_dict(values["decoder"]),
                    share_embeddings=values["share_embeddings"])
 
-    def attention_spans(self) -> list[tuple[int, int, int]]:
-        """Per target token, with as many source tokens as target tokens: encoder self-attention over the source,
+    def attention_spans(self, length: float) -> list[tuple[int, int, float]]:
+        """Per target token, with `length` source and target tokens: encoder self-attention over the source,
         decoder self-attention over the target and cross-attention over the source."""
         source, target = self.encoder_config, self.config
-        return [(source.n_layers, source.d_model, source.max_seq_len),
-                (target.n_layers, target.d_model, target.max_seq_len),
-                (target.n_layers, target.d_model, source.max_seq_len)]
+        return [(source.n_layers, source.d_model, length), (target.n_layers, target.d_model, length),
+                (target.n_layers, target.d_model, length)]
 
 
 def _log_new_tensors(new: dict[str, Tensor], cross_attention_init: str, share_embeddings: bool) -> None:

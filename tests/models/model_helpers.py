@@ -44,6 +44,7 @@ def force_triton_kernels(monkeypatch) -> None:
     from fastlm.kernels.utils import interpreter_active
     if not (torch.cuda.is_available() or interpreter_active()):
         pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
+    monkeypatch.setattr(models_blocks, "KERNEL_DEVICE_TYPES", ("cuda", "cpu"))
     monkeypatch.setattr(models_blocks, "attention", functools.partial(attention, impl="triton"))
     monkeypatch.setattr(models_base, "linear_cross_entropy", functools.partial(linear_cross_entropy, impl="triton"))
 

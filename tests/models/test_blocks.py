@@ -1,9 +1,15 @@
-"""The shared building blocks: the three attention implementations agree, rope is relative, the cache writes rows."""
+"""The shared building blocks: the three attention implementations agree, SDPA gets a mask only where padding needs
+it, rope is relative, the cache writes rows."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_helpers import random_batch, tiny_config
 
+from fastlm.models import DecoderLM, EncoderLM, Seq2SeqLM
+from fastlm.models import blocks
 from fastlm.models.blocks import apply_rope, scaled_dot_product
 from fastlm.models.kv_cache import AttentionCache
 
@@ -75,3 +81,49 @@ def test_cache_writes_each_row_at_its_positions():
     assert torch.equal(values, -keys)
     cache.reorder(torch.tensor([1, 1]))
     assert torch.equal(cache.keys[0], cache.keys[1])
+
+
+def _sdpa_calls(monkeypatch, run) -> list[tuple[bool, tuple | None]]:
+    """(is_causal, attn_mask shape or None) of every F.scaled_dot_product_attention call made by `run()`."""
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        calls.append((is_causal, None if attn_mask is None else tuple(attn_mask.shape)))
+        return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    run()
+    return calls
+
+
+# attn_impl="fastlm" takes SDPA on the CPU (its Triton kernel runs on CUDA): both must reach SDPA's fast backends.
+@pytest.mark.parametrize("impl", ["sdpa", "fastlm"])
+def test_sdpa_gets_a_mask_only_where_rows_are_padded(impl, monkeypatch):
+    config = tiny_config(attn_impl=impl, n_layers=1)
+    ids, lengths = random_batch(config, [9, 6])
+    full = torch.randint(4, config.vocab_size, (2, 9))
+    padding_mask = (2, 1, 1, 9)   # keys beyond each row's length, broadcast over heads and queries
+    decoder, encoder = DecoderLM(config), EncoderLM(config)
+    # Packed causal blocks: SDPA's own causal mask and no attn_mask, so flash / cuDNN can run.
+    assert _sdpa_calls(monkeypatch, lambda: decoder(full, labels=full)) == [(True, None)]
+    # Padded causal rows: the causal and padding masks in one, where padding needs it.
+    assert _sdpa_calls(monkeypatch, lambda: decoder(ids, lengths, labels=ids)) == [(False, (2, 1, 9, 9))]
+    # Bidirectional and unpadded: no mask at all; padded: the padding mask alone.
+    assert _sdpa_calls(monkeypatch, lambda: encoder(full, labels=full)) == [(False, None)]
+    assert _sdpa_calls(monkeypatch, lambda: encoder(ids, lengths, labels=ids)) == [(False, padding_mask)]
+    # Cross-attention reads padded sources through the padding mask; the unpadded causal target needs none.
+    seq2seq = Seq2SeqLM(config, tiny_config(attn_impl=impl, n_layers=1, positional="rope"))
+    calls = _sdpa_calls(monkeypatch, lambda: seq2seq(ids, full, src_lengths=lengths, labels=full))
+    assert calls == [(False, padding_mask), (True, None), (False, padding_mask)]   # encoder, self, cross
+
+
+def test_fastlm_attention_keeps_its_kernel_where_it_runs(monkeypatch):
+    """On the devices of KERNEL_DEVICE_TYPES attn_impl="fastlm" calls fastlm's kernel, never SDPA."""
+    kernel_calls = []
+    monkeypatch.setattr(blocks, "KERNEL_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(blocks, "attention", lambda q, k, v, **options: kernel_calls.append(options) or q)
+    q = torch.randn(1, 2, 4, 16)
+    assert _sdpa_calls(monkeypatch, lambda: scaled_dot_product(q, q, q, causal=True, kv_lens=None, dropout_p=0.0,
+                                                               impl="fastlm")) == []
+    assert kernel_calls == [dict(causal=True, kv_lens=None, dropout_p=0.0)]

@@ -233,6 +233,8 @@ def test_optimizer_groups_and_accounting():
     assert model.num_params(exclude_embeddings=True) == total - embedding_count
     config = model.config
     assert model.estimate_flops_per_token() == 6 * total + 12 * config.n_layers * config.d_model * config.max_seq_len
+    # At the batch's real length, not max_seq_len: attention FLOPs scale with the keys each token attends to.
+    assert model.estimate_flops_per_token(length=20) == 6 * total + 12 * config.n_layers * config.d_model * 20
     tied = _model("decoder")
     assert tied.num_params() == total - config.vocab_size * config.d_model
 

@@ -121,6 +121,7 @@ def test_flops_count_both_stacks_and_cross_attention():
     model = Seq2SeqLM(config, config)
     attention = 3 * 12 * config.n_layers * config.d_model * config.max_seq_len
     assert model.estimate_flops_per_token() == 6 * model.num_params() + attention
+    assert model.estimate_flops_per_token(length=10) == 6 * model.num_params() + attention * 10 / config.max_seq_len
 
 
 def test_fastlm_kernels_sdpa_and_eager_agree_with_cross_attention(monkeypatch):
