@@ -63,6 +63,22 @@ def test_resuming_a_finished_run_trains_no_more_and_reports_its_evaluation(tmp_p
     assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl", "train")] == list(range(1, 11))
 
 
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+    torch.manual_seed(0)
+    config = toy_config(max_steps=6, eval_interval=0, checkpoint_interval=3)
+    Trainer(ToyLM(), ToyBatches(), config, tmp_path).fit()
+    metrics = tmp_path / "metrics.jsonl"
+    # A kill in the middle of a write leaves part of a line without its newline.
+    metrics.write_text(metrics.read_text() + '{"kind": "train", "step": 7, "lo', encoding="utf-8")
+    resumed = Trainer(ToyLM(), ToyBatches(), config, tmp_path)
+    with pytest.warns(UserWarning, match="incomplete last record"):
+        assert resumed.resume()
+    assert [r["step"] for r in read_records(metrics, "train")] == list(range(1, 7))
+    metrics.write_text(metrics.read_text().replace('"step": 2', '"step": 2,,', 1), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON metrics record"):
+        read_records(metrics)  # a damaged complete line is not a torn write: still an error
+
+
 class PoisonLoss:
     """A forward hook that turns the loss into NaN on the forward calls listed (0-based)."""
 
