@@ -17,6 +17,7 @@ from fastlm.train import TrainConfig, Trainer, TrainingDiverged, load_checkpoint
 from fastlm.train.metrics import read_records
 
 sys.path.insert(0, str(Path(__file__).parent))
+import token_weighting  # noqa: E402
 from toy_training import ToyBatches, ToyLM  # noqa: E402
 
 TOY_SCRIPT = Path(__file__).parent / "toy_training.py"
@@ -200,3 +201,30 @@ def test_compiled_training_matches_eager_and_saves_the_plain_model(tmp_path):
         assert set(saved["model"]) == set(DecoderLM(config).state_dict())
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+@pytest.mark.parametrize("task", token_weighting.TASKS)
+def test_accumulated_micro_batches_weigh_every_target_alike(task):
+    # Four micro-batches of 3 to 57 targets: the step's gradient and loss are those of one batch holding all of
+    # them (a mean of micro-batch means would weigh the 3 targets as much as the 57).
+    world = token_weighting.World(0, 1, torch.device("cpu"))
+    accumulated = token_weighting.step_gradients(task, token_weighting.VaryingBatches(task), 4, world)
+    merged = token_weighting.step_gradients(
+        task, token_weighting.MergedBatches(token_weighting.VaryingBatches(task)), 1, world)
+    assert accumulated.keys() == merged.keys()
+    for name in merged:
+        torch.testing.assert_close(accumulated[name], merged[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_two_gloo_processes_weigh_targets_as_one_process(tmp_path):
+    # 2 ranks x 2 micro-batches = 1 process x 4: the gradients are those of the same global step, for every task.
+    script = str(Path(token_weighting.__file__))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
+                    str(tmp_path / "ddp.pt"), "--grad_accum", "2"],
+                   env=subprocess_env(), capture_output=True, text=True, timeout=240, check=True)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    world = token_weighting.World(0, 1, torch.device("cpu"))
+    for task in token_weighting.TASKS:
+        single = token_weighting.step_gradients(task, token_weighting.VaryingBatches(task), 4, world)
+        for name in single:
+            torch.testing.assert_close(ddp[task][name], single[name], rtol=1e-5, atol=1e-6, msg=f"{task} {name}")
