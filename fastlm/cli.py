@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from fastlm.models.seq2seq import CROSS_ATTENTION_INITS
 from fastlm.train.config import PRESETS, ConfigError, parse_overrides, resolve
 from fastlm.train.trainer import TrainingDiverged
 
@@ -267,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--encoder", required=True, help="pre-trained encoder (run or model directory)")
     finetune.add_argument("--decoder", required=True, help="pre-trained decoder (run or model directory)")
     _add_training_options(finetune)
-    finetune.add_argument("--cross-attention-init", choices=("random", "copy_self"), default="random")
+    finetune.add_argument("--cross-attention-init", choices=CROSS_ATTENTION_INITS, default="random",
+                          help="the decoder's new cross-attention: random, copied from self-attention, or random "
+                          "with a zero output projection (the merged decoder starts as the pre-trained LM)")
     finetune.add_argument("--share-embeddings", action="store_true")
     finetune.add_argument("--bleu-sentences", type=int, default=64, help="validation pairs translated for BLEU")
     finetune.add_argument("--beam", type=int, default=4)
