@@ -94,7 +94,7 @@ def cmd_prepare(args) -> None:
     _require_files(args.input, "--input")
     tokenizer = load_tokenizer(args.tokenizer)
     reader = open_reader(*args.input)
-    options = dict(num_threads=args.threads, progress=not args.quiet)
+    options = dict(num_threads=args.threads, progress=not args.quiet, overwrite=args.overwrite)
     if args.shard_size:
         options["shard_size"] = args.shard_size
     if getattr(reader, "parallel", False):
@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--shard-size", type=int, help="sentences per shard")
     prepare.add_argument("--threads", type=int, help="encoder threads (default: all cores)")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+    prepare.add_argument("--overwrite", action="store_true",
+                         help="replace a corpus --output holds from other inputs or settings (removes only its files)")
     prepare.set_defaults(run=cmd_prepare)
 
     pretrain = commands.add_parser("pretrain", help="pre-train an encoder (masked LM) or a decoder (causal LM)")
