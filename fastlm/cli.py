@@ -20,6 +20,7 @@ import typing
 import warnings
 from pathlib import Path
 
+from fastlm.models.seq2seq import CROSS_ATTENTION_INITS
 from fastlm.train.config import PRESETS, ConfigError, parse_overrides, resolve
 from fastlm.train.trainer import TrainingDiverged, TrainingInterrupted
 
@@ -108,7 +109,7 @@ def cmd_prepare(args) -> None:
     _require_files(args.input, "--input")
     tokenizer = load_tokenizer(args.tokenizer)
     reader = open_reader(*args.input)
-    options = dict(num_threads=args.threads, progress=not args.quiet)
+    options = dict(num_threads=args.threads, progress=not args.quiet, overwrite=args.overwrite)
     if args.shard_size:
         options["shard_size"] = args.shard_size
     if getattr(reader, "parallel", False):
@@ -336,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--shard-size", type=int, help="sentences per shard")
     prepare.add_argument("--threads", type=int, help="encoder threads (default: all cores)")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+    prepare.add_argument("--overwrite", action="store_true",
+                         help="replace a corpus --output holds from other inputs or settings (removes only its files)")
     prepare.set_defaults(run=cmd_prepare)
 
     pretrain = commands.add_parser("pretrain", help="pre-train an encoder (masked LM) or a decoder (causal LM)",
@@ -352,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--decoder", required=True,
                           help="pre-trained decoder (run or model directory, or transformers GPT-2)")
     _add_training_options(finetune)
-    finetune.add_argument("--cross-attention-init", choices=("random", "copy_self"), default="random",
-                          help="new cross-attention weights: random, or copies of the decoder's self-attention")
+    finetune.add_argument("--cross-attention-init", choices=CROSS_ATTENTION_INITS, default="random",
+                          help="the decoder's new cross-attention: random, copied from self-attention, or random "
+                          "with a zero output projection (the merged decoder starts as the pre-trained LM)")
     finetune.add_argument("--share-embeddings", action="store_true",
                           help="one embedding table for encoder, decoder and output layer")
     finetune.add_argument("--bleu-sentences", type=int, default=64, help="validation pairs translated for BLEU")

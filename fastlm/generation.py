@@ -40,7 +40,7 @@ def generate(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Continue each prompt (DecoderLM: input_ids (B, T) with lengths) or translate each source (Seq2SeqLM: src_ids
-    (B, S) with src_lengths; the decoder starts from <s>).
+    (B, S) with src_lengths; the decoder starts from its decoder_start_id, </s>).
 
     strategy: "greedy" (argmax), "sample" (softmax of logits / temperature, restricted to the top_k tokens when
     top_k > 0 and to the smallest set of probability >= top_p, drawn with `generator`), or "beam" (num_beams beams;
@@ -51,7 +51,7 @@ def generate(
     b * num_return_sequences + i is the i-th sequence of input b (beam search: best score first). A row ends with
     eos_id where one was generated, then pad_id up to L, the longest row (L <= max_new_tokens).
 
-    Generation never runs past the model's positions: the longest prompt (for Seq2SeqLM, <s>) plus max_new_tokens - 1
+    Generation never runs past the model's positions: the longest prompt (for Seq2SeqLM, the start token) plus max_new_tokens - 1
     must fit max_seq_len, else a ValueError before any step. NaN logits (a diverged model) are a ValueError too.
     """
     _check_options(strategy, max_new_tokens, num_beams, temperature, top_k, top_p, length_penalty,
@@ -115,7 +115,7 @@ def _decoding_problem(model, input_ids, lengths, src_ids, src_lengths, max_new_t
     if isinstance(model, Seq2SeqLM):
         if src_ids is None or input_ids is not None:
             raise ValueError("Seq2SeqLM generation takes src_ids (and src_lengths), not input_ids: "
-                             "the decoder always starts from <s>")
+                             "the decoder always starts from its decoder_start_id")
         run_checks(token_checks(model.encoder_config, src_ids, src_lengths, None, names=("src_ids", "src_lengths", "")))
         _check_room(1, max_new_tokens, config.max_seq_len)
         memory = model.encode(src_ids, src_lengths).repeat_interleave(copies, dim=0)

@@ -95,6 +95,26 @@ def test_prepare_writes_mono_and_parallel_corpora(workspace):
     assert len(ParallelCorpus(workspace / "valid-pairs")) == 16
 
 
+def test_prepare_into_a_corpus_of_other_inputs_needs_overwrite(workspace, capsys):
+    from fastlm import Tokenizer
+    from fastlm.cli import main
+    from fastlm.data.corpus import TokenizedCorpus
+
+    def prepare(source: str, *extra: str) -> int:
+        return main(["prepare", "--tokenizer", str(workspace / "tok.json"), "--input", str(workspace / source),
+                     "--output", str(workspace / "reprepared"), "--quiet", *extra])
+
+    assert prepare("valid.ko") == 0 and prepare("valid.ko") == 0  # the same again: nothing to do
+    capsys.readouterr()
+    assert prepare("valid.en") == 2
+    stderr = capsys.readouterr().err
+    assert len(stderr.strip().splitlines()) == 1 and "valid.en" in stderr and "--overwrite" in stderr, stderr
+    assert prepare("valid.en", "--overwrite") == 0
+    first_english = (workspace / "valid.en").read_text(encoding="utf-8").splitlines()[0].strip()
+    assert list(TokenizedCorpus(workspace / "reprepared")[0]) == Tokenizer.load(workspace / "tok.json").encode(
+        first_english)
+
+
 @pytest.mark.parametrize("arch", ["encoder", "decoder"])
 def test_pretrain_writes_a_complete_run(pretrained, arch):
     run = pretrained / arch
@@ -382,3 +402,16 @@ def test_readme_command_lines_use_only_what_earlier_lines_make():
         if words[0] == "plot":
             assert args.run_dir in made, line
         made.update(value for value in (getattr(args, "output", None), getattr(args, "run_dir", None)) if value)
+
+
+def test_finetune_offers_every_cross_attention_init():
+    from fastlm.cli import build_parser
+    from fastlm.models.seq2seq import CROSS_ATTENTION_INITS
+
+    command = ["finetune", "--encoder", "e", "--decoder", "d", "--tokenizer", "t.json", "--train", "x", "--run-dir",
+               "r"]
+    assert set(CROSS_ATTENTION_INITS) == {"random", "copy-self", "zero-out"}
+    for init in CROSS_ATTENTION_INITS:
+        args, _ = build_parser().parse_known_args(command + ["--cross-attention-init", init])
+        assert args.cross_attention_init == init
+    assert build_parser().parse_known_args(command)[0].cross_attention_init == "random"

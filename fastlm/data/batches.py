@@ -8,8 +8,9 @@ Markers: corpora store bare sentences (or <s> ... </s> when prepared with add_bo
 here), and each source adds the markers its model expects:
 - masked LM: <s> sentence </s>; a long sentence keeps its first max_len - 2 tokens and still ends with </s>;
 - causal LM: sentences back to back, each followed by </s> as the separator;
-- translation: source <s> sentence </s> (as the encoder saw it in pre-training), target `sentence </s>` (no <s>:
-  the model shifts it right itself), each truncated to its maximum length keeping the final </s>.
+- translation: source <s> sentence </s> (as the encoder saw it in pre-training), target `sentence </s>` (no start
+  token: Seq2SeqLM shifts it right behind </s>, the token that precedes every sentence of the causal stream), each
+  truncated to its maximum length keeping the final </s>.
 Padding goes to the longest sequence of the batch, rounded up to a multiple of 8 (tensor-core friendly tiles and
 few distinct shapes for torch.compile), never beyond the maximum length.
 """

@@ -7,8 +7,12 @@
 - Resumable: each shard file is written under a temporary name and renamed when complete, then the shard's record
   `shard-00000.json` (its counts and the SHA-256 of its input sentences) marks it finished; a re-run re-reads the
   input, checks each finished shard's input against its record and tokenises only the unfinished shards.
-  `meta.json` is written last; once it exists a re-run does nothing. The settings of the first run are kept in
-  `prepare.json`; re-running with other settings, or on changed input, is an error.
+  `meta.json` is written last.
+- Never silently stale: `prepare.json` records what the corpus is made from, the input files (absolute path, size,
+  SHA-256) and the settings (tokenizer hash, options). A re-run with the same record resumes an unfinished corpus
+  and leaves a finished one as it is (sentences from an iterable rather than files are read again and compared
+  with the shards' input hashes); anything else is an error naming `overwrite=True` (`--overwrite`), which
+  removes the corpus's own files, and only those, before preparing anew.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -36,38 +41,42 @@ DEFAULT_SHARD_SIZE = 1 << 20
 # Sentences per encode_batch call: enough work for every core, little memory held in Python strings.
 ENCODE_CHUNK = 16384
 SETTINGS_FILE = "prepare.json"
+# Every file a prepared corpus consists of, finished or in progress: what overwrite=True removes, and nothing else.
+CORPUS_FILE = re.compile(r"^(shard-\d{5,}\.(ids|offsets|json)|meta\.json|prepare\.json)(\.tmp)?$")
 
 
 def prepare_corpus(
     inputs: str | os.PathLike | list | tuple | Iterable[str], tokenizer, out_dir: str | os.PathLike, *,
     shard_size: int = DEFAULT_SHARD_SIZE, num_threads: int | None = None, add_bos_eos: bool = False,
-    progress: bool = True,
+    progress: bool = True, overwrite: bool = False,
 ) -> TokenizedCorpus:
     """Tokenises sentences into the prepared corpus `out_dir` and returns it opened.
 
     `inputs`: a path or a list/tuple of paths (plain text, one sentence per line; see `TextLines`), or any other
     iterable of sentences (a `Reader`, a generator, `iter(list_of_sentences)`). `add_bos_eos` stores every sentence
     as <s> ... </s>; the batch sources add those markers themselves, so the default stores bare sentences.
+    `overwrite=True` replaces a corpus that `out_dir` holds from other inputs or settings (an error otherwise).
     """
     paths = _input_paths(inputs)
     reader = TextLines(*paths) if paths is not None else inputs
     if getattr(reader, "parallel", False):
         raise ValueError(f"prepare_corpus inputs={reader!r}: yields sentence pairs; use prepare_parallel_corpus")
-    _prepare(((sentence,) for sentence in reader), reader, tokenizer, [Path(out_dir)], shard_size=shard_size,
-             num_threads=num_threads, add_bos_eos=add_bos_eos, progress=progress)
+    _prepare(((sentence,) for sentence in reader), reader, tokenizer, Path(out_dir), [Path(out_dir)],
+             shard_size=shard_size, num_threads=num_threads, add_bos_eos=add_bos_eos, progress=progress,
+             overwrite=overwrite)
     return TokenizedCorpus(out_dir)
 
 
 def prepare_parallel_corpus(
     pairs: Iterable[tuple[str, str]], tokenizer, out_dir: str | os.PathLike, *,
     shard_size: int = DEFAULT_SHARD_SIZE, num_threads: int | None = None, add_bos_eos: bool = False,
-    progress: bool = True,
+    progress: bool = True, overwrite: bool = False,
 ) -> ParallelCorpus:
     """Tokenises (source, target) pairs (e.g. a `ParallelLines`, `TsvPairs` or `AihubPairs` reader) into
     `out_dir/src` and `out_dir/tgt`, one shared tokenizer, and returns the opened `ParallelCorpus`."""
     out_dir = Path(out_dir)
-    _prepare(pairs, pairs, tokenizer, [out_dir / SOURCE_DIR, out_dir / TARGET_DIR], shard_size=shard_size,
-             num_threads=num_threads, add_bos_eos=add_bos_eos, progress=progress)
+    _prepare(pairs, pairs, tokenizer, out_dir, [out_dir / SOURCE_DIR, out_dir / TARGET_DIR], shard_size=shard_size,
+             num_threads=num_threads, add_bos_eos=add_bos_eos, progress=progress, overwrite=overwrite)
     return ParallelCorpus(out_dir)
 
 
@@ -80,9 +89,9 @@ def _input_paths(inputs) -> list | None:
     return None
 
 
-def _prepare(rows: Iterable[tuple[str, ...]], source, tokenizer, out_dirs: list[Path], *, shard_size: int,
-             num_threads: int | None, add_bos_eos: bool, progress: bool) -> None:
-    """Writes column c of every row to the corpus out_dirs[c], shard by shard."""
+def _prepare(rows: Iterable[tuple[str, ...]], source, tokenizer, out_dir: Path, out_dirs: list[Path], *,
+             shard_size: int, num_threads: int | None, add_bos_eos: bool, progress: bool, overwrite: bool) -> None:
+    """Writes column c of every row to the corpus out_dirs[c] (out_dir or its src/ and tgt/), shard by shard."""
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size={shard_size!r}: expected a positive number of sentences per shard")
     special_token_ids = {name: getattr(tokenizer, name) for name in SPECIAL_ID_NAMES}
@@ -92,11 +101,16 @@ def _prepare(rows: Iterable[tuple[str, ...]], source, tokenizer, out_dirs: list[
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     settings = {"tokenizer_sha256": tokenizer_sha256(tokenizer), "vocab_size": tokenizer.vocab_size,
                 "dtype": dtype.name, "shard_size": shard_size, "add_bos_eos": add_bos_eos,
-                "special_token_ids": special_token_ids}
+                "special_token_ids": special_token_ids, "inputs": _input_files(source)}
+    if overwrite:
+        for directory in (out_dir, out_dir / SOURCE_DIR, out_dir / TARGET_DIR):
+            _remove_corpus_files(directory)
     for directory in out_dirs:
         directory.mkdir(parents=True, exist_ok=True)
         _keep_settings(directory, settings)
     if all((directory / META_FILE).is_file() for directory in out_dirs):
+        if settings["inputs"] is None:  # no files to identify the sentences by: compare them with the shards
+            _check_same_sentences(iter(rows), out_dirs[0], shard_size)
         return
 
     encode = partial(_encode_columns, tokenizer, num_threads=num_threads, num_columns=len(out_dirs),
@@ -143,8 +157,7 @@ def _write_shards(rows: Iterator[tuple[str, ...]], encode: Callable, out_dirs: l
             if all(records):
                 num_sentences = sum(1 for _ in shard_rows)
                 if (num_sentences, digest.hexdigest()) != (records[0]["num_sentences"], records[0]["input_sha256"]):
-                    raise ValueError(f"{out_dirs[0] / name}: the input of this finished shard changed since the "
-                                     "first run; prepare into a new out_dir")
+                    raise _changed_corpus(out_dirs[0], f"from other sentences (they differ in {name})")
             else:
                 encoded = _encoded_in_background(_chunks(shard_rows, ENCODE_CHUNK), encode, pool)
                 try:
@@ -194,8 +207,38 @@ def _finished_record(directory: Path, name: str, dtype: np.dtype) -> dict | None
     return record
 
 
+def _input_files(source) -> list[dict] | None:
+    """What the corpus is made from when it is read from files: each file's absolute path, size and SHA-256; None
+    for sentences from any other iterable (the shards' input hashes identify those)."""
+    if not isinstance(source, Reader):
+        return None
+    return [{"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": _file_sha256(path)}
+            for path in source.paths]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _described(key: str, value) -> str:
+    """A recorded value as the error shows it: input files by path, size and hash prefix."""
+    if key == "inputs" and value:
+        return "[" + ", ".join(f"{item['path']} ({item['bytes']} bytes, sha256 {item['sha256'][:12]})"
+                               for item in value) + "]"
+    return repr(value)
+
+
+def _changed_corpus(directory: Path, what: str) -> ValueError:
+    return ValueError(f"{directory} holds a corpus prepared {what}; pass --overwrite (overwrite=True) to replace "
+                      "it, or prepare into another directory")
+
+
 def _keep_settings(directory: Path, settings: dict) -> None:
-    """Records the settings of a first run; a re-run (resume) must use the same ones."""
+    """Records the inputs and settings of a first run; a re-run (resume, or a no-op) must have the same ones."""
     path = directory / SETTINGS_FILE
     if not path.is_file():
         _write_json_atomically(path, settings)
@@ -203,8 +246,30 @@ def _keep_settings(directory: Path, settings: dict) -> None:
     recorded = json.loads(path.read_text(encoding="utf-8"))
     changed = {key: (recorded.get(key), value) for key, value in settings.items() if recorded.get(key) != value}
     if changed:
-        details = ", ".join(f"{key}: was {old!r}, now {new!r}" for key, (old, new) in changed.items())
-        raise ValueError(f"{directory}: prepared before with other settings ({details}); use a new out_dir")
+        details = ", ".join(f"{key}: was {_described(key, old)}, now {_described(key, new)}"
+                            for key, (old, new) in changed.items())
+        raise _changed_corpus(directory, f"from other inputs or settings ({details})")
+
+
+def _check_same_sentences(rows: Iterator[tuple[str, ...]], directory: Path, shard_size: int) -> None:
+    """Raise unless `rows` are the sentences the finished corpus in `directory` was prepared from (no tokenising:
+    each shard's input hash is compared with its record)."""
+    meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    for record in meta["shards"]:
+        digest = hashlib.sha256()
+        num_sentences = sum(1 for _ in _hashed(islice(rows, shard_size), digest))
+        if (num_sentences, digest.hexdigest()) != (record["num_sentences"], record["input_sha256"]):
+            raise _changed_corpus(directory, f"from other sentences (they differ in {record['name']})")
+    if next(rows, None) is not None:
+        raise _changed_corpus(directory, f"from other sentences (the first {meta['num_sentences']} only)")
+
+
+def _remove_corpus_files(directory: Path) -> None:
+    """Deletes the files of a prepared corpus in `directory` (see CORPUS_FILE), leaving any other file alone."""
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if path.is_file() and CORPUS_FILE.match(path.name):
+                path.unlink()
 
 
 def _chunks(rows: Iterator, size: int) -> Iterator[list]:

@@ -689,8 +689,9 @@ def _validate(q, k, v, kv_lens, sm_scale, dropout_p) -> None:
     if kv_lens is not None:
         if kv_lens.shape[0] != batch:
             raise ValueError(f"kv_lens.shape={tuple(kv_lens.shape)}: expected ({batch},), one length per sequence")
-        # Reading GPU values costs a host sync, so there only in debug mode; the kernels clamp lengths anyway.
-        if not kv_lens.is_cuda or debug_checks_enabled():
+        # Reading GPU values costs a host sync (and breaks a torch.compile graph), so there only in debug mode; the
+        # kernels clamp lengths anyway.
+        if not (kv_lens.is_cuda or torch.compiler.is_compiling()) or debug_checks_enabled():
             low, high = int(kv_lens.min()), int(kv_lens.max())
             if low < 0 or high > k_len:
                 raise ValueError(f"kv_lens has values in [{low}, {high}]: expected lengths in [0, {k_len}]")

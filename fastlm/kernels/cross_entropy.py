@@ -35,6 +35,10 @@ Design (why it looks like this):
   H100 CCE itself took 2x as long as this design (docs/PERFORMANCE.md).
 - Every target is ignored -> loss 0 and zero gradient, where F.cross_entropy gives NaN for "mean": a NaN in a
   training step is what our users must never see.
+- -inf logits (a masked vocabulary, or a bias of -inf) give what F.cross_entropy gives: a finite loss while the
+  target and, with label smoothing, every class is allowed; inf where the target or a smoothed class is masked
+  (NaN with label_smoothing = 1 and a masked target: 0 * inf); NaN for a row with no allowed class (its gradient
+  too, even when ignored). Gradients stay finite wherever torch's are.
 - Targets outside [0, V) that are not ignore_index: with CPU targets in eager mode (or FASTLM_DEBUG=1) a ValueError
   is raised; with CUDA targets (or under torch.compile) checking would need a host sync, so the kernel instead
   writes NaN into that row's loss and gradient, which poisons the reduced loss: never a silently wrong number, and
@@ -171,8 +175,10 @@ def _cross_entropy_rows_kernel(
             x = tl.load(row_logits + index, mask=in_row, other=-float("inf")).to(tl.float32)
             block_max = tl.max(x, axis=0)
             new_max = tl.maximum(running_max, block_max)
-            # Each block holds at least one real logit, so new_max is finite and exp(-inf) = 0 starts the sum.
-            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+            # A masked vocabulary (-inf logits) can leave the maximum at -inf so far: shift by 0 then, as
+            # exp(-inf - -inf) would be NaN; exp(-inf) = 0 keeps the sum empty until a finite logit comes.
+            shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+            running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
             running_max = new_max
             if SMOOTHING:
                 logit_sum += tl.sum(tl.where(in_row, x, 0.0), axis=0)
@@ -181,9 +187,12 @@ def _cross_entropy_rows_kernel(
                 # Strict comparison: the earliest maximum wins, as in torch.argmax.
                 best_index = tl.where(block_max > best_value, block_best, best_index)
                 best_value = tl.maximum(best_value, block_max)
-        lse = running_max + tl.log(running_sum)
+        lse = running_max + tl.log(running_sum)  # -inf for a row of -inf logits: its loss is NaN, as in torch
         # Differences of lse with logits first: exact when they nearly cancel (a confident, correct row).
-        loss = (1.0 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - logit_sum / num_classes)
+        loss = (1.0 - label_smoothing) * (lse - target_logit)
+        if SMOOTHING:
+            # Only with smoothing: a -inf logit makes this term infinite, and 0 * inf would be NaN.
+            loss += label_smoothing * (lse - logit_sum / num_classes)
         loss += z_loss * lse * lse
         loss = tl.where(ignored, 0.0, loss)
         loss = tl.where(out_of_range & ~ignored, float("nan"), loss)
@@ -256,7 +265,10 @@ def _rows_torch(logits, target, lse, grad_out, grad_scale, options, find_argmax,
         safe_target = torch.where(out_of_range, 0, target)
         lse = torch.logsumexp(x, dim=1)
         target_logit = x.gather(1, safe_target[:, None]).squeeze(1)
-        loss = (1.0 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - x.mean(dim=1))
+        loss = (1.0 - label_smoothing) * (lse - target_logit)
+        if label_smoothing:
+            # Only with smoothing: a -inf logit (a masked class) makes this term infinite, and 0 * inf is NaN.
+            loss = loss + label_smoothing * (lse - x.mean(dim=1))
         loss = loss + z_loss * lse * lse
         loss = torch.where(ignored, 0.0, loss) + poison
         correct = (x.argmax(dim=1) == target) & ~ignored if find_argmax else None

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from fastlm.files import respect_umask
 from fastlm.kernels import linear_cross_entropy
+from fastlm.kernels.utils import debug_checks_enabled
 
 from .config import ModelConfig
 from .weights import load_weights
@@ -33,6 +34,13 @@ class ModelOutput:
 ValueCheck = tuple[Tensor, Callable[[int], "str | None"]]
 
 
+def value_checks_wanted(tensor: Tensor) -> bool:
+    """Whether to check the values inside the inputs: reading them on the host costs a device sync every forward
+    and breaks a torch.compile graph, so (as in the kernels) only for CPU tensors in eager mode, where it is free,
+    or anywhere with FASTLM_DEBUG=1. Shapes, dtypes and devices are always checked: that needs no sync."""
+    return debug_checks_enabled() or (tensor.device.type == "cpu" and not torch.compiler.is_compiling())
+
+
 def token_checks(
     config: ModelConfig,
     ids: Tensor,
@@ -41,7 +49,8 @@ def token_checks(
     *,
     names: tuple[str, str, str] = ("input_ids", "lengths", "labels"),
 ) -> list[ValueCheck]:
-    """Check shapes now (raising ValueError) and return the value checks, to be run for all inputs with one sync."""
+    """Check shapes now (raising ValueError) and return the value checks, to be run for all inputs with one sync
+    (none where value_checks_wanted says no)."""
     ids_name, lengths_name, labels_name = names
     given = [(ids_name, ids)] + [(name, tensor) for name, tensor in ((lengths_name, lengths), (labels_name, labels))
                                  if tensor is not None]
@@ -58,6 +67,14 @@ def token_checks(
     batch, length = ids.shape
     if length > config.max_seq_len:
         raise ValueError(f"{ids_name} has {length} tokens per row: expected at most max_seq_len = {config.max_seq_len}")
+    if lengths is not None and tuple(lengths.shape) != (batch,):
+        raise ValueError(f"{lengths_name} of shape {tuple(lengths.shape)}: expected ({batch},), one length per "
+                         f"row of {ids_name}")
+    if labels is not None and labels.shape != ids.shape:
+        raise ValueError(f"{labels_name} of shape {tuple(labels.shape)}: expected the shape of {ids_name}, "
+                         f"{tuple(ids.shape)}")
+    if not value_checks_wanted(ids):
+        return []
     vocab = config.vocab_size
     checks: list[ValueCheck] = [
         (ids.min(), lambda low: f"{ids_name} contains {low}: expected ids >= 0" if low < 0 else None),
@@ -65,18 +82,12 @@ def token_checks(
          if high >= vocab else None),
     ]
     if lengths is not None:
-        if tuple(lengths.shape) != (batch,):
-            raise ValueError(f"{lengths_name} of shape {tuple(lengths.shape)}: expected ({batch},), one length per "
-                             f"row of {ids_name}")
         checks += [
             (lengths.min(), lambda low: f"{lengths_name} contains {low}: expected lengths >= 1" if low < 1 else None),
             (lengths.max(), lambda high: f"{lengths_name} contains {high}: expected lengths <= {length} "
              f"(the tokens per row of {ids_name})" if high > length else None),
         ]
     if labels is not None:
-        if labels.shape != ids.shape:
-            raise ValueError(f"{labels_name} of shape {tuple(labels.shape)}: expected the shape of {ids_name}, "
-                             f"{tuple(ids.shape)}")
         checks += [
             (labels.max(), lambda high: f"{labels_name} contains {high}: expected labels < vocab_size = {vocab}"
              if high >= vocab else None),
@@ -87,7 +98,9 @@ def token_checks(
 
 
 def run_checks(checks: list[ValueCheck]) -> None:
-    """Bring every statistic to the host in one transfer (one sync per forward) and raise the first failure."""
+    """Bring every statistic to the host in one transfer (one sync) and raise the first failure."""
+    if not checks:
+        return
     values = torch.stack([statistic.to(torch.int64) for statistic, _ in checks]).tolist()
     for value, (_, complaint) in zip(values, checks):
         message = complaint(value)

@@ -33,8 +33,8 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5     # added to the variance in every layer norm
     rope_theta: float = 10000.0      # base of the rotary frequencies (only with positional="rope")
     pad_id: int = 0                  # the tokenizer's default special-token layout: <pad>=0, <s>=1, </s>=2
-    bos_id: int = 1                  # also the decoder start token of Seq2SeqLM
-    eos_id: int = 2                  # ends every sentence; generation stops at it
+    bos_id: int = 1                  # begins every MLM row and translation source: <s> sentence </s>
+    eos_id: int = 2                  # ends every sentence; the Seq2SeqLM decoder also starts from it (see Seq2SeqLM)
     attn_impl: AttnImpl = "fastlm"   # fastlm kernels (torch SDPA on CPU), torch SDPA, or readable eager math
 
     def __post_init__(self) -> None:

@@ -18,7 +18,8 @@ from .kv_cache import KVCache
 
 logger = logging.getLogger("fastlm.models")
 
-CROSS_ATTENTION_INITS = ("random", "copy_self")
+# How from_pretrained initialises the decoder's new cross-attention (see its docstring).
+CROSS_ATTENTION_INITS = ("random", "copy-self", "zero-out")
 
 
 class Seq2SeqLM(LanguageModel):
@@ -26,7 +27,12 @@ class Seq2SeqLM(LanguageModel):
 
     The encoder keeps its embedding, the decoder its own (tied to the output projection when its config says so);
     share_embeddings=True makes them one matrix (the encoder's). A linear projection carries the encoder output to
-    the decoder's width when the two differ."""
+    the decoder's width when the two differ.
+
+    The decoder starts from </s> (`decoder_start_id`, BART's convention), not <s>: the causal pre-training stream
+    is `sentence </s> sentence </s> ...` (CausalLMBatches), so </s> is the token a pre-trained decoder has read
+    right before every sentence it learned to begin, and a merged decoder starts translating from the same state.
+    Training (forward), generation and the batches (targets `sentence </s>`, no start token) all follow it."""
 
     def __init__(self, encoder_config: ModelConfig, decoder_config: ModelConfig, *, share_embeddings: bool = False):
         super().__init__()
@@ -52,6 +58,11 @@ class Seq2SeqLM(LanguageModel):
             nn.init.zeros_(self.memory_proj.bias)
         self.lm_head = output_projection(decoder_config, self.decoder)
 
+    @property
+    def decoder_start_id(self) -> int:
+        """The token the decoder reads before the first target token: </s> (see the class docstring)."""
+        return self.config.eos_id
+
     def encode(self, src_ids: Tensor, src_lengths: Tensor | None) -> Tensor:
         """(B, S) source ids -> (B, S, decoder d_model) memory for the decoder's cross-attention."""
         memory = self.encoder(src_ids, src_lengths)
@@ -66,8 +77,8 @@ class Seq2SeqLM(LanguageModel):
         labels: Tensor | None = None,
         return_logits: bool = False,
     ) -> ModelOutput:
-        """src_ids (B, S); tgt_ids (B, T): the target without a leading <s>, ending with </s>. The decoder reads
-        <s> followed by tgt_ids[:, :-1] (teacher forcing) and position t is scored against labels[t] (pass tgt_ids;
+        """src_ids (B, S); tgt_ids (B, T): the target without a start token, ending with </s>. The decoder reads
+        decoder_start_id followed by tgt_ids[:, :-1] (teacher forcing) and position t is scored against labels[t] (pass tgt_ids;
         positions at or beyond tgt_lengths are ignored)."""
         run_checks(token_checks(self.encoder_config, src_ids, src_lengths, None, names=("src_ids", "src_lengths", ""))
                    + token_checks(self.config, tgt_ids, tgt_lengths, labels, names=("tgt_ids", "tgt_lengths", "labels")))
@@ -92,7 +103,7 @@ class Seq2SeqLM(LanguageModel):
         cache: KVCache | None = None,
     ) -> Tensor:
         """(B, vocab_size) logits after each row's last real decoder token, attending to `memory` (from encode).
-        Inputs as for DecoderLM.next_token_logits (the decoder input starts with <s>)."""
+        Inputs as for DecoderLM.next_token_logits (the decoder input starts with decoder_start_id)."""
         stepping = cache is not None and cache.filled
         hidden = self.decoder(input_ids, lengths, memory=memory, memory_lengths=memory_lengths, cache=cache)
         return self.lm_head(last_token_states(hidden, lengths, stepping))
@@ -109,8 +120,14 @@ class Seq2SeqLM(LanguageModel):
         """Merge a pre-trained EncoderLM and DecoderLM (objects or checkpoint directories).
 
         Every tensor of the encoder stack and the decoder stack is copied; each decoder block gains cross-attention
-        (random init, or "copy_self": copied from its self-attention and its norm). The MLM head is dropped. The new
-        tensors and their parameter count are logged on the "fastlm.models" logger."""
+        (and its norm), initialised by `cross_attention_init`:
+        - "random": normal(0, init_std) like a fresh layer (Rothe et al. 2020);
+        - "copy-self": copied from the block's self-attention and its norm;
+        - "zero-out": random, but the output projection zero, so the branch adds nothing at first: with pre-norm
+          blocks the merged decoder computes exactly the pre-trained LM at step 0 (post-norm still renormalises the
+          stream once more per block), and the output projection's gradient opens the branch.
+        The MLM head is dropped. The new tensors and their parameter count are logged on the "fastlm.models"
+        logger."""
         if cross_attention_init not in CROSS_ATTENTION_INITS:
             raise ValueError(f"cross_attention_init = {cross_attention_init!r}: expected one of {CROSS_ATTENTION_INITS}")
         encoder = EncoderLM.load(encoder) if isinstance(encoder, (str, Path)) else encoder
@@ -127,10 +144,13 @@ class Seq2SeqLM(LanguageModel):
         model.encoder.load_state_dict(encoder.body.state_dict())
         if not decoder.config.tie_embeddings:
             model.lm_head.load_state_dict(decoder.lm_head.state_dict())
-        if cross_attention_init == "copy_self":
-            for block in model.decoder.blocks:
+        for block in model.decoder.blocks:
+            if cross_attention_init == "copy-self":
                 block.cross_attn.load_state_dict(block.self_attn.state_dict())
                 block.cross_attn_norm.load_state_dict(block.self_attn_norm.state_dict())
+            elif cross_attention_init == "zero-out":
+                nn.init.zeros_(block.cross_attn.out_proj.weight)
+                nn.init.zeros_(block.cross_attn.out_proj.bias)
         new = {f"decoder.{name}": model.decoder.get_parameter(name) for name in missing}
         if model.memory_proj is not None:
             new.update({f"memory_proj.{name}": tensor for name, tensor in model.memory_proj.named_parameters()})

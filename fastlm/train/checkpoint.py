@@ -5,7 +5,8 @@ A checkpoint is one file `step-00000100.pt` holding a plain dict (tensors, numbe
 loads with `torch.load(weights_only=True)`, which unpickles no code: model, optimizer and scheduler state, the data
 position, the config, and the RNG states of every rank. Model and optimizer state are unsharded and keyed by
 parameter names, so a checkpoint fits any world size. `best.pt` is a hard link to the best step file (no copy),
-made atomically. A failed write (a full disk) leaves the earlier files as they were.
+made atomically (an atomic copy on a file system without hard links). A failed write (a full disk) leaves the
+earlier files as they were.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import errno
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +100,13 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _copy_durably(source: Path, destination: Path) -> None:
+    with open(source, "rb") as src, open(destination, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+        dst.flush()
+        os.fsync(dst.fileno())
+
+
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -174,7 +183,10 @@ class CheckpointDir:
         if is_best:
             link = self.directory / f".{BEST_NAME}.link-{os.getpid()}"
             link.unlink(missing_ok=True)
-            os.link(path, link)
+            try:
+                os.link(path, link)
+            except OSError:  # no hard links here (some network and FUSE file systems): a copy, as durable
+                _copy_durably(path, link)
             os.replace(link, self.best)
             _fsync_dir(self.directory)
         self._prune()

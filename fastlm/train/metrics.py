@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TextIO
 
@@ -34,17 +35,25 @@ class MetricsLog:
 
 
 def read_records(path: str | Path, kind: str | None = None) -> list[dict]:
+    """The records of a metrics file (of one `kind` if given). A last line without its newline that is not valid
+    JSON is what a kill in the middle of `write` leaves: it is dropped with a warning, so that the run can resume;
+    any other bad line is a ValueError naming it."""
     records = []
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not a JSON metrics record ({error.msg})") from None
-            if kind is None or record.get("kind") == kind:
-                records.append(record)
+        lines = f.readlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines) and not line.endswith("\n"):
+                warnings.warn(f"{path}:{number}: dropped an incomplete last record (the run was killed while "
+                              f"writing it): {line[:80]!r}", stacklevel=2)
+                break
+            raise ValueError(f"{path}:{number}: not a JSON metrics record ({error.msg})") from None
+        if kind is None or record.get("kind") == kind:
+            records.append(record)
     return records
 
 

@@ -64,7 +64,8 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
 class Trainer:
     """Trains `model` on `train_batches` as `config` says, writing metrics and checkpoints under `run_dir`.
 
-    `model` must return an output with `.loss`, `.accuracy` and `.n_targets` from `model(**batch)` and offer
+    `model` must return an output with `.loss` (the mean over its targets), `.accuracy` and `.n_targets` (how many
+    targets that mean is over) from `model(**batch)` and offer
     `configure_optimizers(weight_decay, lr, betas, fused)`. `extra_eval(model) -> dict` adds metrics at each
     evaluation (BLEU for translation; run on rank 0 only, so not with FSDP). `run_info` (e.g. the model config) is
     stored with the config in `config.json` and in every checkpoint.
@@ -225,12 +226,16 @@ class Trainer:
             self._prefetcher = None
 
     def train_step(self) -> tuple[float, float, int]:
-        """One optimizer step over grad_accum micro-batches: (loss, grad norm, tokens) over all ranks.
+        """One optimizer step over grad_accum micro-batches per rank: (loss, grad norm, tokens) over all ranks.
 
+        The step's loss is the sum of the per-token losses of all its micro-batches on all ranks divided by their
+        total target count, as in validation: every target weighs the same however targets fall into micro-batches
+        (a mean of micro-batch means would weigh a micro-batch of 3 MLM targets as much as one of 300). Each
+        micro-batch back-propagates its summed loss; the gradients are divided once the count is all-reduced.
         A non-finite loss or gradient norm leaves the weights untouched (no optimizer or scheduler step)."""
         epoch, indices = self._next_indices()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.world.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.world.device)  # summed loss, targets
         tokens = 0
         for position, index in enumerate(indices):
             batch = (self._prefetcher.get((epoch, index)) if self._prefetcher is not None
@@ -240,14 +245,21 @@ class Trainer:
             with distributed.gradient_sync(self.wrapped, enabled=last):
                 with self.autocast():
                     out = self.forward(**to_device(batch, self.world.device))
-                (out.loss / len(indices)).backward()
-            loss_sum += out.loss.detach().double()
-        # One reduction for loss and tokens. The guard must read loss and gradient norm on the host: those two
-        # reads are the step's only synchronisations.
-        stats = torch.stack([loss_sum / len(indices), torch.tensor(float(tokens), device=loss_sum.device,
-                                                                   dtype=torch.float64)])
+                summed_loss = out.loss * out.n_targets
+                summed_loss.backward()
+            sums += torch.stack([summed_loss.detach().double(), out.n_targets.double()])
+        # One reduction for loss, targets and tokens. The guard must read loss and gradient norm on the host: those
+        # two reads are the step's only synchronisations.
+        stats = torch.cat([sums, torch.tensor([float(tokens)], dtype=torch.float64, device=sums.device)])
         distributed.all_reduce_sum(stats, self.world)
-        loss = stats[0].item() / self.world.world_size
+        targets = stats[1].clamp_min(1)  # a step without targets has loss 0 and zero gradients
+        # DDP and FSDP average the ranks' gradients: world_size / targets turns that average of sums into the mean
+        # over every target of the step.
+        scale = (self.world.world_size / targets).float()
+        for parameter in self.model.parameters():
+            if parameter.grad is not None:
+                parameter.grad.mul_(scale)
+        loss = (stats[0] / targets).item()
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
@@ -257,7 +269,7 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
-        return loss, grad_norm, int(stats[1].item())
+        return loss, grad_norm, int(stats[2].item())
 
     def evaluate(self) -> dict:
         metrics = {}

@@ -105,6 +105,27 @@ def test_causal_blocks_use_every_token_once_with_separators(corpora):
     assert sorted(other_epoch) == sorted(blocks) and other_epoch != seen
 
 
+def test_the_seq2seq_decoder_starts_from_the_token_the_causal_stream_feeds_before_each_sentence(corpora):
+    from fastlm.generation import generate
+    from fastlm.models import ModelConfig, Seq2SeqLM
+
+    source = CausalLMBatches(corpora.tgt, batch_size=4, block_len=32, eos_id=EOS, shuffle=False)
+    stream = torch.cat([row for batch in all_batches(source, epoch=0) for row in batch["input_ids"]])
+    sentence_starts = np.cumsum([len(TOKENIZER.encode(s)) + 1 for s in EN])[:-1]
+    before_a_sentence = {int(stream[start - 1]) for start in sentence_starts if start < len(stream)}
+
+    config = ModelConfig.preset("tiny", vocab_size=TOKENIZER.vocab_size, pad_id=PAD, bos_id=BOS, eos_id=EOS,
+                                n_layers=1, d_model=32, n_heads=2, d_ff=64, dropout=0.0)
+    model = Seq2SeqLM(config, config).eval()
+    first_decoder_inputs = []
+    model.decoder.register_forward_pre_hook(lambda module, args: first_decoder_inputs.append(args[0][:, 0]))
+    pairs = translation(corpora, batch_size=4).batch(0, 0)
+    model(**pairs)
+    generate(model, src_ids=pairs["src_ids"], src_lengths=pairs["src_lengths"], max_new_tokens=2)
+    started_from = {int(token) for token in torch.cat(first_decoder_inputs[:2])}  # training, then generation
+    assert started_from == before_a_sentence == {model.decoder_start_id}
+
+
 def test_causal_needs_one_block(corpora):
     with pytest.raises(ValueError, match="fewer than one block"):
         CausalLMBatches(corpora.tgt, batch_size=2, block_len=10**6, eos_id=EOS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import pickle
@@ -106,14 +107,68 @@ def test_resuming_with_other_settings_or_changed_input_is_an_error(tmp_path, tex
     failing = ByteTokenizer(fail_on_call=3)
     with pytest.raises(RuntimeError):
         prepare_corpus(text_file, failing, tmp_path / "out", shard_size=4, progress=False)
+    with pytest.raises(RuntimeError):
+        prepare_corpus(iter(SENTENCES), ByteTokenizer(fail_on_call=3), tmp_path / "iterable", shard_size=4,
+                       progress=False)
     with pytest.raises(ValueError, match="shard_size: was 4, now 5"):
         prepare_corpus(text_file, ByteTokenizer(), tmp_path / "out", shard_size=5, progress=False)
     with pytest.raises(ValueError, match="tokenizer_sha256: was"):
         prepare_corpus(text_file, ByteTokenizer(vocab_size=300), tmp_path / "out", shard_size=4, progress=False)
     for changed_lines in (SENTENCES[:6], SENTENCES[:5] + ["edited"] + SENTENCES[6:]):
         changed = write_lines(tmp_path / "changed.txt", changed_lines)
-        with pytest.raises(ValueError, match=r"shard-00001: the input of this finished shard changed"):
+        with pytest.raises(ValueError, match=r"other inputs .*changed.txt.*--overwrite"):
             prepare_corpus(changed, ByteTokenizer(), tmp_path / "out", shard_size=4, progress=False)
+        # The same sentences from an iterable rather than a file: each finished shard's input hash is checked.
+        with pytest.raises(ValueError, match=r"other sentences \(they differ in shard-00001\).*--overwrite"):
+            prepare_corpus(iter(changed_lines), ByteTokenizer(), tmp_path / "iterable", shard_size=4,
+                           progress=False)
+
+
+def test_a_finished_corpus_is_reused_only_for_the_same_inputs_and_settings(tmp_path):
+    a = write_lines(tmp_path / "a.txt", SENTENCES)
+    b = write_lines(tmp_path / "b.txt", SENTENCES[::-1])
+    out = tmp_path / "out"
+    prepare_corpus(a, ByteTokenizer(), out, shard_size=4, progress=False)
+    (out / "notes.txt").write_text("the user's own file")
+    again = ByteTokenizer()
+    assert [list(s) for s in prepare_corpus(a, again, out, shard_size=4, progress=False)] == \
+        [ByteTokenizer().encode(s) for s in SENTENCES]
+    assert again.calls == 0, "an identical re-run is a no-op"
+    recorded = json.loads((out / "prepare.json").read_text())["inputs"]
+    assert recorded == [{"path": str(a.resolve()), "bytes": a.stat().st_size,
+                         "sha256": hashlib.sha256(a.read_bytes()).hexdigest()}]
+
+    with pytest.raises(ValueError, match=r"other inputs or settings \(inputs: was \[.*a.txt .*now \[.*b.txt .*"
+                                         r"--overwrite"):
+        prepare_corpus(b, ByteTokenizer(), out, shard_size=4, progress=False)
+    write_lines(a, SENTENCES[:-1] + ["edited in place"])
+    with pytest.raises(ValueError, match=r"a.txt \(\d+ bytes, sha256 \w+\)\], now .*--overwrite"):
+        prepare_corpus(a, ByteTokenizer(), out, shard_size=4, progress=False)
+    with pytest.raises(ValueError, match=r"add_bos_eos: was False, now True.*--overwrite"):
+        prepare_corpus(b, ByteTokenizer(), out, shard_size=4, add_bos_eos=True, progress=False, overwrite=False)
+
+    corpus = prepare_corpus(b, ByteTokenizer(), out, shard_size=4, progress=False, overwrite=True)
+    assert [list(s) for s in corpus] == [ByteTokenizer().encode(s) for s in SENTENCES[::-1]]
+    assert (out / "notes.txt").read_text() == "the user's own file", "overwrite removes only the corpus's files"
+
+
+def test_a_finished_corpus_from_an_iterable_is_compared_sentence_by_sentence(tmp_path):
+    out = tmp_path / "out"
+    prepare_corpus(iter(SENTENCES), ByteTokenizer(), out, shard_size=4, progress=False)
+    again = ByteTokenizer()
+    prepare_corpus(iter(SENTENCES), again, out, shard_size=4, progress=False)
+    assert again.calls == 0
+    for other in (SENTENCES[:-1], SENTENCES + ["one more"], SENTENCES[:7] + ["edited"] + SENTENCES[8:]):
+        with pytest.raises(ValueError, match=r"from other sentences.*--overwrite"):
+            prepare_corpus(iter(other), ByteTokenizer(), out, shard_size=4, progress=False)
+    parallel = tmp_path / "parallel"
+    pairs = list(zip(SENTENCES, SENTENCES[::-1]))
+    prepare_parallel_corpus(pairs, ByteTokenizer(), parallel, shard_size=4, progress=False)
+    with pytest.raises(ValueError, match=r"parallel/src holds a corpus prepared from other sentences"):
+        prepare_parallel_corpus(pairs[1:], ByteTokenizer(), parallel, shard_size=4, progress=False)
+    replaced = prepare_parallel_corpus(pairs[1:], ByteTokenizer(), parallel, shard_size=4, progress=False,
+                                       overwrite=True)
+    assert len(replaced) == len(pairs) - 1
 
 
 def test_parallel_corpus_keeps_pairs_aligned(tmp_path):

@@ -448,3 +448,95 @@ def test_custom_ops_pass_opcheck():
             module._linear_cross_entropy_op,
             (hidden, weight, bias, target, -100, 0.1, 1e-3, reduction, True, False, 64),
         )
+
+
+# ---- masked vocabularies: -inf logits -------------------------------------------------------------------------
+
+
+def draw_masked_classes(draw, vocab):
+    """Which classes a row may not predict: none, a random subset, the first ones (whole leading blocks of the
+    row kernel), or all of them but one."""
+    kind = draw(st.sampled_from(["none", "random", "prefix", "all but one"]))
+    if kind == "random":
+        return torch.tensor(draw(st.lists(st.booleans(), min_size=vocab, max_size=vocab)))
+    masked = torch.zeros(vocab, dtype=torch.bool)
+    if kind == "prefix":
+        masked[: draw(st.integers(0, vocab - 1))] = True
+    elif kind == "all but one":
+        masked[:] = True
+        masked[draw(st.integers(0, vocab - 1))] = False
+    return masked
+
+
+def assert_like_torch(actual, expected, what):
+    """Equal to the float64 reference to fp32 accuracy, with inf and NaN exactly where it has them."""
+    finite = expected[expected.isfinite()]
+    scale = max(finite.abs().max().item(), 1.0) if finite.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=1e-5 * scale, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@st.composite
+def masked_cases(draw):
+    vocab = draw(st.sampled_from([2, 17, 1000]))
+    rows = draw(st.integers(1, 6))
+    return dict(
+        vocab=vocab, rows=rows, seed=draw(st.integers(0, 2**16)),
+        masked=torch.stack([draw_masked_classes(draw, vocab) for _ in range(rows)]),
+        # A row of -inf logits only: F.cross_entropy's loss and gradient are NaN there (nothing can be predicted).
+        all_masked_row=draw(st.sampled_from([None, *range(rows)])),
+        target=draw_target(draw, rows, vocab),
+        label_smoothing=draw(st.sampled_from([0.0, 0.1, 1.0])),
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(max_examples=25)
+@given(case=masked_cases())
+def test_cross_entropy_with_masked_classes_matches_torch(impl, case):
+    # F.cross_entropy's own behaviour is the contract: a finite loss where the target is allowed and no smoothing
+    # reads a masked class, inf where it does (smoothing averages over every class), NaN for a row with nothing
+    # allowed (its gradient too, ignored or not) and, with smoothing 1, for a masked target (0 * inf).
+    generator = torch.Generator().manual_seed(case["seed"])
+    masked = case["masked"].clone()
+    if case["all_masked_row"] is not None:
+        masked[case["all_masked_row"]] = True
+    logits = (torch.randn(case["rows"], case["vocab"], generator=generator) * 3).masked_fill(masked, -float("inf"))
+    target, options = case["target"], dict(label_smoothing=case["label_smoothing"], ignore_index=-100)
+    ours_in = logits.to(DEVICE, copy=True).requires_grad_()
+    with mock.patch.object(module, "MAX_BLOCK_V", 512):  # V = 1000: a masked prefix fills whole blocks
+        loss = cross_entropy(ours_in, target.to(DEVICE), reduction=case["reduction"], impl=impl, **options)
+    reference_in = logits.double().requires_grad_()
+    expected = reference_loss(reference_in, target, z_loss=0.0, reduction=case["reduction"], **options)
+    assert_like_torch(loss.cpu(), expected.detach(), "loss")
+    upstream = torch.rand(expected.shape, dtype=torch.float64, generator=generator) + 0.5
+    (expected * upstream).sum().backward()
+    (loss * upstream.to(DEVICE, loss.dtype)).sum().backward()
+    assert_like_torch(ours_in.grad.cpu(), reference_in.grad, "d logits")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(max_examples=25)
+@given(case=masked_cases(), weight_grad_by_vocab=st.booleans())
+def test_linear_cross_entropy_with_a_masking_bias_matches_torch(impl, case, weight_grad_by_vocab):
+    # A bias of -inf masks a class for every row (all classes masked is no model: left out).
+    generator = torch.Generator().manual_seed(case["seed"])
+    masked = case["masked"][0]
+    hidden = torch.randn(case["rows"], 16, generator=generator)
+    weight = torch.randn(case["vocab"], 16, generator=generator)
+    bias = torch.randn(case["vocab"], generator=generator).masked_fill(masked, -float("inf"))
+    target, options = case["target"], dict(label_smoothing=case["label_smoothing"], ignore_index=-100)
+    ours = [t.to(DEVICE, copy=True).requires_grad_() for t in (hidden, weight, bias)]
+    with mock.patch.object(module, "_weight_grad_by_vocab", lambda *_: weight_grad_by_vocab), \
+            mock.patch.object(module, "MAX_BLOCK_V", 512):
+        loss = linear_cross_entropy(ours[0], ours[1], target.to(DEVICE), bias=ours[2], reduction=case["reduction"],
+                                    max_chunk_bytes=16 * 4 * case["vocab"], impl=impl, **options)
+    reference = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    expected = reference_loss(F.linear(*reference), target, z_loss=0.0, reduction=case["reduction"], **options)
+    assert_like_torch(loss.cpu(), expected.detach(), "loss")
+    upstream = torch.rand(expected.shape, dtype=torch.float64, generator=generator) + 0.5
+    (expected * upstream).sum().backward()
+    (loss * upstream.to(DEVICE, loss.dtype)).sum().backward()
+    for name, mine, theirs in zip(("d hidden", "d weight", "d bias"), ours, reference):
+        assert_like_torch(mine.grad.cpu(), theirs.grad, name)

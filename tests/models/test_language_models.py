@@ -253,3 +253,41 @@ def test_load_of_a_damaged_directory_names_the_file(tmp_path, damage, message):
     damage(tmp_path)
     with pytest.raises(ValueError, match=message):
         DecoderLM.load(tmp_path)
+
+
+def _model_and_batch(kind: str, attn_impl: str):
+    """A tiny model of `kind` (or a Seq2SeqLM) and a padded training batch for it."""
+    from fastlm.models import Seq2SeqLM
+
+    config = tiny_config(attn_impl=attn_impl, n_layers=1, d_model=32, n_heads=2, d_ff=64)
+    torch.manual_seed(0)
+    ids, lengths = random_batch(config, [7, 5])
+    if kind == "seq2seq":
+        src_ids, src_lengths = random_batch(config, [4, 6], seed=1)
+        return Seq2SeqLM(config, config), dict(src_ids=src_ids, src_lengths=src_lengths, tgt_ids=ids,
+                                               tgt_lengths=lengths, labels=ids)
+    return MODELS[kind](config), dict(input_ids=ids, lengths=lengths, labels=ids)
+
+
+@pytest.mark.parametrize("attn_impl", ["fastlm", "sdpa", "eager"])
+@pytest.mark.parametrize("kind", [*MODELS, "seq2seq"])
+def test_forward_and_loss_compile_into_one_graph(kind, attn_impl):
+    # No host sync in a forward: value checks of the inputs run only on CPU in eager mode or with FASTLM_DEBUG=1,
+    # so torch.compile traces forward and loss whole (fullgraph=True raises at any graph break).
+    torch._dynamo.reset()
+    model, batch = _model_and_batch(kind, attn_impl)
+    compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)
+    out = compiled(**batch)
+    out.loss.backward()
+    expected = model(**batch)
+    torch.testing.assert_close(out.loss, expected.loss)
+    assert out.n_targets == expected.n_targets
+
+
+def test_value_checks_run_on_cpu_eager_and_under_fastlm_debug(monkeypatch):
+    from fastlm.models.base import value_checks_wanted
+
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    assert value_checks_wanted(ids) and not value_checks_wanted(ids.to("meta"))
+    monkeypatch.setenv("FASTLM_DEBUG", "1")
+    assert value_checks_wanted(ids.to("meta"))

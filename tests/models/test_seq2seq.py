@@ -18,7 +18,7 @@ def _pretrained(encoder_overrides=None, decoder_overrides=None):
     return encoder, decoder
 
 
-@pytest.mark.parametrize("cross_attention_init", ["random", "copy_self"])
+@pytest.mark.parametrize("cross_attention_init", ["random", "copy-self", "zero-out"])
 @pytest.mark.parametrize("from_directories", [False, True])
 def test_from_pretrained_copies_every_tensor(cross_attention_init, from_directories, tmp_path, caplog):
     encoder, decoder = _pretrained()
@@ -43,7 +43,8 @@ def test_from_pretrained_copies_every_tensor(cross_attention_init, from_director
     assert all(name in log for name in new)
     block = model.decoder.blocks[1]
     copied = torch.equal(block.cross_attn.q_proj.weight, block.self_attn.q_proj.weight)
-    assert copied == (cross_attention_init == "copy_self")
+    assert copied == (cross_attention_init == "copy-self")
+    assert (block.cross_attn.out_proj.weight.abs().sum() == 0) == (cross_attention_init == "zero-out")
 
 
 def test_widths_differ_adds_a_projection_and_share_embeddings_uses_the_encoders(caplog):
@@ -137,3 +138,28 @@ def test_fastlm_kernels_sdpa_and_eager_agree_with_cross_attention(monkeypatch):
         loss.backward()
         results[impl] = loss.detach(), {name: p.grad for name, p in model.named_parameters()}
     assert_same_loss_and_gradients(results)
+
+
+@pytest.mark.parametrize("attn_impl", ["fastlm", "sdpa"])
+def test_zero_out_merge_computes_the_pretrained_decoder_at_step_0(attn_impl):
+    # The merged decoder reads decoder_start_id then the target: with zero-out cross-attention its logits are the
+    # pre-trained DecoderLM's on that same sequence, whatever the source; the other inits change them.
+    from fastlm.generation import generate
+
+    encoder, decoder = _pretrained(dict(attn_impl=attn_impl), dict(attn_impl=attn_impl))
+    decoder.eval()
+    src, src_lengths = random_batch(encoder.config, [9, 4])
+    tgt, tgt_lengths = random_batch(decoder.config, [5, 7], seed=1)
+    start = torch.full((2, 1), decoder.config.eos_id)
+    pretrained = decoder(torch.cat([start, tgt[:, :-1]], dim=1), tgt_lengths, return_logits=True).logits
+    real = torch.arange(tgt.shape[1])[None, :] < tgt_lengths[:, None]
+    for init in ("zero-out", "random", "copy-self"):
+        model = Seq2SeqLM.from_pretrained(encoder, decoder, cross_attention_init=init).eval()
+        assert model.decoder_start_id == decoder.config.eos_id
+        merged = model(src, tgt, src_lengths, tgt_lengths, return_logits=True).logits
+        same = torch.allclose(merged[real], pretrained[real], rtol=0, atol=1e-5)
+        assert same == (init == "zero-out"), init
+    model = Seq2SeqLM.from_pretrained(encoder, decoder, cross_attention_init="zero-out").eval()
+    translated = generate(model, src_ids=src, src_lengths=src_lengths, max_new_tokens=6)
+    continued = generate(decoder, start, torch.ones(2, dtype=torch.long), max_new_tokens=6)
+    assert torch.equal(translated, continued)

@@ -53,3 +53,15 @@ def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot be read"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_best_is_an_atomic_copy_where_hard_links_fail(tmp_path, monkeypatch):
+    def no_hard_links(source, destination):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(checkpoint.os, "link", no_hard_links)
+    store = CheckpointDir(tmp_path, keep_last=1)
+    store.save({"step": 10, "w": torch.ones(3)}, 10, is_best=True)
+    store.save({"step": 20, "w": torch.zeros(3)}, 20, is_best=False)
+    assert torch.equal(load_checkpoint(store.best)["w"], torch.ones(3))  # outlives the pruned step-10 file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "step-00000020.pt"]  # no temp file left

@@ -18,6 +18,7 @@ from fastlm.train import TrainConfig, Trainer, TrainingDiverged, load_checkpoint
 from fastlm.train.metrics import read_records
 
 sys.path.insert(0, str(Path(__file__).parent))
+import token_weighting  # noqa: E402
 from toy_training import ToyBatches, ToyLM  # noqa: E402
 
 TOY_SCRIPT = Path(__file__).parent / "toy_training.py"
@@ -96,6 +97,22 @@ def test_an_error_building_a_batch_stops_fit_with_that_error_and_no_thread_left(
         trainer.fit()
     assert trainer.step == 5
     assert not [thread for thread in threading.enumerate() if thread.name == "fastlm-prefetch"]
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+    torch.manual_seed(0)
+    config = toy_config(max_steps=6, eval_interval=0, checkpoint_interval=3)
+    Trainer(ToyLM(), ToyBatches(), config, tmp_path).fit()
+    metrics = tmp_path / "metrics.jsonl"
+    # A kill in the middle of a write leaves part of a line without its newline.
+    metrics.write_text(metrics.read_text() + '{"kind": "train", "step": 7, "lo', encoding="utf-8")
+    resumed = Trainer(ToyLM(), ToyBatches(), config, tmp_path)
+    with pytest.warns(UserWarning, match="incomplete last record"):
+        assert resumed.resume()
+    assert [r["step"] for r in read_records(metrics, "train")] == list(range(1, 7))
+    metrics.write_text(metrics.read_text().replace('"step": 2', '"step": 2,,', 1), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON metrics record"):
+        read_records(metrics)  # a damaged complete line is not a torn write: still an error
 
 
 class PoisonLoss:
@@ -219,3 +236,30 @@ def test_compiled_training_matches_eager_and_saves_the_plain_model(tmp_path):
         assert set(saved["model"]) == set(DecoderLM(config).state_dict())
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+@pytest.mark.parametrize("task", token_weighting.TASKS)
+def test_accumulated_micro_batches_weigh_every_target_alike(task):
+    # Four micro-batches of 3 to 57 targets: the step's gradient and loss are those of one batch holding all of
+    # them (a mean of micro-batch means would weigh the 3 targets as much as the 57).
+    world = token_weighting.World(0, 1, torch.device("cpu"))
+    accumulated = token_weighting.step_gradients(task, token_weighting.VaryingBatches(task), 4, world)
+    merged = token_weighting.step_gradients(
+        task, token_weighting.MergedBatches(token_weighting.VaryingBatches(task)), 1, world)
+    assert accumulated.keys() == merged.keys()
+    for name in merged:
+        torch.testing.assert_close(accumulated[name], merged[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_two_gloo_processes_weigh_targets_as_one_process(tmp_path):
+    # 2 ranks x 2 micro-batches = 1 process x 4: the gradients are those of the same global step, for every task.
+    script = str(Path(token_weighting.__file__))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
+                    str(tmp_path / "ddp.pt"), "--grad_accum", "2"],
+                   env=subprocess_env(), capture_output=True, text=True, timeout=240, check=True)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    world = token_weighting.World(0, 1, torch.device("cpu"))
+    for task in token_weighting.TASKS:
+        single = token_weighting.step_gradients(task, token_weighting.VaryingBatches(task), 4, world)
+        for name in single:
+            torch.testing.assert_close(ddp[task][name], single[name], rtol=1e-5, atol=1e-6, msg=f"{task} {name}")
