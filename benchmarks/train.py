@@ -34,6 +34,7 @@ from harness import (  # noqa: E402
     time_interleaved,
 )
 
+from fastlm.data import target_positions  # noqa: E402
 from fastlm.models import DecoderLM, EncoderLM, ModelConfig  # noqa: E402
 from fastlm.models.blocks import attention_mask  # noqa: E402
 
@@ -65,7 +66,8 @@ def device_peak_tflops() -> float | None:
 
 def make_batch(arch: str, batch: int, length: int, device: torch.device, generator: torch.Generator) -> dict:
     """Random ids; the decoder gets full packed blocks (no lengths: nothing is padded), the encoder lengths in
-    [length/2, length] (padding) and 15% of its real tokens as targets."""
+    [length/2, length] (padding), 15% of its real tokens as targets and their target_positions, as MaskedLMBatches
+    delivers them (fastlm's head runs on those rows only; the torch baseline ignores them)."""
     ids = torch.randint(4, VOCAB, (batch, length), generator=generator)
     if arch == "decoder":
         return {"input_ids": ids.to(device), "labels": ids.to(device)}
@@ -73,7 +75,8 @@ def make_batch(arch: str, batch: int, length: int, device: torch.device, generat
     real = torch.arange(length)[None, :] < lengths[:, None]
     chosen = (torch.rand(batch, length, generator=generator) < MASK_PROB) & real
     labels = ids.masked_fill(~chosen, -100)
-    return {"input_ids": ids.to(device), "lengths": lengths.to(device), "labels": labels.to(device)}
+    return {"input_ids": ids.to(device), "lengths": lengths.to(device), "labels": labels.to(device),
+            "target_positions": target_positions(labels).to(device)}
 
 
 def real_length(batch: dict) -> float:

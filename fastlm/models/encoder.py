@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import (INDEX_DTYPES, IGNORE_INDEX, LanguageModel, ModelOutput, ValueCheck, ignore_padding, lm_output,
-                   run_checks, token_checks)
+                   run_checks, token_checks, value_checks_wanted)
 from .blocks import TransformerStack
 from .config import ModelConfig
 
@@ -75,8 +75,9 @@ class EncoderLM(LanguageModel):
 
 def target_position_checks(target_positions: Tensor, labels: Tensor | None, lengths: Tensor | None,
                            input_ids: Tensor) -> list[ValueCheck]:
-    """Check target_positions' type and shape now (ValueError) and return its value checks: in range, strictly
-    increasing, and exactly the positions whose label (after padding) is not -100."""
+    """Check target_positions' type and shape now (ValueError) and return its value checks (none where
+    value_checks_wanted says no): in range, strictly increasing, and exactly the positions whose label (after
+    padding) is not -100."""
     name = "target_positions"
     if labels is None:
         raise ValueError(f"{name} given without labels: expected labels, whose targets they index")
@@ -89,6 +90,8 @@ def target_position_checks(target_positions: Tensor, labels: Tensor | None, leng
                          f"{input_ids.device}")
     if target_positions.dim() != 1:
         raise ValueError(f"{name} of shape {tuple(target_positions.shape)}: expected (N,) flat indices")
+    if not value_checks_wanted(target_positions):
+        return []
     size = labels.numel()
     has_target = (ignore_padding(labels, lengths) != IGNORE_INDEX).reshape(-1)
     # Padded with one 0 so that an empty target_positions (a batch without targets) has a minimum and maximum.

@@ -78,8 +78,8 @@ class Seq2SeqLM(LanguageModel):
         return_logits: bool = False,
     ) -> ModelOutput:
         """src_ids (B, S); tgt_ids (B, T): the target without a start token, ending with </s>. The decoder reads
-        decoder_start_id followed by tgt_ids[:, :-1] (teacher forcing) and position t is scored against labels[t] (pass tgt_ids;
-        positions at or beyond tgt_lengths are ignored)."""
+        decoder_start_id followed by tgt_ids[:, :-1] (teacher forcing) and position t is scored against labels[t]
+        (pass tgt_ids; positions at or beyond tgt_lengths are ignored)."""
         run_checks(token_checks(self.encoder_config, src_ids, src_lengths, None, names=("src_ids", "src_lengths", ""))
                    + token_checks(self.config, tgt_ids, tgt_lengths, labels, names=("tgt_ids", "tgt_lengths", "labels")))
         if tgt_ids.shape[0] != src_ids.shape[0]:
@@ -91,11 +91,6 @@ class Seq2SeqLM(LanguageModel):
         hidden = self.decoder(decoder_input, tgt_lengths, memory=memory, memory_lengths=src_lengths)
         targets = ignore_padding(labels, tgt_lengths) if labels is not None else None
         return lm_output(hidden, self.lm_head, targets, return_logits)
-
-    @property
-    def decoder_start_id(self) -> int:
-        """The token the decoder reads first, in training and in generation (exports name it too)."""
-        return self.config.bos_id
 
     @torch.no_grad()
     def next_token_logits(
