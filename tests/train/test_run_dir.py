@@ -59,14 +59,26 @@ def test_a_resumed_trainer_continues_the_run_in_its_directory(tmp_path):
     assert [step for step, _ in train_losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_signal_ends_the_step_writes_a_checkpoint_and_raises(tmp_path):
-    class SignalAtStep3(ToyBatches):
-        def batch(self, epoch, index):
-            if index == 2:  # step 3's batch: the signal arrives in the middle of the step
-                signal.raise_signal(signal.SIGTERM)
-            return super().batch(epoch, index)
+class SignalledLM(ToyLM):
+    """Raises `signals` during its `at`-th forward, in the main thread as a real signal would be handled: in the
+    middle of step `at` (no evaluation runs before it). Batches are built ahead by the prefetcher's thread, so the
+    batch source is no place to raise them."""
 
-    trainer = Trainer(ToyLM(), SignalAtStep3(), toy_config(max_steps=20, checkpoint_interval=10), tmp_path)
+    def __init__(self, at: int, *signals: int):
+        super().__init__()
+        self.calls, self.at, self.signals = 0, at, signals
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            for number in self.signals:
+                signal.raise_signal(number)
+        return super().forward(*args, **kwargs)
+
+
+def test_a_signal_ends_the_step_writes_a_checkpoint_and_raises(tmp_path):
+    config = toy_config(max_steps=20, checkpoint_interval=10, eval_interval=0)
+    trainer = Trainer(SignalledLM(3, signal.SIGTERM), ToyBatches(), config, tmp_path)
     with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM after step 3") as stopped:
         trainer.fit()
     assert stopped.value.signal_number == signal.SIGTERM and stopped.value.step == 3
@@ -75,15 +87,9 @@ def test_a_signal_ends_the_step_writes_a_checkpoint_and_raises(tmp_path):
 
 
 def test_a_second_sigint_aborts_at_once(tmp_path):
-    class TwoInterrupts(ToyBatches):
-        def batch(self, epoch, index):
-            if index == 1:
-                signal.raise_signal(signal.SIGINT)
-                signal.raise_signal(signal.SIGINT)
-            return super().batch(epoch, index)
-
+    config = toy_config(max_steps=20, eval_interval=0)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(ToyLM(), TwoInterrupts(), toy_config(max_steps=20), tmp_path).fit()
+        Trainer(SignalledLM(2, signal.SIGINT, signal.SIGINT), ToyBatches(), config, tmp_path).fit()
     assert not (tmp_path / "checkpoints").exists()
 
 
