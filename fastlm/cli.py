@@ -9,14 +9,20 @@ exit code 2 (set FASTLM_DEBUG=1 for the traceback).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shlex
+import signal
 import sys
+import types
+import typing
+import warnings
 from pathlib import Path
 
 from fastlm.models.seq2seq import CROSS_ATTENTION_INITS
 from fastlm.train.config import PRESETS, ConfigError, parse_overrides, resolve
-from fastlm.train.trainer import TrainingDiverged
+from fastlm.train.trainer import TrainingDiverged, TrainingInterrupted
 
 USAGE_ERROR = 2
 MODEL_PREFIX = "model."
@@ -27,10 +33,19 @@ class UsageError(Exception):
     """A command-line mistake: reported as one line, exit code 2."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in --help (None and False mean "not given": not shown); epilogs kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        shown = action.option_strings and not any(action.default is hidden
+                                                  for hidden in (None, False, argparse.SUPPRESS))
+        return f"{action.help} (default: %(default)s)" if shown else action.help
+
+
 class OneLineParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         # No abbreviations: `--re 1` must stay an unknown override, not become --resume.
-        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+        super().__init__(*args, **{"allow_abbrev": False, "formatter_class": HelpFormatter, **kwargs})
 
     def error(self, message: str):  # argparse's default prints the whole usage block first
         raise UsageError(f"{self.prog}: {message} (see --help)")
@@ -139,7 +154,7 @@ def cmd_pretrain(args, extra: list[str]) -> None:
     config, model_overrides = _configs(args, extra)
     result = _distributed(lambda world: pretrain(args.arch, args.tokenizer, args.train, args.valid, args.run_dir,
                                                  config, model_overrides=model_overrides, resume=args.resume,
-                                                 world=world))
+                                                 overwrite=args.overwrite, world=world))
     if result is not None:
         _report(result, f"pretrain {args.arch}")
 
@@ -154,7 +169,8 @@ def cmd_finetune(args, extra: list[str]) -> None:
     result = _distributed(lambda world: finetune(
         args.encoder, args.decoder, args.tokenizer, args.train, args.valid, args.run_dir, config,
         cross_attention_init=args.cross_attention_init, share_embeddings=args.share_embeddings,
-        bleu_sentences=args.bleu_sentences, num_beams=args.beam, resume=args.resume, world=world))
+        bleu_sentences=args.bleu_sentences, num_beams=args.beam, resume=args.resume, overwrite=args.overwrite,
+        world=world))
     if result is not None:
         _report(result, "finetune")
 
@@ -165,13 +181,14 @@ def cmd_translate(args) -> None:
     import torch
 
     from fastlm.models import Seq2SeqLM
-    from fastlm.train.tasks import check_vocab, load_model, load_tokenizer, translate_texts
+    from fastlm.train.tasks import check_tokenizer, check_vocab, load_model, load_tokenizer, translate_texts
 
     tokenizer = load_tokenizer(args.tokenizer)
     model = load_model(args.model, map_location="cuda" if torch.cuda.is_available() else "cpu")
     if not isinstance(model, Seq2SeqLM):
         raise UsageError(f"translate --model {args.model}: a {type(model).__name__}, expected a fine-tuned Seq2SeqLM")
     check_vocab(model, tokenizer, f"translate --model {args.model}")
+    check_tokenizer(args.model, tokenizer)
     if args.text and args.input:
         raise UsageError("translate: give sentences or --input FILE, not both")
     if args.input:
@@ -215,6 +232,53 @@ def _require_files(paths: list[str], option: str) -> None:
             raise FileNotFoundError(f"{option} {path}: no such file")
 
 
+def _type_name(expected: type) -> str:
+    if typing.get_origin(expected) is typing.Literal:
+        return "{" + ",".join(typing.get_args(expected)) + "}"
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        expected = next(option for option in typing.get_args(expected) if option is not type(None))
+    return expected.__name__.upper()
+
+
+def _settings_help(title: str, cls: type, prefix: str, presets: dict[str, dict], default_preset: str) -> str:
+    """One entry per dataclass field: its flag, type, meaning (the comment on the field) and its value in each
+    preset, generated from the dataclass so that --help never drifts from the code."""
+    import textwrap
+
+    from fastlm.train.config import field_help, field_types
+
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    values = {name: {**defaults, **preset} for name, preset in presets.items()}
+    lines = [title]
+    for name, expected in field_types(cls).items():
+        default = values[default_preset][name]
+        others = "".join(f"; {preset}: {values[preset][name]}" for preset in presets
+                         if preset != default_preset and values[preset][name] != default)
+        flag = f"--{prefix}{name} {_type_name(expected)}"
+        text = f"{field_help(cls).get(name, '')} (default: {default}{others})"
+        indent = " " * 36
+        if len(flag) > 32:  # as argparse does: a long flag on its own line
+            lines.append(f"  {flag}")
+            lines.append(textwrap.fill(text, width=118, initial_indent=indent, subsequent_indent=indent))
+        else:
+            lines.append(textwrap.fill(text, width=118, initial_indent=f"  {flag:<34}", subsequent_indent=indent))
+    return "\n".join(lines)
+
+
+def _training_settings_help(with_model: bool) -> str:
+    from fastlm.models.config import PRESETS as MODEL_PRESETS
+    from fastlm.models.config import ModelConfig
+    from fastlm.train.config import TrainConfig
+
+    text = _settings_help("training settings, as --KEY VALUE (defaults of --preset tiny; other presets where they "
+                          "differ):", TrainConfig, "", PRESETS, "tiny")
+    if with_model:
+        text += "\n\n" + _settings_help("model settings, as --model.KEY VALUE (defaults of model_preset tiny; "
+                                         "vocab_size and the special ids come from the tokenizer):",
+                                         ModelConfig, MODEL_PREFIX, MODEL_PRESETS, "tiny")
+    return text
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", required=True, help="tokenizer file (from `fastlm tokenizer train`)")
     parser.add_argument("--train", required=True, help="prepared training corpus (from `fastlm prepare`)")
@@ -222,12 +286,15 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints and the model go")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="TrainConfig preset")
     parser.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a run directory that holds a run, removing that run's files (only those)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fastlm", description=__doc__.split("\n\n")[0],
                            epilog="Training commands accept --KEY VALUE overrides of TrainConfig (e.g. --lr 3e-4 "
-                                  "--max_steps 500) and --model.KEY VALUE overrides of ModelConfig.")
+                                  "--max_steps 500) and --model.KEY VALUE overrides of ModelConfig; `fastlm "
+                                  "pretrain --help` lists them all with their defaults.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     tokenizer = commands.add_parser("tokenizer", help="train a BPE tokenizer, encode or decode text")
@@ -235,21 +302,22 @@ def build_parser() -> argparse.ArgumentParser:
     train = tokenizer_commands.add_parser("train", help="train a tokenizer on text files")
     train.add_argument("--input", nargs="+", required=True, help="text files (.tsv/.csv/.xlsx pairs: both sides)")
     train.add_argument("--output", required=True, help="tokenizer file to write")
-    train.add_argument("--vocab-size", type=int, default=32000)
-    train.add_argument("--level", choices=("byte", "char"), default="byte")
-    train.add_argument("--min-frequency", type=int, default=2)
+    train.add_argument("--vocab-size", type=int, default=32000, help="tokens in the vocabulary, special ones included")
+    train.add_argument("--level", choices=("byte", "char"), default="byte",
+                       help="byte: GPT-4-style byte-level BPE; char: code points with byte fallback")
+    train.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences of a pair to merge it")
     train.set_defaults(run=cmd_tokenizer_train)
     encode = tokenizer_commands.add_parser("encode", help="print token ids of each sentence (arguments or stdin)")
-    encode.add_argument("--tokenizer", required=True)
-    encode.add_argument("text", nargs="*")
+    encode.add_argument("--tokenizer", required=True, help="tokenizer file")
+    encode.add_argument("text", nargs="*", help="sentences (default: one per line from stdin)")
     encode.set_defaults(run=cmd_tokenizer_encode)
     decode = tokenizer_commands.add_parser("decode", help="print the text of space-separated ids (args or stdin)")
-    decode.add_argument("--tokenizer", required=True)
-    decode.add_argument("ids", nargs="*")
+    decode.add_argument("--tokenizer", required=True, help="tokenizer file")
+    decode.add_argument("ids", nargs="*", help="token ids (default: a line of ids per sentence from stdin)")
     decode.set_defaults(run=cmd_tokenizer_decode)
 
     prepare = commands.add_parser("prepare", help="tokenise a corpus into memory-mapped shards")
-    prepare.add_argument("--tokenizer", required=True)
+    prepare.add_argument("--tokenizer", required=True, help="tokenizer file")
     prepare.add_argument("--input", nargs="+", required=True,
                          help="one text file; or two line-aligned files (x.ko x.en), a .tsv, or an AI-hub "
                               ".xlsx/.csv for sentence pairs")
@@ -261,44 +329,50 @@ def build_parser() -> argparse.ArgumentParser:
                          help="replace a corpus --output holds from other inputs or settings (removes only its files)")
     prepare.set_defaults(run=cmd_prepare)
 
-    pretrain = commands.add_parser("pretrain", help="pre-train an encoder (masked LM) or a decoder (causal LM)")
-    pretrain.add_argument("--arch", required=True, choices=("encoder", "decoder"))
+    pretrain = commands.add_parser("pretrain", help="pre-train an encoder (masked LM) or a decoder (causal LM)",
+                                   epilog=_training_settings_help(with_model=True))
+    pretrain.add_argument("--arch", required=True, choices=("encoder", "decoder"),
+                          help="encoder: masked LM (BERT-like); decoder: causal LM (GPT-like)")
     _add_training_options(pretrain)
     pretrain.set_defaults(run=cmd_pretrain, takes_overrides=True)
 
-    finetune = commands.add_parser("finetune", help="merge a pre-trained encoder and decoder and train on pairs")
+    finetune = commands.add_parser("finetune", help="merge a pre-trained encoder and decoder and train on pairs",
+                                   epilog=_training_settings_help(with_model=False))
     finetune.add_argument("--encoder", required=True, help="pre-trained encoder (run or model directory)")
     finetune.add_argument("--decoder", required=True, help="pre-trained decoder (run or model directory)")
     _add_training_options(finetune)
     finetune.add_argument("--cross-attention-init", choices=CROSS_ATTENTION_INITS, default="random",
                           help="the decoder's new cross-attention: random, copied from self-attention, or random "
                           "with a zero output projection (the merged decoder starts as the pre-trained LM)")
-    finetune.add_argument("--share-embeddings", action="store_true")
+    finetune.add_argument("--share-embeddings", action="store_true",
+                          help="one embedding table for encoder, decoder and output layer")
     finetune.add_argument("--bleu-sentences", type=int, default=64, help="validation pairs translated for BLEU")
-    finetune.add_argument("--beam", type=int, default=4)
+    finetune.add_argument("--beam", type=int, default=4, help="beam width of those translations")
     finetune.set_defaults(run=cmd_finetune, takes_overrides=True)
 
     translate = commands.add_parser("translate", help="translate sentences (arguments, --input FILE, or stdin)")
     translate.add_argument("--model", required=True, help="fine-tuned model (run or model directory)")
-    translate.add_argument("--tokenizer", required=True)
+    translate.add_argument("--tokenizer", required=True, help="the tokenizer the model was trained with")
     translate.add_argument("--input", help="file with one sentence per line")
-    translate.add_argument("--beam", type=int, default=4)
-    translate.add_argument("--max-new-tokens", type=int, default=64)
-    translate.add_argument("--batch-size", type=int, default=32)
-    translate.add_argument("text", nargs="*")
+    translate.add_argument("--beam", type=int, default=4, help="beam width (1: greedy)")
+    translate.add_argument("--max-new-tokens", type=int, default=64, help="longest translation, in tokens")
+    translate.add_argument("--batch-size", type=int, default=32, help="sentences translated together")
+    translate.add_argument("text", nargs="*", help="sentences (default: one per line from stdin)")
     translate.set_defaults(run=cmd_translate)
 
-    evaluate = commands.add_parser("eval", help="loss, perplexity, accuracy (and BLEU) of a model on a corpus")
+    evaluate = commands.add_parser("eval", help="loss, perplexity, accuracy (and BLEU) of a model on a corpus",
+                                   epilog=_training_settings_help(with_model=False))
     evaluate.add_argument("--model", required=True, help="model (run or model directory)")
-    evaluate.add_argument("--tokenizer", required=True)
+    evaluate.add_argument("--tokenizer", required=True, help="the tokenizer the model was trained with")
     evaluate.add_argument("--data", required=True, help="prepared corpus (parallel for a translation model)")
     evaluate.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="batch shape preset")
-    evaluate.add_argument("--bleu-sentences", type=int, default=0)
-    evaluate.add_argument("--beam", type=int, default=4)
+    evaluate.add_argument("--bleu-sentences", type=int, default=0,
+                          help="pairs translated for BLEU (translation models; 0: no BLEU)")
+    evaluate.add_argument("--beam", type=int, default=4, help="beam width of those translations")
     evaluate.set_defaults(run=cmd_eval, takes_overrides=True)
 
     plot = commands.add_parser("plot", help="draw a run's loss curves to PNG")
-    plot.add_argument("run_dir")
+    plot.add_argument("run_dir", help="run directory (with metrics.jsonl)")
     plot.add_argument("--output", help="PNG path (default: RUN_DIR/loss.png)")
     plot.set_defaults(run=cmd_plot)
 
@@ -309,7 +383,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run: this one, with --resume instead of --overwrite."""
+    args = [arg for arg in argv if arg != "--overwrite"]
+    launcher = "fastlm" if os.environ.get("WORLD_SIZE", "1") == "1" else "torchrun [the same options] -m fastlm"
+    return f"{launcher} {shlex.join(args + ([] if '--resume' in args else ['--resume']))}"
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"fastlm: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning  # the style of the errors, not Python's two-line format
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -330,4 +422,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fastlm: {error}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as error:  # every rank stops at the same step; one of them says how to go on
+        if os.environ.get("RANK", "0") == "0":
+            print(f"fastlm: {error}; resume with: {_resume_command(argv)}", file=sys.stderr)
+        return 128 + error.signal_number
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
+        print("fastlm: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0

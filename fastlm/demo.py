@@ -101,8 +101,9 @@ def _run(root: Path, scale: float, translate_count: int, outputs_kept: bool) -> 
         started = _stage(f"3. pre-train the {arch} on {lang}",
                          f"fastlm pretrain --arch {arch} --tokenizer {tokenizer_path} --train {corpora}/train.{lang} "
                          f"--valid {corpora}/valid.{lang} --run-dir {runs}/{arch} --max_steps {steps[arch]}")
+        # The demo owns its workdir: running it again there starts its runs over.
         result = pretrain(arch, tokenizer_path, corpora / f"train.{lang}", corpora / f"valid.{lang}", runs / arch,
-                          stage_config(steps[arch]))
+                          stage_config(steps[arch]), overwrite=True)
         summary = f"valid loss {result.metrics['loss']:.3f}, accuracy {result.metrics['accuracy']:.2f}"
         reports.append(StageReport(f"pre-train {arch}", time.perf_counter() - started, summary))
 
@@ -112,7 +113,7 @@ def _run(root: Path, scale: float, translate_count: int, outputs_kept: bool) -> 
                      f"--max_steps {steps['finetune']}")
     result = finetune(runs / "encoder", runs / "decoder", tokenizer_path, corpora / "train.ko-en",
                       corpora / "valid.ko-en", runs / "finetune", stage_config(steps["finetune"]),
-                      bleu_sentences=VALID_PAIRS, num_beams=4)
+                      bleu_sentences=VALID_PAIRS, num_beams=4, overwrite=True)
     reports.append(StageReport("fine-tune ko->en", time.perf_counter() - started,
                                f"valid loss {result.metrics['loss']:.3f}, BLEU {result.metrics.get('bleu', 0):.1f}"))
 

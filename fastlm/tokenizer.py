@@ -43,6 +43,7 @@ import os
 import re
 import tempfile
 import unicodedata
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
@@ -51,6 +52,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from fastlm import _native
+from fastlm.files import respect_umask
 from fastlm.reference_bpe import CHAR_SPLIT_PATTERN, CL100K_PATTERN, LEVELS, NUM_BYTES, SPACE_MARK
 
 DEFAULT_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<mask>")
@@ -135,6 +137,10 @@ def _special_id_property(token: str, role: str) -> property:
     return property(lambda self: self._special_to_id.get(token), doc=f"The id of {token!r} ({role}), or None.")
 
 
+class VocabSizeWarning(UserWarning):
+    """Training stopped short of the vocab_size asked for: the corpus ran out of frequent enough pairs."""
+
+
 class Tokenizer:
     """A trained BPE vocabulary at byte or char level; see the module docstring for the rules, including why ids
     can differ from tiktoken's and HF's on code points of recent Unicode versions (ours follow `regex`'s tables)."""
@@ -205,6 +211,10 @@ class Tokenizer:
                 else:
                     trainer.add_files([str(path)])
         tokens, merges = trainer.train(vocab_size, list(special_tokens), min_frequency, character_coverage)
+        if len(tokens) < vocab_size:
+            warnings.warn(f"vocab_size={vocab_size} asked for, {len(tokens)} reached: no pair of tokens occurs "
+                          f"min_frequency={min_frequency} times any more (train on more text or lower min_frequency)",
+                          VocabSizeWarning, stacklevel=2)
         return cls(level, tokens, merges, special_tokens, normalization)
 
     # ---- encoding ---------------------------------------------------------------------------------------------
@@ -519,6 +529,7 @@ def _write_atomically(path: Path, text: str) -> None:
         raise IsADirectoryError(f"{path} is a directory; expected a file path to write")
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        respect_umask(descriptor)
         with os.fdopen(descriptor, "w", encoding="utf-8") as file:
             file.write(text)
         os.replace(temporary, path)

@@ -21,28 +21,29 @@ settings.register_profile("dev", max_examples=200, deadline=None, suppress_healt
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 SHARED_KO_EN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ko-en"
+# A public clone has no ../shared: FASTLM_NO_SHARED_DATA=1 makes the tests run as they do there (CI runs both ways).
+USE_SHARED_DATA = os.environ.get("FASTLM_NO_SHARED_DATA") != "1" and (SHARED_KO_EN / "train.ko").exists()
+# The fallback: the package's own demo sample (378 distinct pairs), split like the shared corpus.
+DEMO_SAMPLE = Path(__file__).resolve().parents[1] / "fastlm" / "demo_data"
+FALLBACK_SPLITS = {"train": slice(0, 330), "valid": slice(330, 354), "test": slice(354, None)}
+SHARED_CORPUS_MARK = "shared_corpus"
 
-# Written here for the fallback only (no corpus text copied): used when ../shared/data/ko-en is absent.
-_FALLBACK_PAIRS = [
-    ("나는 학교에 갑니다.", "I go to school."),
-    ("오늘 날씨가 좋네요.", "The weather is nice today."),
-    ("이 책은 정말 재미있어요.", "This book is really interesting."),
-    ("우리는 내일 서울에서 만날 거예요.", "We will meet in Seoul tomorrow."),
-    ("그는 매일 아침 커피를 마신다.", "He drinks coffee every morning."),
-    ("고양이가 창문 옆에서 자고 있다.", "The cat is sleeping by the window."),
-    ("저녁으로 비빔밥을 먹었어요.", "I had bibimbap for dinner."),
-    ("기차가 10분 늦게 도착했다.", "The train arrived 10 minutes late."),
-]
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that reads the corpus (through `ko_en_dir`), so CI can rerun them without ../shared."""
+    for item in items:
+        if "ko_en_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(SHARED_CORPUS_MARK)
 
 
 @pytest.fixture(scope="session")
 def ko_en_dir(tmp_path_factory) -> Path:
-    """Directory with train/valid/test .ko/.en files: the shared corpus, or a small fixture made here."""
-    if (SHARED_KO_EN / "train.ko").exists():
+    """Directory with train/valid/test .ko/.en files: the shared corpus, or the demo sample split the same way."""
+    if USE_SHARED_DATA:
         return SHARED_KO_EN
     root = tmp_path_factory.mktemp("ko-en")
-    for split, repeat in (("train", 40), ("valid", 4), ("test", 4)):
-        pairs = _FALLBACK_PAIRS * repeat
-        (root / f"{split}.ko").write_text("".join(ko + "\n" for ko, _ in pairs), encoding="utf-8")
-        (root / f"{split}.en").write_text("".join(en + "\n" for _, en in pairs), encoding="utf-8")
+    for lang in ("ko", "en"):
+        lines = (DEMO_SAMPLE / f"sample.{lang}").read_text(encoding="utf-8").splitlines(keepends=True)
+        for split, part in FALLBACK_SPLITS.items():
+            (root / f"{split}.{lang}").write_text("".join(lines[part]), encoding="utf-8")
     return root

@@ -1,10 +1,16 @@
 """One test per `fastlm` command, each run as a user would (`python -m fastlm ...` in a subprocess), at tiny
 sizes, plus the one-line-and-exit-code-2 promise for the mistakes a user can make, and `fastlm demo` end to end."""
 
+import dataclasses
 import json
 import os
+import re
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,11 +22,16 @@ QUICK_RUN = ["--max_steps", "6", "--batch_size", "8", "--max_len", "32", "--eval
              "--eval_batches", "2", "--checkpoint_interval", "3", "--warmup_steps", "2", "--progress", "false"]
 
 
-def fastlm(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def cli_env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("FASTLM_DEBUG", None)
+    return env
+
+
+def fastlm(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    # Under the common umask 022, whatever the test runner's: every file fastlm writes must then be 0o644.
     result = subprocess.run([sys.executable, "-m", "fastlm", *map(str, args)], input=stdin, capture_output=True,
-                            text=True, env=env, timeout=600)
+                            text=True, env=cli_env(), timeout=600, umask=0o022)
     if check and result.returncode != 0:
         raise AssertionError(f"fastlm {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
     return result
@@ -137,10 +148,32 @@ def test_eval_prints_metrics_as_json(finetuned):
     assert metrics["loss"] > 0 and metrics["perplexity"] > 1 and 0 <= metrics["bleu"] <= 100
 
 
+def test_files_fastlm_writes_follow_the_umask(finetuned):
+    # Tokenizer, prepared corpora, run configs, metrics, checkpoints, plots, models: readable by the machine's other
+    # users under umask 022, like any file `open()` creates (mkstemp and safetensors alone would make them 0o600).
+    written = [path for path in finetuned.rglob("*") if path.is_file() and path.suffix not in (".ko", ".en")]
+    assert any(path.name == "model.safetensors" for path in written) and (finetuned / "tok.json") in written
+    assert {str(path.relative_to(finetuned)): oct(path.stat().st_mode & 0o777) for path in written
+            if path.stat().st_mode & 0o777 != 0o644} == {}
+
+
 def test_plot_draws_a_png(pretrained, tmp_path):
     out = tmp_path / "curve.png"
     fastlm("plot", pretrained / "decoder", "--output", out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def other_tokenizers(finetuned):
+    """other-tok.json: another vocab size; same-size-tok.json: the vocab size of tok.json, trained on other text."""
+    from fastlm import Tokenizer
+
+    fastlm("tokenizer", "train", "--input", finetuned / "train.en", "--vocab-size", "500",
+           "--output", finetuned / "other-tok.json")
+    fastlm("tokenizer", "train", "--input", finetuned / "train.ko", finetuned / "train.en", finetuned / "train.ko",
+           "--vocab-size", "600", "--output", finetuned / "same-size-tok.json")
+    assert Tokenizer.load(finetuned / "same-size-tok.json").vocab_size == 600
+    return finetuned
 
 
 @pytest.mark.parametrize("args, message", [
@@ -164,14 +197,26 @@ def test_plot_draws_a_png(pretrained, tmp_path):
     (["eval", "--model", "{root}/decoder", "--tokenizer", "{root}/other-tok.json", "--data", "{root}/valid-en"],
      "differs from the tokenizer's vocab_size"),
     (["pretrain", "--arch", "decoder"], "the following arguments are required"),
+    (["eval", "--model", "{root}/seq2seq", "--tokenizer", "{root}/tok.json", "--data", "{root}/valid-en"],
+     "from two line-aligned files: `fastlm prepare --tokenizer TOK --input train.ko train.en --output DIR`"),
+    # A tokenizer of the model's vocab size, but another one: its ids mean other text.
+    (["translate", "--model", "{root}/seq2seq", "--tokenizer", "{root}/same-size-tok.json", "hi"],
+     "trained with tokenizer sha256="),
+    (["eval", "--model", "{root}/decoder", "--tokenizer", "{root}/same-size-tok.json", "--data", "{root}/valid-en"],
+     "trained with tokenizer sha256="),
+    (["finetune", "--encoder", "{root}/encoder", "--decoder", "{root}/decoder", "--tokenizer",
+      "{root}/same-size-tok.json", "--train", "{root}/train-pairs", "--run-dir", "{root}/bad"],
+     "trained with tokenizer sha256="),
+    (["finetune", "--encoder", "{root}/encoder", "--decoder", "{root}/decoder", "--tokenizer", "{root}/tok.json",
+      "--train", "{root}/train-pairs", "--run-dir", "{root}/decoder", "--max_steps", "1"], "holds an earlier run"),
+    (["pretrain", "--arch", "encoder", "--tokenizer", "{root}/tok.json", "--train", "{root}/train-ko",
+      "--run-dir", "{root}/encoder", "--resume", "--overwrite"], "give one of them"),
 ])
-def test_user_mistakes_are_one_line_and_exit_code_2(finetuned, args, message, capsys, monkeypatch):
+def test_user_mistakes_are_one_line_and_exit_code_2(other_tokenizers, args, message, capsys, monkeypatch):
     from fastlm.cli import main
 
+    finetuned = other_tokenizers
     monkeypatch.delenv("FASTLM_DEBUG", raising=False)
-    if not (finetuned / "other-tok.json").exists():
-        fastlm("tokenizer", "train", "--input", finetuned / "train.en", "--vocab-size", "500",
-               "--output", finetuned / "other-tok.json")
     # In process (main() is what `python -m fastlm` runs): a subprocess per mistake would only add start-up time.
     assert main([a.format(root=finetuned) for a in args]) == 2
     stderr = capsys.readouterr().err
@@ -200,3 +245,149 @@ def test_finetune_offers_every_cross_attention_init():
         args, _ = build_parser().parse_known_args(command + ["--cross-attention-init", init])
         assert args.cross_attention_init == init
     assert build_parser().parse_known_args(command)[0].cross_attention_init == "random"
+
+
+def test_a_model_saved_without_a_tokenizer_hash_still_loads_with_one_warning(finetuned, tmp_path):
+    old = tmp_path / "old-model"
+    shutil.copytree(finetuned / "seq2seq" / "model", old)
+    config = json.loads((old / "config.json").read_text())
+    del config["metadata"]  # as saved before models recorded their tokenizer
+    (old / "config.json").write_text(json.dumps(config))
+    result = fastlm("translate", "--model", old, "--tokenizer", finetuned / "tok.json", "--beam", "1",
+                    "--max-new-tokens", "4", "안녕하세요")
+    assert len(result.stdout.splitlines()) == 1
+    assert result.stderr.strip().splitlines() == [
+        f"fastlm: warning: {old} records no tokenizer hash (saved by an older fastlm): cannot check that the "
+        "tokenizer given is the one it was trained with"]
+
+
+def test_an_unreachable_vocab_size_warns_with_the_size_reached(workspace, tmp_path):
+    result = fastlm("tokenizer", "train", "--input", workspace / "valid.en", "--vocab-size", "5000",
+                    "--output", tmp_path / "tok.json")
+    reached = int(re.search(r"tokenizer: (\d+) tokens", result.stdout)[1])
+    assert reached < 5000
+    assert result.stderr.strip().splitlines() == [
+        f"fastlm: warning: vocab_size=5000 asked for, {reached} reached: no pair of tokens occurs min_frequency=2 "
+        "times any more (train on more text or lower min_frequency)"]
+    reachable = fastlm("tokenizer", "train", "--input", workspace / "valid.en", "--vocab-size", str(reached),
+                       "--output", tmp_path / "tok.json")
+    assert reachable.stderr == ""
+
+
+def test_a_run_directory_is_never_reused_silently(pretrained, tmp_path):
+    run = tmp_path / "run"
+    args = ["pretrain", "--arch", "decoder", "--tokenizer", pretrained / "tok.json", "--train",
+            pretrained / "train-en", "--run-dir", run, *QUICK_RUN, *MICRO_MODEL]
+    fastlm(*args)
+    (run / "notes.txt").write_text("the user's own file")
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+
+    refused = fastlm(*args, "--max_steps", "3", check=False)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "holds an earlier run" in refused.stderr and "--resume" in refused.stderr
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+
+    fastlm(*args, "--max_steps", "3", "--overwrite")  # a new, shorter run: nothing of the old one is left
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"] == [1, 2, 3]
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["best.pt", "step-00000003.pt"]
+    assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 3
+    assert (run / "notes.txt").read_text() == "the user's own file"
+
+
+def train_steps(run: Path) -> list[int]:
+    return [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_after_a_step_with_a_checkpoint_and_the_resume_command(pretrained, tmp_path, signal_number):
+    run = tmp_path / "run"
+    args = ["pretrain", "--arch", "decoder", "--tokenizer", pretrained / "tok.json", "--train",
+            pretrained / "train-en", "--run-dir", run, *QUICK_RUN, *MICRO_MODEL, "--max_steps", "100000"]
+    process = subprocess.Popen([sys.executable, "-m", "fastlm", *map(str, args)], env=cli_env(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not ((run / "metrics.jsonl").exists() and train_steps(run)):
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "no training step within 300 s"
+        time.sleep(0.05)
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=300)
+
+    assert process.returncode == 128 + signal_number
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and signal.Signals(signal_number).name in lines[0], stderr
+    stopped = int(re.search(r"after step (\d+)", lines[0])[1])
+    assert (run / "checkpoints" / f"step-{stopped:08d}.pt").is_file() and train_steps(run) == list(range(1, stopped + 1))
+
+    command = shlex.split(lines[0].split("resume with: ")[1])
+    assert command[:2] == ["fastlm", "pretrain"] and command[-1] == "--resume"
+    resumed = fastlm(*command[1:], "--max_steps", str(stopped + 2))
+    assert f"resuming {run} from step {stopped} of {stopped + 2}" in resumed.stderr
+    assert train_steps(run) == list(range(1, stopped + 3))
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """'--flag TYPE' -> its help text (wrapped lines joined), for the settings listed in a --help."""
+    entries: dict[str, str] = {}
+    flag = None
+    for line in text.splitlines():
+        match = re.match(r"  (--\S+)( \S+)?(.*)$", line)
+        if match:
+            flag = match[1]
+            entries[flag] = match[3]
+        elif flag and line.startswith(" " * 20):
+            entries[flag] += " " + line.strip()
+        else:
+            flag = None
+    return {key: " ".join(value.split()) for key, value in entries.items()}
+
+
+def test_help_lists_every_training_setting_with_its_default():
+    from fastlm.models.config import PRESETS as MODEL_PRESETS
+    from fastlm.models.config import ModelConfig
+    from fastlm.train.config import PRESETS, TrainConfig
+
+    tiny = TrainConfig.preset("tiny")
+    tiny_model = {**{f.name: f.default for f in dataclasses.fields(ModelConfig)}, **MODEL_PRESETS["tiny"]}
+    for command in ("pretrain", "finetune", "eval"):
+        entries = help_entries(fastlm(command, "--help").stdout)
+        for field in dataclasses.fields(TrainConfig):
+            assert f"(default: {getattr(tiny, field.name)}" in entries[f"--{field.name}"], (command, field.name)
+            assert len(entries[f"--{field.name}"]) > len("(default: ...)") + 10  # and a meaning
+        assert ("--model.d_model" in entries) == (command == "pretrain")
+        if command == "pretrain":
+            for field in dataclasses.fields(ModelConfig):
+                assert f"(default: {tiny_model[field.name]}" in entries[f"--model.{field.name}"], field.name
+            assert f"small: {PRESETS['small']['max_steps']}" in entries["--max_steps"]
+
+
+@pytest.mark.parametrize("command, shown", [
+    (["tokenizer", "train"], ["--vocab-size", "(default: 32000)", "(default: byte)", "(default: 2)"]),
+    (["translate"], ["(default: 4)", "(default: 64)", "(default: 32)"]),
+    (["eval"], ["(default: 0)", "(default: tiny)"]),
+    (["demo"], ["(default: 1.0)"]),
+])
+def test_help_shows_defaults(command, shown):
+    text = " ".join(fastlm(*command, "--help").stdout.split())
+    assert all(item in text for item in shown), text
+
+
+def test_readme_command_lines_use_only_what_earlier_lines_make():
+    from fastlm.cli import build_parser
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("### Command line", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    made = set()
+    for line in block.strip().splitlines():
+        words = shlex.split(line)
+        words = words[words.index("fastlm") + 1:] if words[0] == "torchrun" else words[1:]
+        args, extra = build_parser().parse_known_args(words)
+        for option in ("tokenizer", "train", "valid", "encoder", "decoder", "model", "data"):
+            value = getattr(args, option, None)
+            if value is not None:
+                assert value in made, f"{line!r}: {value} is made by no earlier command line"
+        if words[0] == "plot":
+            assert args.run_dir in made, line
+        made.update(value for value in (getattr(args, "output", None), getattr(args, "run_dir", None)) if value)

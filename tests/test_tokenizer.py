@@ -1,8 +1,10 @@
 """fastlm.Tokenizer: round trips, the native core against the reference BPE, special tokens, files, bad input."""
 
 import json
+import os
 import pickle
 import unicodedata
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +171,28 @@ def test_training_is_deterministic_across_thread_counts(demo_files):
         one = Tokenizer.train(demo_files, vocab_size=900, level=level, num_threads=1)
         two = Tokenizer.train(demo_files, vocab_size=900, level=level, num_threads=2)
         assert one._tokens == two._tokens and one._merges == two._merges
+
+
+def test_a_vocab_size_the_corpus_cannot_reach_warns_with_the_size_reached():
+    lines = ["the cat sat", "the cat ran", "a dog sat"]
+    with pytest.warns(fastlm.tokenizer.VocabSizeWarning, match=r"vocab_size=5000 asked for, (\d+) reached: no pair "
+                      r"of tokens occurs min_frequency=2 times") as caught:
+        tokenizer = Tokenizer.train(lines, vocab_size=5000)
+    assert f", {tokenizer.vocab_size} reached" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Tokenizer.train(lines, vocab_size=tokenizer.vocab_size).vocab_size == tokenizer.vocab_size
+
+
+def test_files_the_tokenizer_writes_follow_the_umask(tmp_path, byte_tokenizer):
+    previous = os.umask(0o027)
+    try:
+        byte_tokenizer.save(tmp_path / "tok.json")
+        byte_tokenizer.save_huggingface(tmp_path / "tokenizer.json")
+    finally:
+        os.umask(previous)
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in tmp_path.iterdir()} == {
+        "tok.json": "0o640", "tokenizer.json": "0o640"}
 
 
 def test_training_on_files_equals_training_on_lines(demo_files):

@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
+from fastlm.files import respect_umask
 from fastlm.kernels import linear_cross_entropy
 from fastlm.kernels.utils import debug_checks_enabled
 
@@ -157,13 +158,16 @@ class LanguageModel(nn.Module):
         """(n_layers, d_model, keys attended per token) of each attention kind, for estimate_flops_per_token."""
         return [(self.config.n_layers, self.config.d_model, self.config.max_seq_len)]
 
-    def save(self, directory: str | Path) -> None:
-        """Write config.json and model.safetensors (a tied tensor is stored once and re-tied by the model on load)."""
+    def save(self, directory: str | Path, metadata: dict[str, str] | None = None) -> None:
+        """Write config.json and model.safetensors (a tied tensor is stored once and re-tied by the model on load).
+        `metadata` (facts about the model's inputs, e.g. {"tokenizer_sha256": ...}) goes into config.json's
+        "metadata"; `load` ignores it."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = {"model_type": type(self).__name__, **self.config_dict()}
+        config = {"model_type": type(self).__name__, **self.config_dict(), "metadata": metadata or {}}
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         save_model(self, str(directory / "model.safetensors"))
+        respect_umask(directory / "model.safetensors")
 
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device | None = None) -> LanguageModel:
@@ -176,6 +180,8 @@ class LanguageModel(nn.Module):
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{config_path}: not valid JSON ({error})") from None
         model_type = config.pop("model_type", None) if isinstance(config, dict) else None
+        if isinstance(config, dict):
+            config.pop("metadata", None)
         if model_type != cls.__name__:
             raise ValueError(f"{config_path} has model_type = {model_type!r}: expected {cls.__name__!r}")
         try:

@@ -26,15 +26,15 @@ class ModelConfig:
     dropout: float = 0.1             # on embeddings and on each residual branch
     attn_dropout: float = 0.0        # on attention probabilities (0 keeps the fused kernels on their fast path)
     norm_position: Literal["pre", "post"] = "pre"   # pre-norm trains stably without warm-up; post = original/BERT
-    positional: Literal["learned", "sinusoidal", "rope"] = "learned"
-    activation: Literal["gelu", "relu", "swiglu"] = "gelu"
+    positional: Literal["learned", "sinusoidal", "rope"] = "learned"  # how token positions are encoded
+    activation: Literal["gelu", "relu", "swiglu"] = "gelu"  # of the feed-forward layer
     tie_embeddings: bool = True      # output projection shares the input embedding (one tensor, fewer parameters)
     init_std: float = 0.02           # std of the normal init of every weight matrix (GPT-2 / BERT value)
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5     # added to the variance in every layer norm
     rope_theta: float = 10000.0      # base of the rotary frequencies (only with positional="rope")
     pad_id: int = 0                  # the tokenizer's default special-token layout: <pad>=0, <s>=1, </s>=2
-    bos_id: int = 1
-    eos_id: int = 2                  # also the token the Seq2SeqLM decoder starts from (see Seq2SeqLM)
+    bos_id: int = 1                  # begins every sentence of the encoder's and translation's source
+    eos_id: int = 2                  # ends every sentence; also the token the Seq2SeqLM decoder starts from
     attn_impl: AttnImpl = "fastlm"   # fastlm kernels (reference path on CPU), torch SDPA, or readable eager math
 
     def __post_init__(self) -> None:

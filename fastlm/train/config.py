@@ -7,7 +7,9 @@ directory and in every checkpoint, so a run can always be explained and resumed.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -33,8 +35,8 @@ class TrainConfig:
     # for longer runs, where 0.01 barely regularises. The encoder's 7.22-7.27 is the unigram cross-entropy of its
     # masked targets on the valid split (7.24): those runs learned token frequencies only, so they say little
     # about weight decay; the lr caused that stall (see PRESETS["tiny"]).
-    weight_decay: float = 0.1
-    beta1: float = 0.9
+    weight_decay: float = 0.1  # decoupled AdamW weight decay (weight matrices only: not biases, norms, embeddings)
+    beta1: float = 0.9  # AdamW decay of the gradient's running mean
     beta2: float = 0.98  # 0.98 rather than 0.999: steadier with short warmups on small batches (as in RoBERTa)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still reported)
     schedule: str = "cosine"  # decay after warmup: "cosine" | "linear" | "constant"
@@ -142,6 +144,19 @@ def field_types(cls: type) -> dict[str, type]:
     """Field name -> its annotated type (resolved from the string annotations)."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+_FIELD_COMMENT = re.compile(r"^\s+(\w+):[^=\n]+=[^#\n]*#\s*(.+?)\s*$", re.MULTILINE)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> the comment beside its default in the class body: each setting is explained in one place,
+    and `--help` shows that same text ("" where the source is not shipped)."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {match[1]: match[2] for match in _FIELD_COMMENT.finditer(source)}
 
 
 _TRUE = ("1", "true", "yes", "on")

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fastlm.data.batches import CausalLMBatches, MaskedLMBatches, TranslationBatches
-from fastlm.data.corpus import ParallelCorpus, TokenizedCorpus
+from fastlm.data.corpus import ParallelCorpus, TokenizedCorpus, tokenizer_sha256
 from fastlm.models import DecoderLM, EncoderLM, ModelConfig, Seq2SeqLM
 from fastlm.tokenizer import Tokenizer
 from fastlm.train.config import TrainConfig, typed_overrides
@@ -64,6 +66,23 @@ def check_vocab(model, tokenizer: Tokenizer, where: str) -> None:
                          f"vocab_size={tokenizer.vocab_size}: use the tokenizer the model was trained with")
 
 
+def check_tokenizer(model_dir: str | Path, tokenizer: Tokenizer) -> None:
+    """Raise ValueError unless the model in `model_dir` (or its run directory) was trained with exactly `tokenizer`,
+    by the tokenizer hash saved with it. A model saved before fastlm recorded the hash only gets a warning."""
+    directory = model_dir_of(model_dir)
+    metadata = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("metadata") or {}
+    recorded = metadata.get("tokenizer_sha256")
+    if recorded is None:
+        warnings.warn(f"{directory} records no tokenizer hash (saved by an older fastlm): cannot check that the "
+                      "tokenizer given is the one it was trained with", stacklevel=2)
+        return
+    actual = tokenizer_sha256(tokenizer)
+    if actual != recorded:
+        raise ValueError(f"{directory}: trained with tokenizer sha256={recorded[:12]}..., but the tokenizer given has "
+                         f"sha256={actual[:12]}...: use the tokenizer the model was trained with (its run's "
+                         "config.json names it)")
+
+
 def model_config(config: TrainConfig, tokenizer: Tokenizer, overrides: dict[str, str]) -> ModelConfig:
     """The preset named by the train config, sized to the tokenizer and its special ids, plus --model.* overrides."""
     specials = {"pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
@@ -90,7 +109,8 @@ def open_parallel(path: str | Path, tokenizer: Tokenizer) -> ParallelCorpus:
     for side in ("src", "tgt"):
         if not (Path(path) / side / "meta.json").is_file():
             raise FileNotFoundError(f"{str(path)!r} is not a prepared parallel corpus (no {side}/meta.json; make one "
-                                    "with `fastlm prepare --parallel`)")
+                                    "from two line-aligned files: `fastlm prepare --tokenizer TOK --input train.ko "
+                                    "train.en --output DIR`)")
     corpus = ParallelCorpus(path)
     corpus.src.check_tokenizer(tokenizer)
     return corpus
@@ -113,14 +133,20 @@ def translation_batches(corpus: ParallelCorpus, tokenizer: Tokenizer, config: Tr
 
 
 def _train(model, train_batches, valid_batches, config: TrainConfig, run_dir: Path, *, world: World | None,
-           resume: bool, run_info: dict, extra_eval=None) -> RunResult:
+           resume: bool, overwrite: bool, tokenizer: Tokenizer, run_info: dict, extra_eval=None) -> RunResult:
+    if resume and overwrite:
+        raise ValueError("--resume continues the run, --overwrite starts it over: give one of them")
     started = time.perf_counter()
     trainer = Trainer(model, train_batches, config, run_dir, valid_batches=valid_batches, extra_eval=extra_eval,
-                      world=world, run_info=run_info)
-    if resume and not trainer.resume():
-        raise FileNotFoundError(f"--resume: {run_dir}/checkpoints holds no checkpoint to resume from")
+                      world=world, run_info=run_info, overwrite=overwrite)
+    if resume:
+        if not trainer.resume():
+            raise FileNotFoundError(f"--resume: {run_dir}/checkpoints holds no checkpoint to resume from (start "
+                                    "over with --overwrite)")
+        if trainer.world.is_main:
+            print(f"resuming {run_dir} from step {trainer.step} of {config.max_steps}", file=sys.stderr)
     metrics = trainer.fit()
-    trainer.export_model(run_dir / "model")
+    trainer.export_model(run_dir / "model", {"tokenizer_sha256": tokenizer_sha256(tokenizer)})
     if trainer.world.is_main:
         plot_run(run_dir)
     return RunResult(run_dir, run_dir / "model", metrics, time.perf_counter() - started)
@@ -128,8 +154,9 @@ def _train(model, train_batches, valid_batches, config: TrainConfig, run_dir: Pa
 
 def pretrain(arch: str, tokenizer_path: str | Path, train_dir: str | Path, valid_dir: str | Path | None,
              run_dir: str | Path, config: TrainConfig, *, model_overrides: dict[str, str] | None = None,
-             resume: bool = False, world: World | None = None) -> RunResult:
-    """Pre-train an EncoderLM (masked LM) or a DecoderLM (causal LM) on prepared corpora."""
+             resume: bool = False, overwrite: bool = False, world: World | None = None) -> RunResult:
+    """Pre-train an EncoderLM (masked LM) or a DecoderLM (causal LM) on prepared corpora. A `run_dir` holding an
+    earlier run needs `resume` (continue it) or `overwrite` (remove its files and start over)."""
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r}: expected one of {', '.join(ARCHS)}")
     tokenizer = load_tokenizer(tokenizer_path)
@@ -140,19 +167,23 @@ def pretrain(arch: str, tokenizer_path: str | Path, train_dir: str | Path, valid
     model = ARCHS[arch](architecture)
     run_info = {"task": f"pretrain-{arch}", "model": architecture.to_dict(),
                 "data": {"tokenizer": str(tokenizer_path), "train": str(train_dir), "valid": str(valid_dir)}}
-    return _train(model, train, valid, config, Path(run_dir), world=world, resume=resume, run_info=run_info)
+    return _train(model, train, valid, config, Path(run_dir), world=world, resume=resume, overwrite=overwrite,
+                  tokenizer=tokenizer, run_info=run_info)
 
 
 def finetune(encoder: str | Path, decoder: str | Path, tokenizer_path: str | Path, train_dir: str | Path,
              valid_dir: str | Path | None, run_dir: str | Path, config: TrainConfig, *,
              cross_attention_init: str = "random", share_embeddings: bool = False, bleu_sentences: int = 64,
-             num_beams: int = 4, resume: bool = False, world: World | None = None) -> RunResult:
+             num_beams: int = 4, resume: bool = False, overwrite: bool = False,
+             world: World | None = None) -> RunResult:
     """Merge a pre-trained encoder and decoder into a Seq2SeqLM and train it on prepared sentence pairs; BLEU and
     sample translations on the first `bleu_sentences` validation pairs at every evaluation."""
     tokenizer = load_tokenizer(tokenizer_path)
     model = Seq2SeqLM.from_pretrained(load_model(encoder), load_model(decoder),
                                       cross_attention_init=cross_attention_init, share_embeddings=share_embeddings)
     check_vocab(model, tokenizer, f"finetune --decoder {decoder}")
+    check_tokenizer(encoder, tokenizer)
+    check_tokenizer(decoder, tokenizer)
     train = translation_batches(open_parallel(train_dir, tokenizer), tokenizer, config, shuffle=True)
     valid, extra_eval = None, None
     if valid_dir:
@@ -165,8 +196,8 @@ def finetune(encoder: str | Path, decoder: str | Path, tokenizer_path: str | Pat
     run_info = {"task": "finetune", "model": model.config_dict(),
                 "data": {"tokenizer": str(tokenizer_path), "train": str(train_dir), "valid": str(valid_dir),
                          "encoder": str(encoder), "decoder": str(decoder)}}
-    return _train(model, train, valid, config, Path(run_dir), world=world, resume=resume, run_info=run_info,
-                  extra_eval=extra_eval)
+    return _train(model, train, valid, config, Path(run_dir), world=world, resume=resume, overwrite=overwrite,
+                  tokenizer=tokenizer, run_info=run_info, extra_eval=extra_eval)
 
 
 @torch.no_grad()
@@ -219,6 +250,7 @@ def evaluate(model_path: str | Path, tokenizer_path: str | Path, data_dir: str |
     tokenizer = load_tokenizer(tokenizer_path)
     model = load_model(model_path)
     check_vocab(model, tokenizer, f"eval --model {model_path}")
+    check_tokenizer(model_path, tokenizer)
     world = World(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(world.device)
     if isinstance(model, Seq2SeqLM):

@@ -12,6 +12,8 @@ import contextlib
 import json
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,12 +29,22 @@ from fastlm.train.distributed import World
 from fastlm.train.evaluation import evaluate_loss, to_device
 from fastlm.train.metrics import MetricsLog, ProgressBar
 from fastlm.train.optim import build_optimizer, build_scheduler
+from fastlm.train.run_dir import refuse_or_clear
 
 CHECKPOINT_FORMAT = "fastlm-checkpoint"
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the run after a whole step, with a checkpoint of that step to resume from."""
+
+    def __init__(self, signal_number: int, step: int, run_dir: Path):
+        self.signal_number, self.step = signal_number, step
+        super().__init__(f"stopped by {signal.Signals(signal_number).name} after step {step}, checkpoint written "
+                         f"to {run_dir / 'checkpoints'}")
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -51,11 +63,15 @@ class Trainer:
     `configure_optimizers(weight_decay, lr, betas, fused)`. `extra_eval(model) -> dict` adds metrics at each
     evaluation (BLEU for translation; run on rank 0 only, so not with FSDP). `run_info` (e.g. the model config) is
     stored with the config in `config.json` and in every checkpoint.
+
+    `fit` refuses a `run_dir` that holds an earlier run unless `resume()` restored it or `overwrite=True` (which
+    removes that run's files). SIGINT or SIGTERM during `fit` ends the current step, writes a checkpoint and raises
+    TrainingInterrupted; a second SIGINT aborts at once.
     """
 
     def __init__(self, model: nn.Module, train_batches, config: TrainConfig, run_dir: str | Path, *,
                  valid_batches=None, extra_eval: Callable[[nn.Module], dict] | None = None,
-                 world: World | None = None, run_info: dict | None = None):
+                 world: World | None = None, run_info: dict | None = None, overwrite: bool = False):
         self.config = config
         self.world = world if world is not None else World(0, 1, torch.device("cpu"))
         self.train_batches = train_batches
@@ -63,6 +79,7 @@ class Trainer:
         self.extra_eval = extra_eval
         self.run_dir = Path(run_dir)
         self.run_info = run_info or {}
+        self.overwrite = overwrite
         if config.fsdp and extra_eval is not None and self.world.is_distributed:
             raise ValueError("extra_eval needs the whole model on one rank: it cannot run with fsdp=True")
 
@@ -85,12 +102,29 @@ class Trainer:
         self.index = 0
         self.best_eval_loss = math.inf
         self.bad_steps = 0  # consecutive non-finite steps
+        self.resumed = False
+        self.checkpointed_step: int | None = None  # kept in memory: every rank must agree on it without the disk
+        self.stop_signal: int | None = None  # set by SIGINT/SIGTERM during fit
 
+    # ----- setup helpers -----
+
+    def _open_run(self) -> None:
+        """Refuse (or, with overwrite, clear) an earlier run in the directory, then record this run's config."""
+        if not self.resumed:
+            # Rank 0 looks, every rank gets its verdict: all raise alike, so none waits in a collective forever.
+            verdict = None
+            if self.world.is_main:
+                try:
+                    refuse_or_clear(self.run_dir, overwrite=self.overwrite)
+                except ValueError as error:
+                    verdict = error
+            verdict = distributed.all_gather_objects(verdict, self.world)[0]
+            if verdict is not None:
+                raise verdict
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._save_run_config()
-
-    # ----- setup helpers -----
+        distributed.barrier(self.world)
 
     def _save_run_config(self) -> None:
         record = {"train": self.config.to_dict(), **self.run_info, "world_size": self.world.world_size}
@@ -123,6 +157,7 @@ class Trainer:
                 "config": self.config.to_dict(), "run_info": self.run_info,
             }
             path = self.checkpoints.save(payload, self.step, is_best=is_best)
+        self.checkpointed_step = self.step
         distributed.barrier(self.world)
         return path
 
@@ -145,6 +180,7 @@ class Trainer:
         self.best_eval_loss, self.bad_steps = state["best_eval_loss"], state["bad_steps"]
         restore_rng_state(state["rng"][self.world.rank])
         self.log.truncate_after(self.step)
+        self.resumed, self.checkpointed_step = True, self.step
         return True
 
     # ----- the loop -----
@@ -229,12 +265,23 @@ class Trainer:
             metrics = self.evaluate()
             metrics.pop("samples", None)
             return metrics
+        self._open_run()
+        with self._stop_on_signals():
+            return self._fit_steps()
+
+    def _fit_steps(self) -> dict:
+        config = self.config
         self.model.train()
         progress = ProgressBar(config.max_steps, enabled=config.progress and self.world.is_main,
                                every=config.log_interval)
         last_metrics: dict = {}
         tick = time.perf_counter()
         while self.step < config.max_steps:
+            if self._stop_requested():
+                progress.close()
+                if self.checkpointed_step != self.step:
+                    self.save_checkpoint(is_best=False)
+                raise TrainingInterrupted(self.stop_signal, self.step, self.run_dir)
             loss, grad_norm, tokens = self.train_step()
             now = time.perf_counter()
             tokens_per_s, tick = tokens / max(now - tick, 1e-9), now
@@ -262,6 +309,38 @@ class Trainer:
         progress.close()
         return last_metrics
 
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGINT and SIGTERM (what schedulers and spot instances send) ask the loop to stop after the current
+        step; a second SIGINT aborts at once. Handlers can only be set from the main thread."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signal_number, frame):
+            if self.stop_signal is not None and signal_number == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_signal = signal_number
+
+        previous = {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank was signalled; under torchrun all ranks agree (one all-reduce per step), so all stop
+        at the same step and none waits forever in the next step's collectives."""
+        if not self.world.is_distributed:
+            return self.stop_signal is not None
+        signalled = torch.tensor([self.stop_signal == signal.SIGINT, self.stop_signal == signal.SIGTERM],
+                                 dtype=torch.float32, device=self.world.device)
+        distributed.all_reduce_sum(signalled, self.world)
+        if self.stop_signal is None and signalled.any():
+            self.stop_signal = signal.SIGINT if signalled[0] > 0 else signal.SIGTERM
+        return self.stop_signal is not None
+
     def _evaluate_and_log(self, progress: ProgressBar) -> dict:
         metrics = self.evaluate()
         samples = metrics.pop("samples", None)
@@ -285,9 +364,10 @@ class Trainer:
                 f"training stopped after {self.bad_steps} consecutive non-finite steps (after step {self.step}); "
                 f"{where}. Lower lr, raise warmup_steps or check the data.")
 
-    def export_model(self, directory: str | Path) -> None:
-        """Write the trained weights with the model's own `save` (what `finetune` and `translate` load). Under FSDP
-        the shards are gathered into a plain copy of the model (built from its `config_dict`) on rank 0."""
+    def export_model(self, directory: str | Path, metadata: dict[str, str] | None = None) -> None:
+        """Write the trained weights with the model's own `save` (what `finetune` and `translate` load), with
+        `metadata` in its config.json. Under FSDP the shards are gathered into a plain copy of the model (built from
+        its `config_dict`) on rank 0."""
         model = self.model
         if self.config.fsdp and self.world.is_distributed:
             state = distributed.full_model_state_dict(self.wrapped, fsdp=True)
@@ -295,5 +375,5 @@ class Trainer:
                 model = type(self.model).from_config_dict(self.model.config_dict())
                 model.load_state_dict(state)
         if self.world.is_main:
-            model.save(directory)
+            model.save(directory, metadata)
         distributed.barrier(self.world)

@@ -62,7 +62,7 @@ class ToyLM(nn.Module):
     def from_config_dict(cls, values: dict) -> "ToyLM":
         return cls(**values)
 
-    def save(self, directory):
+    def save(self, directory, metadata=None):
         Path(directory).mkdir(parents=True, exist_ok=True)
         torch.save(self.state_dict(), Path(directory) / "toy.pt")
 

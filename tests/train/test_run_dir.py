@@ -1,0 +1,116 @@
+"""A run directory is never silently reused, and a signalled run stops cleanly: the Trainer's side of both (the
+`fastlm` command's side is in tests/test_cli.py)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fastlm.train import TrainConfig, Trainer, TrainingInterrupted
+from fastlm.train.metrics import read_records
+from fastlm.train.run_dir import RunDirectoryInUse
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_trainer import TOY_SCRIPT, run_toy, subprocess_env, toy_config, train_losses  # noqa: E402
+from toy_training import ToyBatches, ToyLM  # noqa: E402
+
+
+def toy_trainer(run_dir: Path, config: TrainConfig, **options) -> Trainer:
+    return Trainer(ToyLM(), ToyBatches(), config, run_dir, **options)
+
+
+def test_fit_refuses_an_earlier_run_and_overwrite_replaces_only_its_files(tmp_path):
+    toy_trainer(tmp_path, toy_config(max_steps=4, checkpoint_interval=2, eval_interval=0)).fit()
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "checkpoints" / "keep.txt").write_text("mine too")
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+
+    with pytest.raises(RunDirectoryInUse, match="holds an earlier run .*--resume.*--overwrite"):
+        toy_trainer(tmp_path, toy_config(max_steps=2)).fit()
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+
+    toy_trainer(tmp_path, toy_config(max_steps=3, checkpoint_interval=10, eval_interval=0), overwrite=True).fit()
+    assert [step for step, _ in train_losses(tmp_path)] == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.pt", "keep.txt", "step-00000003.pt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_resumed_trainer_continues_the_run_in_its_directory(tmp_path):
+    toy_trainer(tmp_path, toy_config(max_steps=4, checkpoint_interval=2, eval_interval=0)).fit()
+    resumed = toy_trainer(tmp_path, toy_config(max_steps=6, checkpoint_interval=2, eval_interval=0))
+    assert resumed.resume() and resumed.step == 4
+    resumed.fit()
+    assert [step for step, _ in train_losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_signal_ends_the_step_writes_a_checkpoint_and_raises(tmp_path):
+    class SignalAtStep3(ToyBatches):
+        def batch(self, epoch, index):
+            if index == 2:  # step 3's batch: the signal arrives in the middle of the step
+                signal.raise_signal(signal.SIGTERM)
+            return super().batch(epoch, index)
+
+    trainer = Trainer(ToyLM(), SignalAtStep3(), toy_config(max_steps=20, checkpoint_interval=10), tmp_path)
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM after step 3") as stopped:
+        trainer.fit()
+    assert stopped.value.signal_number == signal.SIGTERM and stopped.value.step == 3
+    assert (tmp_path / "checkpoints" / "step-00000003.pt").is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+
+
+def test_a_second_sigint_aborts_at_once(tmp_path):
+    class TwoInterrupts(ToyBatches):
+        def batch(self, epoch, index):
+            if index == 1:
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
+            return super().batch(epoch, index)
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(ToyLM(), TwoInterrupts(), toy_config(max_steps=20), tmp_path).fit()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step(tmp_path):
+    run = tmp_path / "ddp"
+    args = ("--max_steps", "400", "--checkpoint_interval", "100", "--eval_interval", "100", "--delay", "0.02")
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    agent = subprocess.Popen([sys.executable, *launcher, str(TOY_SCRIPT), str(run), *args], env=subprocess_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not ((run / "metrics.jsonl").exists() and len(read_records(run / "metrics.jsonl", "train")) >= 2):
+        assert agent.poll() is None, agent.communicate()[1]
+        assert time.monotonic() < deadline, "the two ranks never trained two steps"
+        time.sleep(0.05)
+    ranks = {_rank_of(pid): pid for pid in _children(agent.pid)}
+    os.kill(ranks[1], signal.SIGTERM)  # rank 1 only: rank 0 learns it by the all-reduce
+    _, stderr = agent.communicate(timeout=240)  # a rank left waiting in a collective would hang here
+
+    steps = [step for step, _ in train_losses(run)]
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] < 400
+    assert (run / "checkpoints" / f"step-{steps[-1]:08d}.pt").is_file()
+    assert f"stopped by SIGTERM after step {steps[-1]}," in stderr
+    run_toy(run, *args, "--max_steps", str(steps[-1] + 2), "--resume",
+            launcher=launcher)  # the checkpoint both ranks wrote resumes under the same world size
+    assert [step for step, _ in train_losses(run)] == list(range(1, steps[-1] + 3))
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            status = (entry / "status").read_text() if entry.name.isdigit() else ""
+        except OSError:  # a process that ended while we looked
+            continue
+        if f"\nPPid:\t{pid}\n" in status:
+            found.append(int(entry.name))
+    return found
+
+
+def _rank_of(pid: int) -> int:
+    environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(item for item in environment if item.startswith(b"RANK="))[5:])
