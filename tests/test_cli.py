@@ -247,6 +247,56 @@ def test_finetune_offers_every_cross_attention_init():
     assert build_parser().parse_known_args(command)[0].cross_attention_init == "random"
 
 
+def test_finetune_from_random_sides(pretrained):
+    """Rnd2Rnd takes its shape from the preset and --model.* overrides; Enc2Rnd and Rnd2Dec copy the pre-trained
+    side's weights and give the random side its ModelConfig; the random side depends on the seed alone."""
+    import torch
+
+    from fastlm.models import DecoderLM, EncoderLM, Seq2SeqLM
+    from fastlm.train.config import TrainConfig
+    from fastlm.train.tasks import load_tokenizer, starting_models
+
+    root = pretrained
+    fastlm("finetune", "--encoder", "random", "--decoder", "random", "--tokenizer", root / "tok.json",
+           "--train", root / "train-pairs", "--run-dir", root / "rnd2rnd", *QUICK_RUN, *MICRO_MODEL,
+           "--model.n_layers", "2")
+    merged = Seq2SeqLM.load(root / "rnd2rnd" / "model")
+    assert (merged.encoder_config.d_model, merged.encoder_config.n_layers, merged.config.n_layers) == (32, 2, 2)
+
+    tokenizer, config = load_tokenizer(root / "tok.json"), TrainConfig.preset("tiny", seed=3)
+    encoder = EncoderLM.load(root / "encoder" / "model")
+    decoder = DecoderLM.load(root / "decoder" / "model")
+    for encoder_path, decoder_path, pretrained_side in ((root / "encoder", "random", encoder),
+                                                        ("random", root / "decoder", decoder)):
+        models = starting_models(encoder_path, decoder_path, tokenizer, config, {})
+        kept = next(model for model in models if type(model) is type(pretrained_side))
+        fresh = next(model for model in models if type(model) is not type(pretrained_side))
+        assert fresh.config == pretrained_side.config
+        assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(),
+                                                      pretrained_side.state_dict().values()))
+        again = starting_models(encoder_path, decoder_path, tokenizer, config, {})
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
+                                                      next(m for m in again if type(m) is type(fresh))
+                                                      .state_dict().values()))
+
+
+@pytest.mark.parametrize("sides, overrides, message", [
+    (("{root}/encoder", "random"), ["--model.d_model", "64"], "apply only with --encoder random --decoder random"),
+    (("{root}/decoder", "random"), [], "holds a DecoderLM, expected EncoderLM"),
+    (("random", "{root}/nowhere"), [], "neither a model directory nor a run directory"),
+])
+def test_finetune_random_side_mistakes(pretrained, sides, overrides, message, capsys, monkeypatch):
+    from fastlm.cli import main
+
+    monkeypatch.delenv("FASTLM_DEBUG", raising=False)
+    encoder, decoder = (side.format(root=pretrained) for side in sides)
+    assert main(["finetune", "--encoder", encoder, "--decoder", decoder, "--tokenizer", str(pretrained / "tok.json"),
+                 "--train", str(pretrained / "train-pairs"), "--run-dir", str(pretrained / "never"),
+                 *overrides]) == 2
+    stderr = capsys.readouterr().err
+    assert len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
+
+
 def test_a_model_saved_without_a_tokenizer_hash_still_loads_with_one_warning(finetuned, tmp_path):
     old = tmp_path / "old-model"
     shutil.copytree(finetuned / "seq2seq" / "model", old)
