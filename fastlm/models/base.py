@@ -125,6 +125,12 @@ def lm_output(hidden: Tensor, head: nn.Linear, targets: Tensor | None, return_lo
         flat_targets = targets.reshape(-1)
         weight, bias, flat_hidden = head.weight, head.bias, hidden.reshape(-1, hidden.shape[-1])
         device_type = hidden.device.type
+        if device_type == "cpu" and not torch.compiler.is_compiling():
+            # Rows without a target (85% of a masked-LM batch, the padding of the others) still cost the head's
+            # matmuls, most of an MLM step on the CPU, where selecting rows (a host sync) costs nothing: keep only
+            # the rows with a target. On GPUs the sync and the dynamic shape would cost more than they save.
+            has_target = flat_targets != IGNORE_INDEX
+            flat_hidden, flat_targets = flat_hidden[has_target], flat_targets[has_target]
         if torch.is_autocast_enabled(device_type):
             # Autocast does not reach inside the kernel (and the final LayerNorm hands it fp32): cast here so the
             # logits matmul runs in the autocast dtype, as nn.Linear would.
