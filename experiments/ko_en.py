@@ -19,6 +19,11 @@ drives `fastlm` commands alone (`python -m fastlm ...` in subprocesses):
 Every job writes OUT/results/<stage>/<name>.json when it finishes; its run directory is OUT/runs/<stage>/<name>.
 Running the script again skips finished jobs, continues interrupted ones exactly (`--resume`) and reruns a job
 whose command (or a job it depends on) changed. SIGINT/SIGTERM stop the running job at a checkpoint.
+
+On a CPU, give each process one thread (OMP_NUM_THREADS=1) and use the cores with processes that run disjoint
+stages, e.g. `--stages tokenizers plateau pretrain finetune` beside `--stages sweep` (jobs of one stage must not
+run twice at once). On a box busier than its cores, torch's default threads spin: a tiny-model MLM step took 13 s
+there, 0.75 s with one thread.
 """
 
 from __future__ import annotations
@@ -51,10 +56,11 @@ BEAMS = (1, 4)  # greedy and beam 4 on the test split
 SAMPLES = 3  # good and bad sample translations kept per test result
 
 # Steps and batch size of each stage per --preset (the TrainConfig preset; its model preset sizes the models).
-# tiny: sized for a 2-core CPU (a tiny-model step on a batch of 32 sentences takes ~0.3-1 s); small/base: a GPU.
+# tiny: sized for a 2-core CPU, where a tiny-model step on 32 sentences takes ~0.75 s (MLM, one thread, a busy box);
+# small/base: a GPU.
 # Every configuration compared within a stage gets the same steps and batch: the same token budget.
 SCALES = {
-    "tiny": dict(batch_size=32, pretrain=2000, plateau=1000, finetune=2000, sweep=1000, eval_interval=100),
+    "tiny": dict(batch_size=32, pretrain=2000, plateau=1000, finetune=1000, sweep=1000, eval_interval=100),
     "small": dict(batch_size=64, pretrain=10000, plateau=3000, finetune=10000, sweep=3000, eval_interval=500),
     "base": dict(batch_size=64, pretrain=20000, plateau=5000, finetune=20000, sweep=5000, eval_interval=1000),
 }
@@ -77,10 +83,16 @@ PLATEAU = {
     "post-norm": {"model.norm_position": "post"},
     "dropout0": {"model.dropout": "0"},
     "vocab2k": {"vocab": "2000"},
+    # The three changes that moved the loss fastest in the first 600 steps, together.
+    "combined": {"mask_prob": "0.4", "model.norm_position": "post", "model.positional": "rope"},
     "steps4000": {"max_steps": "4000"},  # the length of training: the baseline, four times longer
 }
 QUICK_PLATEAU = ("baseline", "mask40")
 # The encoder's settings in the pretrain and sweep stages (the plateau stage's finding; see docs/RESULTS.md).
+# One architecture (--model.KEY settings) for every model trained from scratch outside the plateau stage (both
+# pre-trainings, the sweep, Rnd2Rnd; Enc2Rnd and Rnd2Dec copy it from the pre-trained side), so that the four
+# starts differ in their initial weights only.
+MODEL_SETTINGS: dict[str, str] = {}
 ENCODER_SETTINGS: dict[str, str] = {}
 DECODER_SETTINGS = {"lr": "3e-3"}  # the decoder alone prefers 3e-3 (TrainConfig's comments on the tiny preset)
 WEIGHT_DECAYS = ("0", "1e-4", "1e-3", "1e-2", "1e-1")
@@ -216,8 +228,10 @@ class Experiment:
             options += ["--warmup_steps", "1", "--eval_batches", "2"]
         return list(map(str, options))
 
-    def model_options(self) -> list[str]:
-        return [arg for key, value in QUICK_MODEL.items() for arg in (f"--model.{key}", value)] if self.quick else []
+    def model_options(self, settings: dict[str, str] = MODEL_SETTINGS) -> list[str]:
+        """--model.KEY options: the micro model of --quick, then `settings` (the grid's architecture)."""
+        micro = {f"model.{key}": value for key, value in QUICK_MODEL.items()} if self.quick else {}
+        return overrides({**micro, **settings})
 
     def train(self, stage: str, name: str, command: list, depends_on: tuple[str, ...] = ()) -> dict | None:
         """Run a pretrain/finetune command into its run directory, unless finished; its result, or None if it
@@ -279,7 +293,7 @@ class Experiment:
             command = ["pretrain", "--arch", "encoder", "--tokenizer", tokenizer,
                        "--train", self.corpus(tokenizer, "train", "ko"),
                        "--valid", self.corpus(tokenizer, "valid", "ko"),
-                       *self.train_options("plateau"), *self.model_options(), *overrides(settings)]
+                       *self.train_options("plateau"), *self.model_options({}), *overrides(settings)]
             self.train("plateau", name, command, (tokenizer_key,))
 
     def stage_pretrain(self) -> None:

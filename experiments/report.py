@@ -79,13 +79,15 @@ def fmt(value) -> str:
 
 def tokenizer_section(experiment: Experiment, results: dict) -> str:
     rows = []
-    for level in ("byte", "char"):
-        for vocab_size in experiment.vocab_sizes:
-            r = results.get(f"tokenizers/{level}-{vocab_size}", {})
-            fallback = (f"{100 * r['byte_fallback_ko']:.2f}% / {100 * r['byte_fallback_en']:.2f}%"
-                        if r and level == "char" else ("none (bytes are the alphabet)" if r else None))
-            rows.append([level, vocab_size, r.get("tokens_per_sentence_ko"), r.get("tokens_per_sentence_en"), fallback,
-                         r.get("unigram_loss_ko"), r.get("seconds")])
+    grid = [f"{level}-{vocab_size}" for level in ("byte", "char") for vocab_size in experiment.vocab_sizes]
+    others = [name.split("/")[1] for name in results if name.startswith("tokenizers/")]  # e.g. the plateau's
+    for name in sorted(set(grid + others), key=lambda n: (n.split("-")[0], int(n.split("-")[1]))):
+        level, vocab_size = name.split("-")[0], int(name.split("-")[1])
+        r = results.get(f"tokenizers/{name}", {})
+        fallback = (f"{100 * r['byte_fallback_ko']:.2f}% / {100 * r['byte_fallback_en']:.2f}%"
+                    if r and level == "char" else ("none (bytes are the alphabet)" if r else None))
+        rows.append([level, vocab_size, r.get("tokens_per_sentence_ko"), r.get("tokens_per_sentence_en"), fallback,
+                     r.get("unigram_loss_ko"), r.get("seconds")])
     return "## 1. Tokenizers\n\nTrained on train.ko + train.en; measured on the valid split. The unigram loss is " \
            "the cross-entropy of the Korean valid tokens under the train frequencies: the loss of an MLM that " \
            "learned token frequencies only, i.e. the level of the plateau.\n\n" + table(
@@ -107,9 +109,13 @@ def plateau_section(experiment: Experiment, results: dict, figures: Path, base: 
     rows, curves = [], {}
     for name in experiment.plateau_names:
         r = results.get(f"plateau/{name}")
-        change = " ".join(overrides(PLATEAU[name])) or "(the stalled setting)"
+        settings = dict(PLATEAU[name])
+        vocab = settings.pop("vocab", experiment.train_vocab)
+        change = " ".join(overrides(settings)) or ("(the stalled setting)" if name == "baseline" else "")
+        change = f"`{change}`" if change else f"byte-level tokenizer of {vocab} tokens"
         final = r["final"] if r else {}
-        rows.append([name, f"`{change}`", *[eval_at(r, m) for m in marks],
+        level = results.get(f"tokenizers/byte-{vocab}", {}).get("unigram_loss_ko")
+        rows.append([name, change, level, *[eval_at(r, m) for m in marks],
                      f"{final['loss']:.3f} (step {final['step']})" if final else None, final.get("accuracy")])
         if r:
             curves[name] = r["evals"]
@@ -117,8 +123,10 @@ def plateau_section(experiment: Experiment, results: dict, figures: Path, base: 
     text = ("## 2. The MLM plateau\n\nEncoder MLM on Korean, byte level 8k, tiny model, batch "
             f"{experiment.scale['batch_size']}, lr 1e-3, warmup 30, mask 15%, pre-norm, learned positions: each row "
             "changes one thing. Validation loss (nats per masked token) by step, the final one (a longer run "
-            f"ends later), and the final masked-token accuracy. The unigram level (plateau) is {fmt(unigram)} nats.\n\n"
-            + table(["variant", "change", *[f"step {m}" for m in marks], "final", "accuracy"], rows))
+            "ends later), and the final masked-token accuracy, beside the unigram level (the plateau: section 1) "
+            f"of the run's tokenizer ({fmt(unigram)} nats at {experiment.train_vocab}).\n\n"
+            + table(["variant", "change", "unigram level", *[f"step {m}" for m in marks], "final", "accuracy"],
+                    rows))
     if curves:
         path = plot_curves(curves, figures / "plateau.png", "MLM validation loss", reference=unigram)
         text += f"\n\n![plateau curves]({path.relative_to(base)})"
