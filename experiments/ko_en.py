@@ -171,7 +171,7 @@ class Experiment:
         self.child = subprocess.Popen(command, env=env, stdout=stdout, start_new_session=True)
         code = self.child.wait()
         self.child = None
-        if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        if code < 0 or code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # killed, or stopped at a checkpoint
             raise Stopped(f"fastlm stopped by a signal (exit code {code})")
         if code != 0:
             raise JobFailed(f"fastlm {args[0]} exited with code {code}", code)
@@ -215,10 +215,12 @@ class Experiment:
         """A prepared corpus of one split: "ko" or "en" (one language) or "ko-en" (the pairs)."""
         path = self.out / "corpora" / tokenizer.stem / f"{split}.{langs}"
         done = path / ("src" if langs == "ko-en" else "") / "meta.json"  # prepare writes its meta.json last
-        if not done.is_file():
+        made_by, tokenizer_hash = path / "tokenizer_sha256", hashlib.sha256(tokenizer.read_bytes()).hexdigest()
+        if not (done.is_file() and made_by.is_file() and made_by.read_text() == tokenizer_hash):
             inputs = [self.source(split, lang) for lang in langs.split("-")]
             self.fastlm("prepare", "--tokenizer", tokenizer, "--input", *inputs, "--output", path, "--quiet",
                         "--overwrite")
+            made_by.write_text(tokenizer_hash)  # a retrained tokenizer (changed command) prepares it again
         return path
 
     # ----- training jobs -----

@@ -116,17 +116,19 @@ def plateau_section(experiment: Experiment, results: dict, figures: Path, base: 
         final = r["final"] if r else {}
         level = results.get(f"tokenizers/byte-{vocab}", {}).get("unigram_loss_ko")
         rows.append([name, change, level, *[eval_at(r, m) for m in marks],
-                     f"{final['loss']:.3f} (step {final['step']})" if final else None, final.get("accuracy")])
+                     f"{final['loss']:.3f} (step {final['step']})" if final else None,
+                     level - final["loss"] if final and level else None, final.get("accuracy")])
         if r:
             curves[name] = r["evals"]
     unigram = results.get(f"tokenizers/byte-{experiment.train_vocab}", {}).get("unigram_loss_ko")
-    text = ("## 2. The MLM plateau\n\nEncoder MLM on Korean, byte level 8k, tiny model, batch "
-            f"{experiment.scale['batch_size']}, lr 1e-3, warmup 30, mask 15%, pre-norm, learned positions: each row "
+    text = ("## 2. The MLM plateau\n\nEncoder MLM on Korean, byte level, vocab "
+            f"{experiment.train_vocab}, preset {experiment.preset} (tiny: lr 1e-3, warmup 30), batch "
+            f"{experiment.scale['batch_size']}, mask 15%, pre-norm, learned positions: each row "
             "changes one thing. Validation loss (nats per masked token) by step, the final one (a longer run "
             "ends later), and the final masked-token accuracy, beside the unigram level (the plateau: section 1) "
             f"of the run's tokenizer ({fmt(unigram)} nats at {experiment.train_vocab}).\n\n"
-            + table(["variant", "change", "unigram level", *[f"step {m}" for m in marks], "final", "accuracy"],
-                    rows))
+            + table(["variant", "change", "unigram level", *[f"step {m}" for m in marks], "final",
+                     "below unigram", "accuracy"], rows))
     if curves:
         path = plot_curves(curves, figures / "plateau.png", "MLM validation loss", reference=unigram)
         text += f"\n\n![plateau curves]({path.relative_to(base)})"
