@@ -154,6 +154,17 @@ class Experiment:
         self.log(f"{stage}/{name}: its command changed since it finished: running it again")
         return None
 
+    def job_key(self, command: list, *depends_on: str) -> str:
+        """What a result was made by: its command, with the data and output directories written $DATA and $OUT
+        (moved or reached by another path, they keep their results), and the keys of the jobs it reads from."""
+        places = {str(self.out): "$OUT", str(self.data): "$DATA"}
+        words = []
+        for word in map(str, command):
+            for place, name in places.items():
+                word = word.replace(place, name)
+            words.append(word)
+        return hashlib.sha256(json.dumps([words, *depends_on]).encode()).hexdigest()[:16]
+
     def save(self, stage: str, name: str, result: dict) -> dict:
         path = self.result_path(stage, name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,7 +212,7 @@ class Experiment:
         path = self.out / "tokenizers" / f"{name}.json"
         command = ["tokenizer", "train", "--input", self.source("train", "ko"), self.source("train", "en"),
                    "--level", level, "--vocab-size", str(vocab_size), "--output", path]
-        key = job_key(command)
+        key = self.job_key(command)
         if self.finished("tokenizers", name, key) and path.is_file():
             return path, key
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +254,7 @@ class Experiment:
         """Run a pretrain/finetune command into its run directory, unless finished; its result, or None if it
         failed. (--only selects jobs in the stage loops: a selected job still makes what it depends on.)"""
         run_dir = self.run_dir(stage, name)
-        key = job_key(command, *depends_on)
+        key = self.job_key(command, *depends_on)
         done = self.finished(stage, name, key)
         if done:
             return done
@@ -276,7 +287,7 @@ class Experiment:
                    *self.train_options("pretrain"), *self.model_options(), *overrides(settings)]
         name = f"{level}-{arch}"
         self.train("pretrain", name, command, (tokenizer_key,))
-        return str(self.run_dir("pretrain", name)), job_key(command, tokenizer_key)
+        return str(self.run_dir("pretrain", name)), self.job_key(command, tokenizer_key)
 
     # ----- stages -----
 
@@ -361,7 +372,7 @@ class Experiment:
                            "--cross-attention-init", init, "--bleu-sentences", "0",
                            *self.train_options("finetune", seed), *model]
                 if self.train("finetune", name, command, tuple(keys)):
-                    self.test(name, tokenizer, job_key(command, *keys))
+                    self.test(name, tokenizer, self.job_key(command, *keys))
 
     def test(self, name: str, tokenizer: Path, model_key: str) -> None:
         """Test-split scores of a translation model, greedy and beam 4, and its best and worst sentences."""
@@ -372,7 +383,7 @@ class Experiment:
             result_name = f"{name}-beam{beam}"
             command = ["translate", "--model", model, "--tokenizer", tokenizer, "--input", self.source("test", "ko"),
                        "--beam", beam]
-            key = job_key(command, model_key)
+            key = self.job_key(command, model_key)
             if self.finished("test", result_name, key):
                 continue
             output = self.out / "translations" / f"{result_name}.en"
@@ -397,12 +408,6 @@ class Experiment:
 
 
 # ----- helpers -----
-
-def job_key(command: list, *depends_on: str) -> str:
-    """What a result was made by: its command and the keys of the jobs whose outputs it reads."""
-    text = json.dumps([list(map(str, command)), *depends_on])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
 
 def finetune_name(level: str, start: str, init: str, seed: int) -> str:
     return f"{level}-{start}-{init}-seed{seed}"
@@ -503,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO / "runs" / ("experiment-quick" if args.quick else "experiment")
     if not args.quick and not (args.data / "train.ko").is_file():
         parser.error(f"--data {args.data}: no train.ko there (expected train/valid/test .ko/.en files)")
-    experiment = Experiment(args.data, out, args.preset, args.quick, args.only)
+    experiment = Experiment(args.data.absolute(), out.absolute(), args.preset, args.quick, args.only)
     if args.report:
         from report import write_report  # experiments/report.py, beside this script
 
