@@ -118,8 +118,8 @@ def plateau_section(experiment: Experiment, results: dict, figures: Path, base: 
         rows.append([name, change, level, *[eval_at(r, m) for m in marks],
                      f"{final['loss']:.3f} (step {final['step']})" if final else None,
                      level - final["loss"] if final and level else None, final.get("accuracy")])
-        if r:
-            curves[name] = r["evals"]
+        if r and level:  # drawn as the distance to its own tokenizer's plateau: vocabularies compare
+            curves[name] = [{"step": e["step"], "loss": e["loss"] - level} for e in r["evals"]]
     unigram = results.get(f"tokenizers/byte-{experiment.train_vocab}", {}).get("unigram_loss_ko")
     text = ("## 2. The MLM plateau\n\nEncoder MLM on Korean, byte level, vocab "
             f"{experiment.train_vocab}, preset {experiment.preset} (tiny: lr 1e-3, warmup 30), batch "
@@ -130,7 +130,8 @@ def plateau_section(experiment: Experiment, results: dict, figures: Path, base: 
             + table(["variant", "change", "unigram level", *[f"step {m}" for m in marks], "final",
                      "below unigram", "accuracy"], rows))
     if curves:
-        path = plot_curves(curves, figures / "plateau.png", "MLM validation loss", reference=unigram)
+        path = plot_curves(curves, figures / "plateau.png", "MLM validation loss minus the unigram level",
+                           reference=0.0, ylabel="nats/token above the plateau")
         text += f"\n\n![plateau curves]({path.relative_to(base)})"
     return text
 
@@ -207,8 +208,9 @@ def sweep_section(experiment: Experiment, results: dict) -> str:
            table(["weight decay", *[f"lr {lr}" for lr in lrs]], rows)
 
 
-def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, reference: float | None = None) -> Path:
-    """Validation loss against step, one line per run, overlaid."""
+def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, reference: float | None = None,
+                ylabel: str = "validation loss (nats/token)") -> Path:
+    """Validation loss against step, one line per run, overlaid; `reference` as a dashed unigram line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,7 +222,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, reference
     if reference is not None:
         axis.axhline(reference, color="gray", linestyle="--", linewidth=1, label="unigram level")
     axis.set_xlabel("step")
-    axis.set_ylabel("validation loss (nats/token)")
+    axis.set_ylabel(ylabel)
     axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
