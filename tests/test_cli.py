@@ -406,8 +406,9 @@ def test_help_lists_every_training_setting_with_its_default():
         for field in dataclasses.fields(TrainConfig):
             assert f"(default: {getattr(tiny, field.name)}" in entries[f"--{field.name}"], (command, field.name)
             assert len(entries[f"--{field.name}"]) > len("(default: ...)") + 10  # and a meaning
-        assert ("--model.d_model" in entries) == (command == "pretrain")
-        if command == "pretrain":
+        # finetune takes them for a model trained from scratch (--encoder random --decoder random)
+        assert ("--model.d_model" in entries) == (command in ("pretrain", "finetune"))
+        if command in ("pretrain", "finetune"):
             for field in dataclasses.fields(ModelConfig):
                 assert f"(default: {tiny_model[field.name]}" in entries[f"--model.{field.name}"], field.name
             assert f"small: {PRESETS['small']['max_steps']}" in entries["--max_steps"]
