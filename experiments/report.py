@@ -10,7 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from ko_en import BEAMS, PLATEAU, REPO, STARTS, Experiment, finetune_name, overrides
+from ko_en import (BEAMS, DECODER_SETTINGS, ENCODER_SETTINGS, MODEL_SETTINGS, PLATEAU, REPO, STARTS, Experiment,
+                   finetune_name, overrides)
 
 PENDING = "pending"
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
@@ -144,8 +145,13 @@ def pretrain_section(experiment: Experiment, results: dict) -> str:
             final = r["final"] if r else {}
             rows.append([level, arch, "MLM on ko" if arch == "encoder" else "causal LM on en", final.get("loss"),
                          final.get("perplexity"), final.get("accuracy")])
+    def shown(settings: dict) -> str:
+        return f"`{' '.join(overrides(settings))}`" if settings else "the preset's settings"
+
+    settings = (f"every model {shown(MODEL_SETTINGS)}, the encoder also {shown(ENCODER_SETTINGS)}, the decoder "
+                f"{shown(DECODER_SETTINGS)}")
     return "## 3. Pre-training\n\nValidation loss, perplexity (masked tokens for the encoder) and accuracy at the " \
-           "end of pre-training.\n\n" + table(["level", "model", "task", "valid loss", "perplexity", "accuracy"],
+           f"end of pre-training ({experiment.scale['pretrain']} steps; {settings}).\n\n" + table(["level", "model", "task", "valid loss", "perplexity", "accuracy"],
                                               rows)
 
 
