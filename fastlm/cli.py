@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fastlm.models.seq2seq import CROSS_ATTENTION_INITS
 from fastlm.train.config import PRESETS, ConfigError, parse_overrides, resolve
+from fastlm.train.tasks import RANDOM
 from fastlm.train.trainer import TrainingDiverged, TrainingInterrupted
 
 USAGE_ERROR = 2
@@ -163,14 +164,11 @@ def cmd_finetune(args, extra: list[str]) -> None:
     from fastlm.train.tasks import finetune
 
     config, model_overrides = _configs(args, extra)
-    if model_overrides:
-        raise UsageError("finetune: --model.* overrides do not apply: the architecture comes from the pre-trained "
-                         "encoder and decoder")
     result = _distributed(lambda world: finetune(
         args.encoder, args.decoder, args.tokenizer, args.train, args.valid, args.run_dir, config,
         cross_attention_init=args.cross_attention_init, share_embeddings=args.share_embeddings,
-        bleu_sentences=args.bleu_sentences, num_beams=args.beam, resume=args.resume, overwrite=args.overwrite,
-        world=world))
+        bleu_sentences=args.bleu_sentences, num_beams=args.beam, model_overrides=model_overrides,
+        resume=args.resume, overwrite=args.overwrite, world=world))
     if result is not None:
         _report(result, "finetune")
 
@@ -349,11 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.set_defaults(run=cmd_pretrain, takes_overrides=True)
 
     finetune = commands.add_parser("finetune", help="merge a pre-trained encoder and decoder and train on pairs",
-                                   epilog=_training_settings_help(with_model=False))
+                                   epilog=_training_settings_help(with_model=True))
     finetune.add_argument("--encoder", required=True,
-                          help="pre-trained encoder (run or model directory, or transformers BERT / XLM-RoBERTa-XL)")
+                          help="pre-trained encoder (run or model directory, or transformers BERT / XLM-RoBERTa-XL), "
+                          f"or {RANDOM!r}: randomly initialised with the decoder's model settings (both random: the "
+                          "preset's, with --model.KEY overrides)")
     finetune.add_argument("--decoder", required=True,
-                          help="pre-trained decoder (run or model directory, or transformers GPT-2)")
+                          help="pre-trained decoder (run or model directory, or transformers GPT-2), or "
+                          f"{RANDOM!r}: randomly initialised with the encoder's model settings")
     _add_training_options(finetune)
     finetune.add_argument("--cross-attention-init", choices=CROSS_ATTENTION_INITS, default="random",
                           help="the decoder's new cross-attention: random, copied from self-attention, or random "

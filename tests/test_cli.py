@@ -258,6 +258,69 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert out.count("   out: ") == 5
 
 
+def test_finetune_offers_every_cross_attention_init():
+    from fastlm.cli import build_parser
+    from fastlm.models.seq2seq import CROSS_ATTENTION_INITS
+
+    command = ["finetune", "--encoder", "e", "--decoder", "d", "--tokenizer", "t.json", "--train", "x", "--run-dir",
+               "r"]
+    assert set(CROSS_ATTENTION_INITS) == {"random", "copy-self", "zero-out"}
+    for init in CROSS_ATTENTION_INITS:
+        args, _ = build_parser().parse_known_args(command + ["--cross-attention-init", init])
+        assert args.cross_attention_init == init
+    assert build_parser().parse_known_args(command)[0].cross_attention_init == "random"
+
+
+def test_finetune_from_random_sides(pretrained):
+    """Rnd2Rnd takes its shape from the preset and --model.* overrides; Enc2Rnd and Rnd2Dec copy the pre-trained
+    side's weights and give the random side its ModelConfig; the random side depends on the seed alone."""
+    import torch
+
+    from fastlm.models import DecoderLM, EncoderLM, Seq2SeqLM
+    from fastlm.train.config import TrainConfig
+    from fastlm.train.tasks import load_tokenizer, starting_models
+
+    root = pretrained
+    fastlm("finetune", "--encoder", "random", "--decoder", "random", "--tokenizer", root / "tok.json",
+           "--train", root / "train-pairs", "--run-dir", root / "rnd2rnd", *QUICK_RUN, *MICRO_MODEL,
+           "--model.n_layers", "2")
+    merged = Seq2SeqLM.load(root / "rnd2rnd" / "model")
+    assert (merged.encoder_config.d_model, merged.encoder_config.n_layers, merged.config.n_layers) == (32, 2, 2)
+
+    tokenizer, config = load_tokenizer(root / "tok.json"), TrainConfig.preset("tiny", seed=3)
+    encoder = EncoderLM.load(root / "encoder" / "model")
+    decoder = DecoderLM.load(root / "decoder" / "model")
+    for encoder_path, decoder_path, pretrained_side in ((root / "encoder", "random", encoder),
+                                                        ("random", root / "decoder", decoder)):
+        models = starting_models(encoder_path, decoder_path, tokenizer, config, {})
+        kept = next(model for model in models if type(model) is type(pretrained_side))
+        fresh = next(model for model in models if type(model) is not type(pretrained_side))
+        assert fresh.config == pretrained_side.config
+        assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(),
+                                                      pretrained_side.state_dict().values()))
+        again = starting_models(encoder_path, decoder_path, tokenizer, config, {})
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
+                                                      next(m for m in again if type(m) is type(fresh))
+                                                      .state_dict().values()))
+
+
+@pytest.mark.parametrize("sides, overrides, message", [
+    (("{root}/encoder", "random"), ["--model.d_model", "64"], "apply only with --encoder random --decoder random"),
+    (("{root}/decoder", "random"), [], "holds a DecoderLM, expected EncoderLM"),
+    (("random", "{root}/nowhere"), [], "neither a model directory nor a run directory"),
+])
+def test_finetune_random_side_mistakes(pretrained, sides, overrides, message, capsys, monkeypatch):
+    from fastlm.cli import main
+
+    monkeypatch.delenv("FASTLM_DEBUG", raising=False)
+    encoder, decoder = (side.format(root=pretrained) for side in sides)
+    assert main(["finetune", "--encoder", encoder, "--decoder", decoder, "--tokenizer", str(pretrained / "tok.json"),
+                 "--train", str(pretrained / "train-pairs"), "--run-dir", str(pretrained / "never"),
+                 *overrides]) == 2
+    stderr = capsys.readouterr().err
+    assert len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
+
+
 def test_a_model_saved_without_a_tokenizer_hash_still_loads_with_one_warning(finetuned, tmp_path):
     old = tmp_path / "old-model"
     shutil.copytree(finetuned / "seq2seq" / "model", old)
@@ -367,8 +430,9 @@ def test_help_lists_every_training_setting_with_its_default():
         for field in dataclasses.fields(TrainConfig):
             assert f"(default: {getattr(tiny, field.name)}" in entries[f"--{field.name}"], (command, field.name)
             assert len(entries[f"--{field.name}"]) > len("(default: ...)") + 10  # and a meaning
-        assert ("--model.d_model" in entries) == (command == "pretrain")
-        if command == "pretrain":
+        # finetune takes them for a model trained from scratch (--encoder random --decoder random)
+        assert ("--model.d_model" in entries) == (command in ("pretrain", "finetune"))
+        if command in ("pretrain", "finetune"):
             for field in dataclasses.fields(ModelConfig):
                 assert f"(default: {tiny_model[field.name]}" in entries[f"--model.{field.name}"], field.name
             assert f"small: {PRESETS['small']['max_steps']}" in entries["--max_steps"]
@@ -402,16 +466,3 @@ def test_readme_command_lines_use_only_what_earlier_lines_make():
         if words[0] == "plot":
             assert args.run_dir in made, line
         made.update(value for value in (getattr(args, "output", None), getattr(args, "run_dir", None)) if value)
-
-
-def test_finetune_offers_every_cross_attention_init():
-    from fastlm.cli import build_parser
-    from fastlm.models.seq2seq import CROSS_ATTENTION_INITS
-
-    command = ["finetune", "--encoder", "e", "--decoder", "d", "--tokenizer", "t.json", "--train", "x", "--run-dir",
-               "r"]
-    assert set(CROSS_ATTENTION_INITS) == {"random", "copy-self", "zero-out"}
-    for init in CROSS_ATTENTION_INITS:
-        args, _ = build_parser().parse_known_args(command + ["--cross-attention-init", init])
-        assert args.cross_attention_init == init
-    assert build_parser().parse_known_args(command)[0].cross_attention_init == "random"

@@ -26,6 +26,7 @@ from fastlm.train.trainer import Trainer
 
 MODEL_CLASSES = {cls.__name__: cls for cls in (EncoderLM, DecoderLM, Seq2SeqLM)}
 ARCHS = {"encoder": EncoderLM, "decoder": DecoderLM}
+RANDOM = "random"  # finetune's --encoder/--decoder value for a randomly initialised side instead of a directory
 
 
 @dataclass
@@ -177,19 +178,48 @@ def pretrain(arch: str, tokenizer_path: str | Path, train_dir: str | Path, valid
                   tokenizer=tokenizer, run_info=run_info)
 
 
+def starting_models(encoder: str | Path, decoder: str | Path, tokenizer: Tokenizer, config: TrainConfig,
+                    model_overrides: dict[str, str]) -> tuple[EncoderLM, DecoderLM]:
+    """The encoder and decoder a fine-tuning starts from: each loaded from its directory, or, where given as
+    RANDOM, freshly initialised (seeded by config.seed) with the other side's ModelConfig, or with the preset's
+    (plus `model_overrides`) when both are random. Overrides apply only then: a pre-trained side fixes the shape."""
+    sides = {"encoder": str(encoder), "decoder": str(decoder)}
+    random_sides = [side for side, path in sides.items() if path == RANDOM]
+    if model_overrides and len(random_sides) < 2:
+        raise ValueError(f"--model.* overrides apply only with --encoder {RANDOM} --decoder {RANDOM}: a pre-trained "
+                         "side fixes the architecture")
+    loaded = {}
+    for side, path in sides.items():
+        if side not in random_sides:
+            loaded[side] = load_model(path)
+            expected = ARCHS[side]
+            if not isinstance(loaded[side], expected):
+                raise ValueError(f"finetune --{side} {path}: holds a {type(loaded[side]).__name__}, expected "
+                                 f"{expected.__name__} (or {RANDOM!r} for a randomly initialised one)")
+            check_vocab(loaded[side], tokenizer, f"finetune --{side} {path}")
+            check_tokenizer(path, tokenizer)
+    if len(random_sides) == 2:
+        architecture = model_config(config, tokenizer, model_overrides)
+    else:
+        architecture = next(iter(loaded.values())).config
+    torch.manual_seed(config.seed)  # the same random side in every run with this seed
+    for side in random_sides:
+        loaded[side] = ARCHS[side](architecture)
+    return loaded["encoder"], loaded["decoder"]
+
+
 def finetune(encoder: str | Path, decoder: str | Path, tokenizer_path: str | Path, train_dir: str | Path,
              valid_dir: str | Path | None, run_dir: str | Path, config: TrainConfig, *,
              cross_attention_init: str = "random", share_embeddings: bool = False, bleu_sentences: int = 64,
-             num_beams: int = 4, resume: bool = False, overwrite: bool = False,
-             world: World | None = None) -> RunResult:
-    """Merge a pre-trained encoder and decoder into a Seq2SeqLM and train it on prepared sentence pairs; BLEU and
-    sample translations on the first `bleu_sentences` validation pairs at every evaluation."""
+             num_beams: int = 4, model_overrides: dict[str, str] | None = None, resume: bool = False,
+             overwrite: bool = False, world: World | None = None) -> RunResult:
+    """Merge an encoder and a decoder (pre-trained directories, or RANDOM for a fresh one: Rnd2Rnd, Enc2Rnd,
+    Rnd2Dec) into a Seq2SeqLM and train it on prepared sentence pairs; BLEU and sample translations on the first
+    `bleu_sentences` validation pairs at every evaluation."""
     tokenizer = load_tokenizer(tokenizer_path)
-    model = Seq2SeqLM.from_pretrained(load_model(encoder), load_model(decoder),
-                                      cross_attention_init=cross_attention_init, share_embeddings=share_embeddings)
-    check_vocab(model, tokenizer, f"finetune --decoder {decoder}")
-    check_tokenizer(encoder, tokenizer)
-    check_tokenizer(decoder, tokenizer)
+    encoder_model, decoder_model = starting_models(encoder, decoder, tokenizer, config, model_overrides or {})
+    model = Seq2SeqLM.from_pretrained(encoder_model, decoder_model, cross_attention_init=cross_attention_init,
+                                      share_embeddings=share_embeddings)
     train = translation_batches(open_parallel(train_dir, tokenizer), tokenizer, config, shuffle=True)
     valid, extra_eval = None, None
     if valid_dir:

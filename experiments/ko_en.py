@@ -1,0 +1,537 @@
+"""Does pre-training help Korean->English translation? The experiment of issue #15, as one resumable script that
+drives `fastlm` commands alone (`python -m fastlm ...` in subprocesses):
+
+1. tokenizers: byte- and char-level BPE at 8k/16k/32k (tokens per sentence, byte-fallback rate, training time);
+2. plateau: what moves the masked-LM encoder off the unigram plateau (lr, warmup, mask rate, norm position,
+   positions, dropout, vocab size) on byte-level 8k, the setting where it stalled;
+3. pretrain: an encoder (MLM on ko) and a decoder (causal on en) per tokenizer level;
+4. finetune: ko->en from Rnd2Rnd, Enc2Rnd, Rnd2Dec, Enc2Dec (x the three cross-attention inits), 2 seeds for the
+   main comparison, same budget for all; each followed by its test scores (sacrebleu BLEU and chrF, detokenised,
+   on the raw test split, greedy and beam 4, via `fastlm translate --input`) and sample translations;
+5. sweep: weight decay x lr on the encoder.
+
+    python experiments/ko_en.py                        # the whole grid, CPU scale (hours on 2 cores)
+    python experiments/ko_en.py --stages plateau       # one stage (prerequisites are made as needed)
+    python experiments/ko_en.py --preset small         # the same grid at GPU scale
+    python experiments/ko_en.py --quick --out /tmp/q   # a minutes-long smoke version of every stage
+    python experiments/ko_en.py --report               # docs/RESULTS.md and its plots from what has finished
+
+Every job writes OUT/results/<stage>/<name>.json when it finishes; its run directory is OUT/runs/<stage>/<name>.
+Running the script again skips finished jobs, continues interrupted ones exactly (`--resume`) and reruns a job
+whose command (or a job it depends on) changed. SIGINT/SIGTERM stop the running job at a checkpoint.
+
+On a CPU, give each process one thread (OMP_NUM_THREADS=1) and use the cores with processes that run disjoint
+stages, e.g. `--stages tokenizers plateau pretrain finetune` beside `--stages sweep` (jobs of one stage must not
+run twice at once). On a box busier than its cores, torch's default threads spin: a tiny-model MLM step took 13 s
+there, 0.75 s with one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the fastlm next to this script, for the statistics and the report
+
+STAGES = ("tokenizers", "plateau", "pretrain", "finetune", "sweep")
+LEVELS = ("byte", "char")
+VOCAB_SIZES = (8000, 16000, 32000)
+TRAIN_VOCAB = 8000  # the vocabulary of every pre-training and translation run (the plateau stage also tries others)
+CROSS_ATTENTION_INITS = ("random", "copy-self", "zero-out")
+# The four starting points; the pre-trained sides come from the pretrain stage.
+STARTS = {"Rnd2Rnd": ("random", "random"), "Enc2Rnd": ("encoder", "random"), "Rnd2Dec": ("random", "decoder"),
+          "Enc2Dec": ("encoder", "decoder")}
+MAIN_SEEDS = (0, 1)  # seeds of the main comparison (the four starts, default cross-attention init)
+BEAMS = (1, 4)  # greedy and beam 4 on the test split
+SAMPLES = 3  # good and bad sample translations kept per test result
+
+# Steps and batch size of each stage per --preset (the TrainConfig preset; its model preset sizes the models).
+# tiny: sized for a 2-core CPU, where a tiny-model step on 32 sentences takes ~0.75 s (MLM, one thread, a busy box);
+# small/base: a GPU.
+# Every configuration compared within a stage gets the same steps and batch: the same token budget.
+SCALES = {
+    "tiny": dict(batch_size=32, pretrain=2000, plateau=1000, finetune=1000, sweep=1000, eval_interval=100),
+    "small": dict(batch_size=64, pretrain=10000, plateau=3000, finetune=10000, sweep=3000, eval_interval=500),
+    "base": dict(batch_size=64, pretrain=20000, plateau=5000, finetune=20000, sweep=5000, eval_interval=1000),
+}
+# --quick: every stage in minutes, on a few hundred lines, a micro model and a handful of steps.
+QUICK_LINES = {"train": 300, "valid": 24, "test": 24}
+QUICK_VOCAB_SIZES = (1100,)  # above the char level's alphabet of a few hundred lines (~940)
+QUICK_STARTS = ("Rnd2Rnd", "Enc2Dec")  # a random and a pre-trained side each (the CLI tests cover the mixed ones)
+QUICK_MODEL = {"d_model": "32", "n_layers": "1", "n_heads": "2", "d_ff": "64"}
+QUICK_SCALE = dict(batch_size=8, pretrain=4, plateau=4, finetune=4, sweep=4, eval_interval=2)
+
+# Plateau variants: TrainConfig (--KEY) and ModelConfig (--model.KEY) overrides of the baseline, which is the
+# issue's stalled run (byte level 8k, lr 1e-3, warmup 30, mask 15%, pre-norm, learned positions); "vocab" picks
+# the tokenizer (byte level).
+PLATEAU = {
+    "baseline": {},
+    "lr3e-4": {"lr": "3e-4"},
+    "warmup300": {"warmup_steps": "300"},
+    "mask40": {"mask_prob": "0.4"},
+    "rope": {"model.positional": "rope"},
+    "post-norm": {"model.norm_position": "post"},
+    "dropout0": {"model.dropout": "0"},
+    "vocab2k": {"vocab": "2000"},
+    # The three changes that moved the loss fastest in the first 600 steps, together.
+    "combined": {"mask_prob": "0.4", "model.norm_position": "post", "model.positional": "rope"},
+    # The same without post-norm, with which a decoder stayed on its plateau (docs/RESULTS.md).
+    "mask40-rope": {"mask_prob": "0.4", "model.positional": "rope"},
+    "steps4000": {"max_steps": "4000"},  # the length of training: the baseline, four times longer
+}
+QUICK_PLATEAU = ("baseline", "mask40")
+# The encoder's settings in the pretrain and sweep stages (the plateau stage's finding; see docs/RESULTS.md).
+# One architecture (--model.KEY settings) for every model trained from scratch outside the plateau stage (both
+# pre-trainings, the sweep, Rnd2Rnd; Enc2Rnd and Rnd2Dec copy it from the pre-trained side), so that the four
+# starts differ in their initial weights only.
+# Rotary positions (pre-norm) and, for the encoder, 40% masking: the "mask40-rope" plateau variant. Post-norm
+# ("combined") moved the encoder further, but a post-norm decoder stayed on its own plateau (valid loss 7.21,
+# accuracy 2.3% at step 300, training loss flat at ~6.3 from step 50) where a pre-norm one learned at once: the
+# four starts need one architecture, so pre-norm it is (docs/RESULTS.md).
+MODEL_SETTINGS = {"model.positional": "rope"}
+ENCODER_SETTINGS = {"mask_prob": "0.4"}
+# The preset's lr 1e-3, with which the decoder learned in the issue (perplexity 205 after 1000 steps). 3e-3 was
+# better for the decoder alone at 400 steps (TrainConfig's comments) but is untried with rope.
+DECODER_SETTINGS: dict[str, str] = {}
+WEIGHT_DECAYS = ("0", "1e-4", "1e-3", "1e-2", "1e-1")
+SWEEP_LRS = ("3e-4", "1e-3", "3e-3")
+QUICK_SWEEP = (("0", "1e-3"),)
+
+
+class JobFailed(Exception):
+    """A fastlm command ended with an error: the job stays unfinished and the next run of the script retries it."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class Stopped(Exception):
+    """SIGINT/SIGTERM: the running job checkpointed and stopped; the script stops too."""
+
+
+@dataclass
+class Experiment:
+    data: Path
+    out: Path
+    preset: str
+    quick: bool
+    only: list[str] = field(default_factory=list)
+    scale: dict = field(init=False)
+    child: subprocess.Popen | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.scale = QUICK_SCALE if self.quick else SCALES[self.preset]
+
+    # ----- bookkeeping -----
+
+    def log(self, message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    def result_path(self, stage: str, name: str) -> Path:
+        return self.out / "results" / stage / f"{name}.json"
+
+    def run_dir(self, stage: str, name: str) -> Path:
+        return self.out / "runs" / stage / name
+
+    def wanted(self, job: str) -> bool:
+        return not self.only or any(fnmatch.fnmatch(job, pattern) for pattern in self.only)
+
+    def finished(self, stage: str, name: str, key: str) -> dict | None:
+        """The job's result if it finished with this key (its command and those of the jobs it depends on)."""
+        path = self.result_path(stage, name)
+        if not path.is_file():
+            return None
+        result = json.loads(path.read_text(encoding="utf-8"))
+        if result.get("key") == key:
+            return result
+        self.log(f"{stage}/{name}: its command changed since it finished: running it again")
+        return None
+
+    def job_key(self, command: list, *depends_on: str) -> str:
+        """What a result was made by: its command, with the data and output directories written $DATA and $OUT
+        (moved or reached by another path, they keep their results), and the keys of the jobs it reads from."""
+        places = {str(self.out): "$OUT", str(self.data): "$DATA"}
+        words = []
+        for word in map(str, command):
+            for place, name in places.items():
+                word = word.replace(place, name)
+            words.append(word)
+        return hashlib.sha256(json.dumps([words, *depends_on]).encode()).hexdigest()[:16]
+
+    def save(self, stage: str, name: str, result: dict) -> dict:
+        path = self.result_path(stage, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".json.tmp")
+        partial.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        os.replace(partial, path)  # a result file is whole or absent, whenever the script is killed
+        return result
+
+    def fastlm(self, *args: str | Path, stdout=None) -> float:
+        """Run `python -m fastlm ARGS`, forwarding SIGINT/SIGTERM to it; returns its wall time in seconds."""
+        command = [sys.executable, "-m", "fastlm", *map(str, args)]
+        self.log("$ fastlm " + " ".join(map(str, args)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
+        started = time.perf_counter()
+        self.child = subprocess.Popen(command, env=env, stdout=stdout, start_new_session=True)
+        code = self.child.wait()
+        self.child = None
+        if code < 0 or code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # killed, or stopped at a checkpoint
+            raise Stopped(f"fastlm stopped by a signal (exit code {code})")
+        if code != 0:
+            raise JobFailed(f"fastlm {args[0]} exited with code {code}", code)
+        return time.perf_counter() - started
+
+    def forward_signal(self, signal_number: int, frame) -> None:
+        if self.child is not None:
+            self.child.send_signal(signal_number)  # fastlm checkpoints, stops, and wait() above returns
+        else:
+            raise Stopped(f"stopped by signal {signal_number}")
+
+    # ----- data -----
+
+    def source(self, split: str, lang: str) -> Path:
+        """The raw text of a split (in --quick, its first lines, or the bundled sample's when --data is absent)."""
+        if not self.quick:
+            return self.data / f"{split}.{lang}"
+        path = self.out / "data" / f"{split}.{lang}"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(quick_lines(self.data, split, lang)), encoding="utf-8")
+        return path
+
+    def tokenizer(self, level: str, vocab_size: int) -> tuple[Path, str]:
+        """The tokenizer file of a level and size (trained and measured by the tokenizers stage) and its key."""
+        name = f"{level}-{vocab_size}"
+        path = self.out / "tokenizers" / f"{name}.json"
+        command = ["tokenizer", "train", "--input", self.source("train", "ko"), self.source("train", "en"),
+                   "--level", level, "--vocab-size", str(vocab_size), "--output", path]
+        key = self.job_key(command)
+        if self.finished("tokenizers", name, key) and path.is_file():
+            return path, key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        seconds = self.fastlm(*command)
+        self.save("tokenizers", name, {"key": key, "command": list(map(str, command)), "level": level,
+                                       "vocab_size": vocab_size, "seconds": seconds,
+                                       **tokenizer_statistics(path, self.source)})
+        return path, key
+
+    def corpus(self, tokenizer: Path, split: str, langs: str) -> Path:
+        """A prepared corpus of one split: "ko" or "en" (one language) or "ko-en" (the pairs)."""
+        path = self.out / "corpora" / tokenizer.stem / f"{split}.{langs}"
+        done = path / ("src" if langs == "ko-en" else "") / "meta.json"  # prepare writes its meta.json last
+        made_by, tokenizer_hash = path / "tokenizer_sha256", hashlib.sha256(tokenizer.read_bytes()).hexdigest()
+        if not (done.is_file() and made_by.is_file() and made_by.read_text() == tokenizer_hash):
+            inputs = [self.source(split, lang) for lang in langs.split("-")]
+            self.fastlm("prepare", "--tokenizer", tokenizer, "--input", *inputs, "--output", path, "--quiet",
+                        "--overwrite")
+            made_by.write_text(tokenizer_hash)  # a retrained tokenizer (changed command) prepares it again
+        return path
+
+    # ----- training jobs -----
+
+    def train_options(self, stage: str, seed: int = 0) -> list[str]:
+        steps = self.scale[stage]
+        options = ["--preset", self.preset, "--max_steps", steps, "--batch_size", self.scale["batch_size"],
+                   "--eval_interval", self.scale["eval_interval"], "--checkpoint_interval",
+                   self.scale["eval_interval"], "--eval_batches", "20", "--seed", seed, "--progress", "false"]
+        if self.quick:
+            options += ["--warmup_steps", "1", "--eval_batches", "2"]
+        return list(map(str, options))
+
+    def model_options(self, settings: dict[str, str] = MODEL_SETTINGS) -> list[str]:
+        """--model.KEY options: the micro model of --quick, then `settings` (the grid's architecture)."""
+        micro = {f"model.{key}": value for key, value in QUICK_MODEL.items()} if self.quick else {}
+        return overrides({**micro, **settings})
+
+    def train(self, stage: str, name: str, command: list, depends_on: tuple[str, ...] = ()) -> dict | None:
+        """Run a pretrain/finetune command into its run directory, unless finished; its result, or None if it
+        failed. (--only selects jobs in the stage loops: a selected job still makes what it depends on.)"""
+        run_dir = self.run_dir(stage, name)
+        key = self.job_key(command, *depends_on)
+        done = self.finished(stage, name, key)
+        if done:
+            return done
+        checkpoints, run_key = run_dir / "checkpoints", run_dir / "run_key"
+        same_job = run_key.is_file() and run_key.read_text() == key
+        if same_job and checkpoints.is_dir() and any(checkpoints.glob("*.pt")):
+            again = ["--resume"]
+        else:
+            again = ["--overwrite"] if run_dir.exists() else []
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_key.write_text(key)  # the job its checkpoints belong to: only that job resumes from them
+        try:
+            seconds = self.fastlm(*command, "--run-dir", run_dir, *again)
+            status = "finished"
+        except JobFailed as error:
+            if error.code != 1:  # 1: training diverged, a result too (with its curve so far); others are retried
+                self.log(f"{stage}/{name} failed: {error}")
+                return None
+            seconds, status = None, "diverged"
+        return self.save(stage, name, {"key": key, "command": list(map(str, command)), "status": status,
+                                       "seconds": seconds, **run_metrics(run_dir)})
+
+    def pretrain(self, arch: str, level: str) -> tuple[str, str]:
+        """The pre-trained model of an arch and level (its run directory) and its key."""
+        tokenizer, tokenizer_key = self.tokenizer(level, self.train_vocab)
+        lang = "ko" if arch == "encoder" else "en"
+        settings = ENCODER_SETTINGS if arch == "encoder" else DECODER_SETTINGS
+        command = ["pretrain", "--arch", arch, "--tokenizer", tokenizer,
+                   "--train", self.corpus(tokenizer, "train", lang), "--valid", self.corpus(tokenizer, "valid", lang),
+                   *self.train_options("pretrain"), *self.model_options(), *overrides(settings)]
+        name = f"{level}-{arch}"
+        self.train("pretrain", name, command, (tokenizer_key,))
+        return str(self.run_dir("pretrain", name)), self.job_key(command, tokenizer_key)
+
+    # ----- stages -----
+
+    @property
+    def vocab_sizes(self) -> tuple[int, ...]:
+        return QUICK_VOCAB_SIZES if self.quick else VOCAB_SIZES
+
+    def stage_tokenizers(self) -> None:
+        for level in LEVELS:
+            for vocab_size in self.vocab_sizes:
+                self.tokenizer(level, vocab_size)
+
+    def stage_plateau(self) -> None:
+        for name in self.plateau_names:
+            if not self.wanted(f"plateau/{name}"):
+                continue  # nor its tokenizer and corpora
+            settings = dict(PLATEAU[name])
+            vocab = int(settings.pop("vocab", self.train_vocab))
+            tokenizer, tokenizer_key = self.tokenizer("byte", vocab)
+            command = ["pretrain", "--arch", "encoder", "--tokenizer", tokenizer,
+                       "--train", self.corpus(tokenizer, "train", "ko"),
+                       "--valid", self.corpus(tokenizer, "valid", "ko"),
+                       *self.train_options("plateau"), *self.model_options({}), *overrides(settings)]
+            self.train("plateau", name, command, (tokenizer_key,))
+
+    def stage_pretrain(self) -> None:
+        for level in self.levels:
+            for arch in ("encoder", "decoder"):
+                if self.wanted(f"pretrain/{level}-{arch}"):
+                    self.pretrain(arch, level)
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return LEVELS[:1] if self.quick else LEVELS
+
+    @property
+    def train_vocab(self) -> int:
+        return self.vocab_sizes[0] if self.quick else TRAIN_VOCAB
+
+    @property
+    def plateau_names(self) -> tuple[str, ...]:
+        return QUICK_PLATEAU if self.quick else tuple(PLATEAU)
+
+    @property
+    def sweep_cells(self) -> list[tuple[str, str]]:
+        return list(QUICK_SWEEP) if self.quick else [(wd, lr) for lr in SWEEP_LRS for wd in WEIGHT_DECAYS]
+
+    def finetune_jobs(self) -> list[tuple[str, str, str, int]]:
+        """(level, start, cross-attention init, seed) of every translation run, the main comparison first."""
+        jobs = []
+        seeds = MAIN_SEEDS[:1] if self.quick else MAIN_SEEDS
+        for seed in seeds:
+            for level in self.levels:
+                jobs += [(level, start, "random", seed) for start in (QUICK_STARTS if self.quick else STARTS)]
+        if not self.quick:
+            for level in self.levels:
+                jobs += [(level, "Enc2Dec", init, 0) for init in CROSS_ATTENTION_INITS if init != "random"]
+        return jobs
+
+    def stage_finetune(self) -> None:
+        for level, start, init, seed in self.finetune_jobs():
+            name = finetune_name(level, start, init, seed)
+            if not self.wanted(f"finetune/{name}"):
+                continue
+            tokenizer, tokenizer_key = self.tokenizer(level, self.train_vocab)
+            sides, keys = [], [tokenizer_key]
+            for side, arch in zip(STARTS[start], ("encoder", "decoder")):
+                if side == "random":
+                    sides.append("random")
+                else:
+                    path, key = self.pretrain(arch, level)
+                    if not self.result_path("pretrain", Path(path).name).is_file():
+                        self.log(f"finetune {level} {start}: the {arch} is not pre-trained yet: skipped")
+                        break
+                    sides.append(path)
+                    keys.append(key)
+            else:
+                model = self.model_options() if start == "Rnd2Rnd" else []
+                command = ["finetune", "--encoder", sides[0], "--decoder", sides[1], "--tokenizer", tokenizer,
+                           "--train", self.corpus(tokenizer, "train", "ko-en"),
+                           "--valid", self.corpus(tokenizer, "valid", "ko-en"),
+                           "--cross-attention-init", init, "--bleu-sentences", "0",
+                           *self.train_options("finetune", seed), *model]
+                if self.train("finetune", name, command, tuple(keys)):
+                    self.test(name, tokenizer, self.job_key(command, *keys))
+
+    def test(self, name: str, tokenizer: Path, model_key: str) -> None:
+        """Test-split scores of a translation model, greedy and beam 4, and its best and worst sentences."""
+        model = self.run_dir("finetune", name) / "model"
+        references = self.source("test", "en").read_text(encoding="utf-8").splitlines()
+        sources = self.source("test", "ko").read_text(encoding="utf-8").splitlines()
+        for beam in BEAMS:
+            result_name = f"{name}-beam{beam}"
+            command = ["translate", "--model", model, "--tokenizer", tokenizer, "--input", self.source("test", "ko"),
+                       "--beam", beam]
+            key = self.job_key(command, model_key)
+            if self.finished("test", result_name, key):
+                continue
+            output = self.out / "translations" / f"{result_name}.en"
+            output.parent.mkdir(parents=True, exist_ok=True)
+            with open(output, "w", encoding="utf-8") as f:
+                seconds = self.fastlm(*command, stdout=f)
+            hypotheses = output.read_text(encoding="utf-8").splitlines()
+            self.save("test", result_name, {"key": key, "command": list(map(str, command)), "seconds": seconds,
+                                            **test_scores(sources, hypotheses, references)})
+
+    def stage_sweep(self) -> None:
+        for weight_decay, lr in self.sweep_cells:
+            if not self.wanted(f"sweep/wd{weight_decay}-lr{lr}"):
+                continue
+            tokenizer, tokenizer_key = self.tokenizer("byte", self.train_vocab)
+            settings = {**ENCODER_SETTINGS, "lr": lr, "weight_decay": weight_decay}
+            command = ["pretrain", "--arch", "encoder", "--tokenizer", tokenizer,
+                       "--train", self.corpus(tokenizer, "train", "ko"),
+                       "--valid", self.corpus(tokenizer, "valid", "ko"),
+                       *self.train_options("sweep"), *self.model_options(), *overrides(settings)]
+            self.train("sweep", f"wd{weight_decay}-lr{lr}", command, (tokenizer_key,))
+
+
+# ----- helpers -----
+
+def finetune_name(level: str, start: str, init: str, seed: int) -> str:
+    return f"{level}-{start}-{init}-seed{seed}"
+
+
+def overrides(settings: dict[str, str]) -> list[str]:
+    return [arg for key, value in settings.items() for arg in (f"--{key}", str(value))]
+
+
+def quick_lines(data: Path, split: str, lang: str) -> list[str]:
+    """The first lines of a split of --data, or (without it) of fastlm's bundled sample, split train/valid/test."""
+    count = QUICK_LINES[split]
+    if (data / f"{split}.{lang}").is_file():
+        with open(data / f"{split}.{lang}", encoding="utf-8") as f:
+            return [line for _, line in zip(range(count), f)]
+    sample = (REPO / "fastlm" / "demo_data" / f"sample.{lang}").read_text(encoding="utf-8").splitlines(True)
+    held_out = QUICK_LINES["valid"] + QUICK_LINES["test"]
+    parts = {"train": sample[:-held_out], "valid": sample[-held_out:-QUICK_LINES["test"]],
+             "test": sample[-QUICK_LINES["test"]:]}
+    return parts[split][:count]
+
+
+def tokenizer_statistics(path: Path, source) -> dict:
+    """Tokens per sentence (valid split, each language), the share of byte-fallback tokens, and the unigram
+    cross-entropy of Korean tokens (valid, under train frequencies): the loss of an MLM that learned frequencies
+    only, the plateau's level."""
+    import math
+    from collections import Counter
+
+    from fastlm import Tokenizer
+
+    tokenizer = Tokenizer.load(path)
+    fallback = {i for i in range(tokenizer.vocab_size) if tokenizer.id_to_token(i).startswith("<0x")} \
+        if tokenizer.level == "char" else set()
+    statistics = {}
+    for lang in ("ko", "en"):
+        lines = source("valid", lang).read_text(encoding="utf-8").splitlines()
+        encoded = tokenizer.encode_batch(lines)
+        tokens = sum(len(ids) for ids in encoded)
+        statistics[f"tokens_per_sentence_{lang}"] = tokens / max(1, len(lines))
+        statistics[f"byte_fallback_{lang}"] = sum(i in fallback for ids in encoded for i in ids) / max(1, tokens)
+    train = Counter(i for ids in tokenizer.encode_batch(source("train", "ko").read_text(encoding="utf-8")
+                                                         .splitlines()) for i in ids)
+    valid = [i for ids in tokenizer.encode_batch(source("valid", "ko").read_text(encoding="utf-8").splitlines())
+             for i in ids]
+    total = sum(train.values()) + tokenizer.vocab_size  # add-one smoothing: unseen tokens keep a finite loss
+    statistics["unigram_loss_ko"] = -sum(math.log((train[i] + 1) / total) for i in valid) / max(1, len(valid))
+    return statistics
+
+
+def run_metrics(run_dir: Path) -> dict:
+    """The evaluations of a run (every one, for the curves), its last and its best."""
+    from fastlm.train.metrics import read_records
+
+    evals = [r for r in read_records(run_dir / "metrics.jsonl", "eval") if "loss" in r]
+    train = read_records(run_dir / "metrics.jsonl", "train")
+    every = max(1, len(train) // 200)  # enough points for a curve, few enough for a small file
+    return {"evals": evals, "final": evals[-1] if evals else None,
+            "best": min(evals, key=lambda r: r["loss"]) if evals else None,
+            "train_curve": [[r["step"], r["loss"]] for r in train[::every]]}
+
+
+def test_scores(sources: list[str], hypotheses: list[str], references: list[str]) -> dict:
+    import sacrebleu
+
+    if len(hypotheses) != len(references):
+        raise JobFailed(f"{len(hypotheses)} translations for {len(references)} test sentences")
+    by_sentence = sorted(range(len(references)),
+                         key=lambda i: sacrebleu.sentence_chrf(hypotheses[i], [references[i]]).score)
+    sample = lambda i: {"ko": sources[i], "output": hypotheses[i], "reference": references[i]}  # noqa: E731
+    return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+            "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
+            "best": [sample(i) for i in reversed(by_sentence[-SAMPLES:])],
+            "worst": [sample(i) for i in by_sentence[:SAMPLES]]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ko-en",
+                        help="train/valid/test .ko/.en files (default: ../shared/data/ko-en)")
+    parser.add_argument("--out", type=Path, help="outputs (default: runs/experiment, runs/experiment-quick)")
+    parser.add_argument("--preset", default="tiny", choices=sorted(SCALES),
+                        help="training preset and scale of every stage: tiny for a CPU, small or base for a GPU")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run")
+    parser.add_argument("--only", nargs="+", default=[], metavar="GLOB",
+                        help="run only the jobs whose STAGE/NAME matches (e.g. 'plateau/mask*')")
+    parser.add_argument("--quick", action="store_true", help="a minutes-long smoke version of every stage")
+    parser.add_argument("--report", action="store_true",
+                        help="write the results page from what has finished instead of running jobs")
+    parser.add_argument("--report-to", type=Path,
+                        help="results page, its plots in results/ beside it (default: docs/RESULTS.md; with "
+                        "--quick: OUT/report/RESULTS.md)")
+    args = parser.parse_args(argv)
+    if args.quick and args.preset != "tiny":
+        parser.error(f"--quick runs its own micro scale: --preset {args.preset} does not apply to it")
+    out = args.out or REPO / "runs" / ("experiment-quick" if args.quick else "experiment")
+    if not args.quick and not (args.data / "train.ko").is_file():
+        parser.error(f"--data {args.data}: no train.ko there (expected train/valid/test .ko/.en files)")
+    experiment = Experiment(args.data.absolute(), out.absolute(), args.preset, args.quick, args.only)
+    if args.report:
+        from report import write_report  # experiments/report.py, beside this script
+
+        page = args.report_to or (out / "report" / "RESULTS.md" if args.quick else REPO / "docs" / "RESULTS.md")
+        print(write_report(experiment, page))
+        return 0
+    signal.signal(signal.SIGINT, experiment.forward_signal)
+    signal.signal(signal.SIGTERM, experiment.forward_signal)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        for stage in args.stages:
+            experiment.log(f"== {stage}")
+            getattr(experiment, f"stage_{stage}")()
+    except Stopped as stop:
+        experiment.log(f"{stop}: run the same command again to continue")
+        return 130
+    experiment.log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
