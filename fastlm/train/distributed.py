@@ -52,11 +52,19 @@ def init_world(device: str | None = None) -> World:
     return World(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
 
 
+# The closing barrier's work, held until the process ends (see close_world).
+_closing_barrier: list = []
+
+
 def close_world(world: World) -> None:
     if world.is_distributed and dist.is_initialized():
-        # Every rank past its last collective first: a rank that tears down its group while the root of a
-        # broadcast is still completing it leaves that root waiting forever under gloo.
-        dist.barrier()
+        # Every rank past its last collective first. The barrier's work holds the works before it, whose tensors
+        # Python owns; it is kept alive here so that no gloo worker thread frees it: freeing needs the GIL, which
+        # the main thread holds while DDP's teardown destroys the process group and joins that very worker, and
+        # the process would hang at exit (seen under torchrun: rank 1 stuck in ~ProcessGroupGloo).
+        work = dist.barrier(async_op=True)
+        work.wait()
+        _closing_barrier.append(work)
         dist.destroy_process_group()
 
 
