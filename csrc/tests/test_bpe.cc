@@ -265,6 +265,12 @@ void test_concurrent_callers() {
     std::vector<std::string_view> views(kCorpus.begin(), kCorpus.end());
     std::vector<std::vector<TokenId>> serial;
     for (const std::string& text : kCorpus) serial.push_back(encode(model, text));
+    std::vector<TokenId> serial_flat;
+    std::vector<int64_t> serial_offsets{0};
+    for (const std::vector<TokenId>& ids : serial) {
+      serial_flat.insert(serial_flat.end(), ids.begin(), ids.end());
+      serial_offsets.push_back(static_cast<int64_t>(serial_flat.size()));
+    }
     constexpr int kThreads = 4;
     std::vector<int> mismatches(kThreads, 0);
     std::vector<std::thread> threads;
@@ -274,7 +280,7 @@ void test_concurrent_callers() {
           std::vector<TokenId> flat;
           std::vector<int64_t> offsets;
           model.encode_batch(views, 2, flat, offsets);
-          const std::vector<std::string> decoded = model.decode_batch(serial, 2);
+          const std::vector<std::string> decoded = model.decode_batch(serial_flat.data(), serial_offsets, 2);
           for (size_t i = 0; i < kCorpus.size(); ++i) {
             mismatches[t] += std::vector<TokenId>(flat.begin() + offsets[i], flat.begin() + offsets[i + 1]) != serial[i];
             mismatches[t] += encode(model, kCorpus[i]) != serial[i];

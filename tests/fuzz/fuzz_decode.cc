@@ -27,7 +27,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {
     const std::string text = model.decode(ids.data(), ids.size());
     FUZZ_CHECK(first_bad == ids.size());
-    const std::vector<std::string> batch = model.decode_batch({ids, ids, {}}, 2);
+    // The batch: ids twice, then an empty text, as one flat array with offsets.
+    std::vector<fuzz::TokenId> flat(ids);
+    flat.insert(flat.end(), ids.begin(), ids.end());
+    const std::vector<int64_t> offsets{0, static_cast<int64_t>(ids.size()), static_cast<int64_t>(flat.size()),
+                                       static_cast<int64_t>(flat.size())};
+    const std::vector<std::string> batch = model.decode_batch(flat.data(), offsets, 2);
     FUZZ_CHECK(batch.size() == 3 && batch[0] == text && batch[1] == text && batch[2].empty());
   } catch (const std::invalid_argument& error) {
     FUZZ_CHECK(first_bad != ids.size());
