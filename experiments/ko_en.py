@@ -340,15 +340,17 @@ class Experiment:
         return list(QUICK_SWEEP) if self.quick else [(wd, lr) for lr in SWEEP_LRS for wd in WEIGHT_DECAYS]
 
     def finetune_jobs(self) -> list[tuple[str, str, str, int]]:
-        """(level, start, cross-attention init, seed) of every translation run, the main comparison first."""
-        jobs = []
+        """(level, start, cross-attention init, seed) of every translation run: level by level (a level's
+        pre-training is done before the next level's starts), within one the main comparison's first seed, the
+        cross-attention inits, then the second seed."""
         seeds = MAIN_SEEDS[:1] if self.quick else MAIN_SEEDS
-        for seed in seeds:
-            for level in self.levels:
-                jobs += [(level, start, "random", seed) for start in (QUICK_STARTS if self.quick else STARTS)]
-        if not self.quick:
-            for level in self.levels:
-                jobs += [(level, "Enc2Dec", init, 0) for init in CROSS_ATTENTION_INITS if init != "random"]
+        starts = QUICK_STARTS if self.quick else tuple(STARTS)
+        inits = () if self.quick else tuple(init for init in CROSS_ATTENTION_INITS if init != "random")
+        jobs = []
+        for level in self.levels:
+            jobs += [(level, start, "random", seeds[0]) for start in starts]
+            jobs += [(level, "Enc2Dec", init, seeds[0]) for init in inits]
+            jobs += [(level, start, "random", seed) for seed in seeds[1:] for start in starts]
         return jobs
 
     def stage_finetune(self) -> None:
