@@ -2,7 +2,8 @@
 10 MB of one line each (one character repeated, digits, random code points, Korean without spaces, alternating
 scripts, one run of spaces), at both levels. Linear work shows ~10x per 10x of input; the "growth" column is
 time(10 MB) / time(1 MB). With --large, also the extra peak memory of encoding one 100 MB line, of training on a
-1 GB file (streamed from disk, in a subprocess) and of encode_batch on 1M lines.
+1 GB file (streamed from disk, in a subprocess), of training to 32k tokens on one 100 MB word, and of encode_batch on
+1M lines.
 
     python benchmarks/tokenizer_scaling.py [--quick] [--large] [--json PATH]
 """
@@ -83,11 +84,12 @@ def scaling_rows(sizes: dict[str, int], repeat: int) -> list[Row]:
     return rows
 
 
-def _train_on_file_in_subprocess(path: Path, level: str) -> tuple[float, float]:
+def _train_on_file_in_subprocess(path: Path, level: str, vocab_size: int) -> tuple[float, float]:
     """Seconds and peak RSS (MiB) of training on `path` in a fresh process. The peak is VmHWM, which starts afresh
     at exec (ru_maxrss would keep the parent's peak, inherited through fork)."""
     script = ("import re, time; from fastlm import Tokenizer; t = time.perf_counter(); "
-              f"Tokenizer.train({str(path)!r}, vocab_size=4000, level={level!r}); seconds = time.perf_counter() - t; "
+              f"Tokenizer.train({str(path)!r}, vocab_size={vocab_size}, level={level!r}); "
+              "seconds = time.perf_counter() - t; "
               "status = open('/proc/self/status').read(); "
               "print(seconds, int(re.search(r'VmHWM:\\s*(\\d+)', status).group(1)) / 1024)")
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True,
@@ -116,8 +118,17 @@ def large_rows() -> list[Row]:
             while file.tell() < 1 << 30:
                 file.write(block)
         for level in ("byte", "char"):
-            seconds, peak = _train_on_file_in_subprocess(path, level)
+            seconds, peak = _train_on_file_in_subprocess(path, level, 4000)
             rows.append(Row(f"{level} train on a 1 GB file (process peak RSS)", "s", False,
+                            [Measurement("time", seconds, peak)]))
+        # One giant pre-token: 100 MB of Korean without a space or punctuation, of 300 distinct syllables (so that
+        # there are pairs to merge all the way to 32k).
+        rng = random.Random(2)
+        syllables = [chr(rng.randrange(0xAC00, 0xD7A4)) for _ in range(300)]
+        path.write_text("".join(rng.choices(syllables, k=100_000_000 // 3)) + "\n", encoding="utf-8")
+        for level in ("byte", "char"):
+            seconds, peak = _train_on_file_in_subprocess(path, level, 32000)
+            rows.append(Row(f"{level} train on one 100 MB word to vocab 32000 (process peak RSS)", "s", False,
                             [Measurement("time", seconds, peak)]))
     return rows
 

@@ -1,5 +1,6 @@
-// The whole Python binding of the BPE core (fastlm._native); the contract is TOKENIZER_API.md. Every long call
-// releases the GIL, after the Python inputs it reads are pinned (references held until the GIL is back).
+// The whole Python binding of the BPE core (fastlm._native); the contract is the docstring of fastlm/tokenizer.py.
+// Every long call releases the GIL, after the Python inputs it reads are pinned (references held until the GIL is
+// back).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -47,6 +48,17 @@ struct PinnedTexts {
     }
   }
 };
+
+// The progress callback of a long call made without the GIL: it takes the GIL so that Python runs a pending signal
+// handler (Ctrl-C stops training at the next merge or block, not when the call returns) and then `progress` (a
+// callable of the count done so far, or None). Made and destroyed with the GIL held (it holds a reference).
+fastlm::bpe::Progress python_progress(const py::object& progress) {
+  return [progress](uint64_t done) {
+    py::gil_scoped_acquire acquire;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    if (!progress.is_none()) progress(done);
+  };
+}
 
 // A Model plus one Python int per id, made once: building a list of ids then takes references instead of
 // allocating an int per id (most ids are above CPython's small-int cache).
@@ -193,7 +205,7 @@ std::vector<std::string> to_token_bytes(const py::list& tokens) {
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-  m.doc() = "fastlm's native BPE core: pre-splitting, training, encoding and decoding (see TOKENIZER_API.md).";
+  m.doc() = "fastlm's native BPE core: pre-splitting, training, encoding and decoding (see fastlm/tokenizer.py).";
   py::register_exception<fastlm::bpe::FileError>(m, "FileError", PyExc_OSError);
 
   m.def(
@@ -228,19 +240,21 @@ PYBIND11_MODULE(_native, m) {
           "texts"_a)
       .def(
           "add_files",
-          [](Trainer& self, const std::vector<std::string>& paths) {
+          [](Trainer& self, const std::vector<std::string>& paths, const py::object& progress) {
+            const fastlm::bpe::Progress report = python_progress(progress);
             py::gil_scoped_release release;
-            self.add_files(paths);
+            self.add_files(paths, report);
           },
-          "paths"_a)
+          "paths"_a, "progress"_a = py::none(), "progress(bytes read so far) is called after each block read.")
       .def(
           "train",
           [](Trainer& self, size_t vocab_size, const std::vector<std::string>& special_tokens, uint64_t min_frequency,
-             double character_coverage) {
+             double character_coverage, const py::object& progress) {
+            const fastlm::bpe::Progress report = python_progress(progress);
             fastlm::bpe::TrainResult result;
             {
               py::gil_scoped_release release;
-              result = self.train(vocab_size, special_tokens, min_frequency, character_coverage);
+              result = self.train(vocab_size, special_tokens, min_frequency, character_coverage, report);
             }
             py::list tokens(result.tokens.size());
             for (size_t i = 0; i < result.tokens.size(); ++i) {
@@ -248,7 +262,8 @@ PYBIND11_MODULE(_native, m) {
             }
             return py::make_tuple(tokens, py::cast(result.merges));
           },
-          "vocab_size"_a, "special_tokens"_a, "min_frequency"_a = 2, "character_coverage"_a = 0.9995);
+          "vocab_size"_a, "special_tokens"_a, "min_frequency"_a = 2, "character_coverage"_a = 0.9995,
+          "progress"_a = py::none(), "progress(merges made so far) is called after each merge.");
 
   py::class_<BoundModel>(m, "Model", "A trained BPE model: encodes text to ids and decodes ids to text or bytes.")
       .def(py::init([](const std::string& level, const py::list& tokens, const std::vector<fastlm::bpe::Merge>& merges,

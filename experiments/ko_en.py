@@ -220,6 +220,7 @@ class Experiment:
         if self.finished("tokenizers", name, key) and path.is_file():
             return path, key
         path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)  # this job's own older output (`tokenizer train` never replaces a file unasked)
         seconds = self.fastlm(*command)
         self.save("tokenizers", name, {"key": key, "command": list(map(str, command)), "level": level,
                                        "vocab_size": vocab_size, "seconds": seconds,

@@ -67,10 +67,13 @@ def cmd_tokenizer_train(args) -> None:
     from fastlm.tokenizer import Tokenizer
 
     _require_files(args.input, "--input")
+    if Path(args.output).exists() and not args.overwrite:
+        # Corpora and models name their tokenizer by hash: a retrained one would orphan them.
+        raise FileExistsError(f"tokenizer train: --output {args.output} exists: pass --overwrite to replace it")
     plain = all(Path(p).suffix.lower() in PLAIN_TEXT_SUFFIXES for p in args.input)
     source = list(args.input) if plain else _sentences(args.input)  # plain files are read natively, in parallel
     tokenizer = Tokenizer.train(source, vocab_size=args.vocab_size, level=args.level,
-                                min_frequency=args.min_frequency)
+                                min_frequency=args.min_frequency, progress=not args.quiet)
     tokenizer.save(args.output)
     print(f"tokenizer: {tokenizer.vocab_size} tokens ({args.level} level) -> {args.output}")
 
@@ -316,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--level", choices=("byte", "char"), default="byte",
                        help="byte: GPT-4-style byte-level BPE; char: code points with byte fallback")
     train.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences of a pair to merge it")
+    train.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    train.add_argument("--quiet", action="store_true", help="no progress report")
     train.set_defaults(run=cmd_tokenizer_train)
     encode = tokenizer_commands.add_parser("encode", help="print token ids of each sentence (arguments or stdin)")
     encode.add_argument("--tokenizer", required=True, help="tokenizer file")

@@ -42,6 +42,7 @@ import numbers
 import os
 import re
 import tempfile
+import threading
 import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +54,7 @@ import numpy as np
 
 from fastlm import _native
 from fastlm.files import respect_umask
+from fastlm.progress import Progress
 from fastlm.reference_bpe import CHAR_SPLIT_PATTERN, CL100K_PATTERN, LEVELS, NUM_BYTES, SPACE_MARK
 
 DEFAULT_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<mask>")
@@ -180,12 +182,14 @@ class Tokenizer:
         num_threads: int | None = None,
         character_coverage: float = 0.9995,
         normalization: str = "nfc",
+        progress: bool = False,
     ) -> "Tokenizer":
         """Trains on a path, a list of paths (one sentence or document per line, read natively), or any iterable
         of str (streamed in batches, never held whole in Python). A list of str is a list of paths when an item is
         an existing file or every item looks like a file name (no whitespace; a '/' or an extension), so a mistyped
         path raises FileNotFoundError instead of becoming the training text; pass an iterator to train on such
-        strings. A corpus with no text (empty files, empty strings) raises ValueError."""
+        strings. A corpus with no text (empty files, empty strings) raises ValueError. `progress` reports the
+        counting and the merges on stderr. Ctrl-C (KeyboardInterrupt) stops training within one merge."""
         _check_choice("level", level, LEVELS)
         _check_choice("normalization", normalization, NORMALIZATIONS)
         special_tokens = _check_special_tokens(special_tokens)
@@ -200,17 +204,23 @@ class Tokenizer:
         trainer = _native.Trainer(level, num_threads)
         paths = _as_paths(files_or_iterable)
         normalize = _normalizer(level, normalization)
+        counting = Progress(f"tokenizer: counting {level}-level pre-tokens",
+                            ("texts",) if paths is None else ("bytes",), enabled=progress)
         if paths is None:
-            _add_texts(trainer, files_or_iterable, normalize)
-        elif not _add_files(trainer, paths, None if normalize is None else normalization):
+            _add_texts(trainer, files_or_iterable, normalize, counting)
+        elif not _add_files(trainer, paths, None if normalize is None else normalization, counting):
             # A file was not normalised yet (rare): count again, streaming such files through the normalisation.
             trainer = _native.Trainer(level, num_threads)
             for path in paths:
                 if _needs_normalization(path, normalization):
-                    _add_texts(trainer, _normalized_lines(path, normalize), None)
+                    _add_texts(trainer, _normalized_lines(path, normalize), None, None)
                 else:
                     trainer.add_files([str(path)])
-        tokens, merges = trainer.train(vocab_size, list(special_tokens), min_frequency, character_coverage)
+        counting.close()
+        merging = Progress(f"tokenizer: merges toward vocab_size={vocab_size:,}", ("merges",), enabled=progress)
+        tokens, merges = trainer.train(vocab_size, list(special_tokens), min_frequency, character_coverage,
+                                       (lambda done: merging.reached(merges=done)) if progress else None)
+        merging.close()
         if len(tokens) < vocab_size:
             warnings.warn(f"vocab_size={vocab_size} asked for, {len(tokens)} reached: no pair of tokens occurs "
                           f"min_frequency={min_frequency} times any more (train on more text or lower min_frequency)",
@@ -583,17 +593,28 @@ def _needs_normalization(path: Path, normalization: str) -> bool:
     return False
 
 
-def _add_files(trainer, paths: list[Path], normalization: str | None) -> bool:
+def _add_files(trainer, paths: list[Path], normalization: str | None, progress: Progress) -> bool:
     """Counts files natively. At char level (`normalization` given) it checks meanwhile, on another core, that
     they need no normalisation, and returns False if one does: the raw text was counted and must be counted again."""
     names = [str(path) for path in paths]
     if normalization is None:
-        trainer.add_files(names)
+        trainer.add_files(names, lambda done: progress.reached(bytes=done))
         return True
+    stop = threading.Event()  # set when the main thread is interrupted: the counting thread stops at its next block
+
+    def report(done: int) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        progress.reached(bytes=done)
+
     with ThreadPoolExecutor(max_workers=1) as pool:
-        counting = pool.submit(trainer.add_files, names)
-        normalized = not any(_needs_normalization(path, normalization) for path in paths)
-        counting.result()
+        counting = pool.submit(trainer.add_files, names, report)
+        try:
+            normalized = not any(_needs_normalization(path, normalization) for path in paths)
+            counting.result()
+        except BaseException:
+            stop.set()
+            raise
     return normalized
 
 
@@ -609,7 +630,8 @@ def _normalized_lines(path: Path, normalize: Callable[[str], str]) -> Iterable[s
             yield normalize(text.removesuffix("\n").removesuffix("\r"))
 
 
-def _add_texts(trainer, texts: Iterable[str], normalize: Callable[[str], str] | None) -> None:
+def _add_texts(trainer, texts: Iterable[str], normalize: Callable[[str], str] | None,
+               progress: Progress | None) -> None:
     """Streams texts to the native trainer in batches, checking types and replacing lone surrogates."""
     _check_iterable(texts, "files_or_iterable", "a path, a list of paths or an iterable of str")
     iterator = iter(texts)
@@ -623,6 +645,8 @@ def _add_texts(trainer, texts: Iterable[str], normalize: Callable[[str], str] | 
         except UnicodeEncodeError:
             trainer.add_texts([_replace_surrogates(text) for text in batch])
         start += len(batch)
+        if progress is not None:
+            progress.update(texts=len(batch))
 
 
 def demo() -> None:

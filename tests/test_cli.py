@@ -337,15 +337,34 @@ def test_a_model_saved_without_a_tokenizer_hash_still_loads_with_one_warning(fin
 
 def test_an_unreachable_vocab_size_warns_with_the_size_reached(workspace, tmp_path):
     result = fastlm("tokenizer", "train", "--input", workspace / "valid.en", "--vocab-size", "5000",
-                    "--output", tmp_path / "tok.json")
+                    "--output", tmp_path / "tok.json", "--quiet")
     reached = int(re.search(r"tokenizer: (\d+) tokens", result.stdout)[1])
     assert reached < 5000
     assert result.stderr.strip().splitlines() == [
         f"fastlm: warning: vocab_size=5000 asked for, {reached} reached: no pair of tokens occurs min_frequency=2 "
         "times any more (train on more text or lower min_frequency)"]
     reachable = fastlm("tokenizer", "train", "--input", workspace / "valid.en", "--vocab-size", str(reached),
-                       "--output", tmp_path / "tok.json")
+                       "--output", tmp_path / "tok.json", "--quiet", "--overwrite")
     assert reachable.stderr == ""
+
+
+def test_tokenizer_train_reports_progress_and_never_replaces_a_tokenizer_unasked(workspace, tmp_path):
+    from fastlm import Tokenizer
+
+    output = tmp_path / "tok.json"
+    first = fastlm("tokenizer", "train", "--input", workspace / "valid.en", "--vocab-size", "400", "--output", output)
+    counting, merging = first.stderr.strip().splitlines()
+    assert re.fullmatch(r"tokenizer: counting byte-level pre-tokens: [\d,]+ bytes \(.*\)", counting)
+    merges = re.fullmatch(r"tokenizer: merges toward vocab_size=400: (\d+) merges \(.*\)", merging)
+    assert int(merges[1]) == len(Tokenizer.load(output)._merges) > 0
+    saved = output.read_bytes()
+    refused = fastlm("tokenizer", "train", "--input", workspace / "valid.ko", "--vocab-size", "400", "--output",
+                     output, check=False)
+    assert refused.returncode == 2 and "exists: pass --overwrite" in refused.stderr
+    assert output.read_bytes() == saved
+    fastlm("tokenizer", "train", "--input", workspace / "valid.ko", "--vocab-size", "400", "--output", output,
+           "--overwrite", "--quiet")
+    assert output.read_bytes() != saved
 
 
 def test_a_run_directory_is_never_reused_silently(pretrained, tmp_path):

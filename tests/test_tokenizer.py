@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import pickle
+import signal
 import unicodedata
 import warnings
 from pathlib import Path
@@ -190,6 +191,25 @@ def test_native_training_and_encoding_equal_the_reference(
     assert native._merges == reference.merges
     for text in corpus + [char_normalize(text) for text in probes]:
         assert native.encode(text) == reference.encode(text)
+
+
+# Words of more than 256 symbols (the native trainer's kLongWord) are merged where their pairs occur, not rescanned.
+long_words = st.builds(lambda letters, length, seed: "".join(letters[(seed * i * i + i) % len(letters)]
+                                                             for i in range(length)),
+                       st.lists(st.sampled_from("ab가나é"), min_size=1, max_size=4, unique=True),
+                       st.integers(257, 1200), st.integers(0, 10**6))
+
+
+@settings(max_examples=40, deadline=None)
+@given(corpus=st.lists(st.one_of(long_words, short_texts), min_size=1, max_size=4).filter(any),
+       level=st.sampled_from(["byte", "char"]), num_merges=st.integers(1, 80))
+def test_long_words_train_as_the_reference_does(corpus, level, num_merges):
+    corpus = [char_normalize(text) for text in corpus] if level == "char" else corpus
+    alphabet_bound = len(set("".join(corpus))) + 1 if level == "char" else 0
+    vocab_size = len(DEFAULT_SPECIAL_TOKENS) + NUM_BYTES + alphabet_bound + num_merges
+    reference = ReferenceBPE.train(corpus, vocab_size, level, min_frequency=1, character_coverage=1.0)
+    native = Tokenizer.train(corpus, vocab_size, level, min_frequency=1, character_coverage=1.0)
+    assert native._merges == reference.merges
 
 
 @pytest.mark.parametrize("level", ["byte", "char"])
@@ -542,3 +562,23 @@ def test_demo_trains_both_levels_and_round_trips(capsys):
     output = capsys.readouterr().out
     assert "byte level" in output and "char level" in output
     assert output.count("'오늘 저녁에 친구와 함께 영화를 봤어요.'") == 4  # shown then decoded, at both levels
+
+
+def test_ctrl_c_stops_training_within_a_merge_and_the_progress_counts_merges(demo_files, monkeypatch, capsys):
+    reports = []
+
+    def reached(progress, **totals):
+        reports.append(totals)
+        if totals.get("merges") == 5:
+            signal.raise_signal(signal.SIGINT)  # Python's handler: KeyboardInterrupt, raised in the native loop
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fastlm.tokenizer.Progress, "reached", reached)
+        with pytest.raises(KeyboardInterrupt):
+            Tokenizer.train(demo_files, vocab_size=900, level="byte", progress=True)
+    merges = [report["merges"] for report in reports if "merges" in report]
+    assert merges[:6] == [1, 2, 3, 4, 5, 6][:len(merges)] and len(merges) <= 6
+    assert any("bytes" in report for report in reports)  # the counting reported too
+    trained = Tokenizer.train(demo_files, vocab_size=900, level="byte", progress=True)  # nothing left half-done
+    assert trained.vocab_size == 900
+    assert f"merges toward vocab_size=900: {len(trained._merges)} merges" in capsys.readouterr().err

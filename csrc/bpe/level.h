@@ -1,4 +1,4 @@
-// The two tokenizer levels and the id layout they share (see TOKENIZER_API.md).
+// The two tokenizer levels and the id layout they share (see the docstring of fastlm/tokenizer.py).
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,5 @@
-// A trained BPE model: validation, encoding (tiktoken's rule) and decoding. Id layout: TOKENIZER_API.md.
+// A trained BPE model: validation, encoding (tiktoken's rule) and decoding. Id layout: the docstring of
+// fastlm/tokenizer.py.
 //
 // Encoding one pre-token: when its bytes are a token, that token; otherwise start from the base tokens (bytes, or
 // alphabet code points with byte fallback at the char level) and repeatedly merge the adjacent pair whose

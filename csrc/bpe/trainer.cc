@@ -7,6 +7,7 @@
 #include <cstring>
 #include <memory>
 #include <numeric>
+#include <stdexcept>
 
 #include "bpe/pretokenize.h"
 #include "bpe/thread_pool.h"
@@ -30,37 +31,86 @@ struct Word {
   uint32_t stamp;   // the last merge that visited it
 };
 
+// Words longer than this many symbols are merged where their pairs occur instead of being rescanned whole by every
+// merge that touches them: one giant pre-token (a megabyte of text without a space) would otherwise cost its length
+// times the vocabulary. Shorter words are cheaper to rescan than to track position by position.
+constexpr size_t kLongWord = 256;
+
+// The long words, symbols linked both ways so that a merge unlinks its right symbol in place. A position is an
+// index into `symbols`; a symbol merged away is kRemoved, so stale positions never match a pair again.
+struct LongWords {
+  static constexpr uint32_t kNone = ~0U;
+  static constexpr TokenId kRemoved = ~0U;
+  std::vector<TokenId> symbols;
+  std::vector<uint32_t> next, previous;
+  std::vector<uint32_t> starts;  // of each word, ascending
+  std::vector<uint64_t> counts;  // of each word
+
+  void add(const std::vector<TokenId>& word, uint64_t count) {
+    if (symbols.size() + word.size() >= kNone) {
+      throw std::length_error("BPE training: the words longer than " + std::to_string(kLongWord) +
+                              " symbols hold more than 2^32 symbols in all; split the text into shorter lines");
+    }
+    const uint32_t start = static_cast<uint32_t>(symbols.size());
+    starts.push_back(start);
+    counts.push_back(count);
+    for (uint32_t i = 0; i < word.size(); ++i) {
+      symbols.push_back(word[i]);
+      previous.push_back(i == 0 ? kNone : start + i - 1);
+      next.push_back(i + 1 == word.size() ? kNone : start + i + 1);
+    }
+  }
+
+  uint64_t count_at(uint32_t position) const {
+    return counts[std::upper_bound(starts.begin(), starts.end(), position) - starts.begin() - 1];
+  }
+};
+
 struct Words {
   std::vector<TokenId> symbols;
   std::vector<Word> words;
+  LongWords long_words;
 
   void add(const std::vector<TokenId>& word, uint64_t count) {
     if (word.size() < 2) return;  // nothing to merge
+    if (word.size() > kLongWord) return long_words.add(word, count);
     words.push_back({symbols.size(), count, static_cast<uint32_t>(word.size()), 0});
     symbols.insert(symbols.end(), word.begin(), word.end());
   }
   size_t size() const { return words.size(); }
 };
 
-// Pair statistics: pair -> index; per index its key, total count and the words it occurs in (may hold stale
-// entries and repeats: a word is checked when the pair is merged).
+// Pair statistics: pair -> index; per index its key, total count, the (short) words it occurs in and its
+// positions in long words (both may hold stale entries and repeats: each is checked when the pair is merged).
 struct PairStats {
   U64Map index;
   std::vector<uint64_t> keys;
   std::vector<int64_t> counts;
   std::vector<std::vector<uint32_t>> words;
+  std::vector<std::vector<uint32_t>> positions;
 
-  uint32_t add(uint64_t key, int64_t count, uint32_t word) {
-    uint32_t& slot = index.find_or_insert(key, static_cast<uint32_t>(keys.size()));
+  uint32_t slot(uint64_t key) {
+    const uint32_t slot = index.find_or_insert(key, static_cast<uint32_t>(keys.size()));
     if (slot == keys.size()) {
       keys.push_back(key);
       counts.push_back(0);
       words.emplace_back();
+      positions.emplace_back();
     }
-    counts[slot] += count;
-    std::vector<uint32_t>& list = words[slot];
-    if (list.empty() || list.back() != word) list.push_back(word);
     return slot;
+  }
+
+  void add(uint64_t key, int64_t count, uint32_t word) {
+    const uint32_t i = slot(key);
+    counts[i] += count;
+    std::vector<uint32_t>& list = words[i];
+    if (list.empty() || list.back() != word) list.push_back(word);
+  }
+
+  void add_at(uint64_t key, int64_t count, uint32_t position) {
+    const uint32_t i = slot(key);
+    counts[i] += count;
+    positions[i].push_back(position);
   }
 
   void subtract(uint64_t key, int64_t count) { counts[index.find(key)] -= count; }
@@ -89,14 +139,16 @@ PairStats count_pairs_parallel(const Words& words, int num_threads) {
   for (int part = 1; part < parts; ++part) {
     const PairStats& more = partial[part];
     for (size_t i = 0; i < more.keys.size(); ++i) {
-      uint32_t& slot = total.index.find_or_insert(more.keys[i], static_cast<uint32_t>(total.keys.size()));
-      if (slot == total.keys.size()) {
-        total.keys.push_back(more.keys[i]);
-        total.counts.push_back(0);
-        total.words.emplace_back();
-      }
+      const uint32_t slot = total.slot(more.keys[i]);
       total.counts[slot] += more.counts[i];
       total.words[slot].insert(total.words[slot].end(), more.words[i].begin(), more.words[i].end());
+    }
+  }
+  const LongWords& long_words = words.long_words;
+  for (uint32_t p = 0; p + 1 < long_words.symbols.size(); ++p) {
+    if (long_words.next[p] == p + 1) {
+      total.add_at(pair_key(long_words.symbols[p], long_words.symbols[p + 1]),
+                   static_cast<int64_t>(long_words.count_at(p)), p);
     }
   }
   return total;
@@ -189,7 +241,7 @@ class Merger {
     std::make_heap(heap_.begin(), heap_.end(), lower_priority());
   }
 
-  TrainResult run(size_t vocab_size, uint64_t min_frequency) {
+  TrainResult run(size_t vocab_size, uint64_t min_frequency, const Progress& progress) {
     std::vector<Merge> merges;
     while (tokens_.size() < vocab_size && !heap_.empty()) {
       std::pop_heap(heap_.begin(), heap_.end(), lower_priority());
@@ -204,6 +256,7 @@ class Merger {
       const uint64_t key = stats_.keys[top.pair];
       merges.emplace_back(left_of(key), right_of(key));
       apply_merge(top.pair, static_cast<TokenId>(tokens_.size()));
+      if (progress) progress(merges.size());
     }
     return {std::move(tokens_), std::move(merges)};
   }
@@ -228,6 +281,10 @@ class Merger {
       word.stamp = stamp_;
       merge_in_word(w, word, left, right, created);
     }
+    std::vector<uint32_t> positions = std::move(stats_.positions[pair]);
+    stats_.positions[pair] = {};
+    std::sort(positions.begin(), positions.end());  // left to right in each word, as merge_in_word goes
+    for (uint32_t p : positions) merge_at(p, left, right, created);
     stats_.counts[pair] = 0;
     // Only pairs with the new token are new, and they are exactly the ones added while merging.
     for (size_t i = first_new_pair; i < stats_.keys.size(); ++i) {
@@ -258,6 +315,27 @@ class Merger {
       }
     }
     word.length = out;
+  }
+
+  // Merges (left, right) at a position of a long word, if it still holds them.
+  void merge_at(uint32_t p, TokenId left, TokenId right, TokenId created) {
+    LongWords& w = words_.long_words;
+    const uint32_t q = w.next[p];
+    if (w.symbols[p] != left || q == LongWords::kNone || w.symbols[q] != right) return;
+    const int64_t count = static_cast<int64_t>(w.count_at(p));
+    const uint32_t before = w.previous[p], after = w.next[q];
+    if (before != LongWords::kNone) {
+      stats_.subtract(pair_key(w.symbols[before], left), count);
+      stats_.add_at(pair_key(w.symbols[before], created), count, before);
+    }
+    if (after != LongWords::kNone) {
+      stats_.subtract(pair_key(right, w.symbols[after]), count);
+      stats_.add_at(pair_key(created, w.symbols[after]), count, p);
+      w.previous[after] = p;
+    }
+    w.symbols[p] = created;
+    w.symbols[q] = LongWords::kRemoved;
+    w.next[p] = after;
   }
 
   Words words_;
@@ -316,8 +394,9 @@ void Trainer::count_lines(std::string_view block, WordCounts& counts, const std:
   }
 }
 
-void Trainer::add_files(const std::vector<std::string>& paths) {
+void Trainer::add_files(const std::vector<std::string>& paths, const Progress& progress) {
   std::lock_guard<std::mutex> lock(mutex_);
+  uint64_t bytes_read = 0;
   for (const std::string& path : paths) {
     std::unique_ptr<FILE, int (*)(FILE*)> file(std::fopen(path.c_str(), "rb"), &std::fclose);
     if (!file) throw FileError("cannot open \"" + path + "\": " + std::strerror(errno));
@@ -358,6 +437,8 @@ void Trainer::add_files(const std::vector<std::string>& paths) {
       });
       lines_before = line;
       block.erase(0, usable);
+      bytes_read += usable;
+      if (progress) progress(bytes_read);
     }
   }
 }
@@ -373,7 +454,7 @@ const Trainer::WordCounts& Trainer::merged_counts() {
 }
 
 TrainResult Trainer::train(size_t vocab_size, const std::vector<std::string>& special_tokens,
-                           uint64_t min_frequency, double character_coverage) {
+                           uint64_t min_frequency, double character_coverage, const Progress& progress) {
   if (!(character_coverage > 0.0 && character_coverage <= 1.0)) {
     throw std::invalid_argument("character_coverage must be in (0, 1], got " + std::to_string(character_coverage));
   }
@@ -406,7 +487,7 @@ TrainResult Trainer::train(size_t vocab_size, const std::vector<std::string>& sp
   for (uint32_t w = 0; w < counts.words.size(); ++w) {
     add_symbols(level_, counts.words.key(w), counts.counts[w], first_byte, alphabet, scratch, words);
   }
-  return Merger(std::move(words), std::move(tokens), num_threads_).run(vocab_size, min_frequency);
+  return Merger(std::move(words), std::move(tokens), num_threads_).run(vocab_size, min_frequency, progress);
 }
 
 }  // namespace fastlm::bpe

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -27,9 +28,14 @@ class FileError : public std::runtime_error {
 };
 
 struct TrainResult {
-  std::vector<std::string> tokens;  // id -> bytes, the layout of TOKENIZER_API.md
+  std::vector<std::string> tokens;  // id -> bytes, the id layout of fastlm/tokenizer.py
   std::vector<Merge> merges;        // merges[k] creates id tokens.size() - merges.size() + k
 };
+
+// Reports how far a long call has got: the bytes read so far (add_files, after each block) or the merges made so
+// far (train, after each merge). Called on the calling thread; an exception it throws (a Python KeyboardInterrupt,
+// say) stops the work and propagates to the caller.
+using Progress = std::function<void(uint64_t done)>;
 
 class Trainer {
  public:
@@ -40,12 +46,12 @@ class Trainer {
 
   // Counts the pre-tokens of every line (without its "\n" or "\r\n") of each file, read in blocks. Char level:
   // throws std::invalid_argument naming file:line for invalid UTF-8. Byte level accepts any bytes.
-  void add_files(const std::vector<std::string>& paths);
+  void add_files(const std::vector<std::string>& paths, const Progress& progress = {});
 
   // Throws std::invalid_argument when nothing was counted (no text, only empty lines), when vocab_size is below
   // the base alphabet (specials + 256 bytes + kept characters) or character_coverage is outside (0, 1].
   TrainResult train(size_t vocab_size, const std::vector<std::string>& special_tokens, uint64_t min_frequency,
-                    double character_coverage);
+                    double character_coverage, const Progress& progress = {});
 
  private:
   // Pre-token -> count; one per thread, summed into the first one by train().

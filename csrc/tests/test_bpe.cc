@@ -257,6 +257,35 @@ void test_add_files() {
   std::remove(path.c_str());
 }
 
+// Progress sees every merge and every block read; an exception it throws stops the work and reaches the caller (how
+// a Python KeyboardInterrupt ends a long training), unwinding the long-word bookkeeping cleanly (checked under ASan).
+void test_progress_and_stopping() {
+  std::vector<std::string> texts = kCorpus;
+  texts.push_back(std::string(3000, 'a') + std::string(3000, 'b'));  // a long word: merged position by position
+  Trainer trainer(Level::kByte, 2);
+  const std::vector<std::string_view> views(texts.begin(), texts.end());
+  trainer.add_texts(views);
+  std::vector<uint64_t> seen;
+  const TrainResult result = trainer.train(400, {}, 1, 1.0, [&](uint64_t merges) { seen.push_back(merges); });
+  CHECK(!seen.empty() && seen.size() == result.merges.size() && seen.back() == result.merges.size());
+  const auto stop_at_3 = [](uint64_t merges) {
+    if (merges == 3) throw std::runtime_error("stopped at merge 3");
+  };
+  CHECK(throws<std::runtime_error>([&] { trainer.train(400, {}, 1, 1.0, stop_at_3); }, "stopped at merge 3"));
+  CHECK(trainer.train(400, {}, 1, 1.0).merges == result.merges);  // the counts survive a stopped training
+
+  const std::string path = "fastlm_bpe_tests_progress.txt";
+  {
+    std::ofstream file(path, std::ios::binary);
+    file << "one line\ntwo lines\n";
+  }
+  uint64_t bytes = 0;
+  Trainer from_file(Level::kByte, 1);
+  from_file.add_files({path}, [&](uint64_t read) { bytes = read; });
+  CHECK(bytes == 19);
+  std::remove(path.c_str());
+}
+
 // Several threads encoding and decoding with one model at once (each batch call also uses the shared pool,
 // which serialises concurrent runs): the results equal serial calls. Run under ThreadSanitizer in CI.
 void test_concurrent_callers() {
@@ -307,6 +336,7 @@ int main() {
   test_char_level_coverage();
   test_bad_models_rejected();
   test_add_files();
+  test_progress_and_stopping();
   test_concurrent_callers();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);

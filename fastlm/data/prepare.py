@@ -33,7 +33,7 @@ from fastlm.data.corpus import (
     FORMAT, META_FILE, SOURCE_DIR, SPECIAL_ID_NAMES, TARGET_DIR, VERSION, ParallelCorpus, TokenizedCorpus,
     dtype_for_vocab, read_shard_offsets, shard_files, shard_name, tokenizer_sha256,
 )
-from fastlm.data.progress import Progress
+from fastlm.progress import Progress
 from fastlm.data.readers import Reader, TextLines
 
 # ~1M sentences a shard: ~25M tokens (~50 MB as uint16) on sentence-level corpora; few files, cheap to redo.

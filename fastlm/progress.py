@@ -1,7 +1,7 @@
 """A one-line progress report on stderr for streams of unknown length (counts, rate, elapsed time).
 
-Self-written so that the data pipeline needs no extra dependency. On a terminal the line is redrawn at most a few
-times a second; elsewhere (logs, CI) only the final line is printed by `close()`.
+Self-written so that fastlm needs no extra dependency. On a terminal the line is redrawn at most a few times a
+second; elsewhere (logs, CI) a line is written every half minute of long work, and the final one by `close()`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 from typing import TextIO
 
 REDRAW_INTERVAL_S = 0.2
+LOG_INTERVAL_S = 30.0
 
 
 class Progress:
@@ -27,10 +28,14 @@ class Progress:
         for unit, amount in increments.items():
             self.counts[unit] += amount
         now = time.perf_counter()
-        if self._live and now - self._last_draw >= REDRAW_INTERVAL_S:
+        if self.enabled and now - self._last_draw >= (REDRAW_INTERVAL_S if self._live else LOG_INTERVAL_S):
             self._last_draw = now
-            self.stream.write("\r" + self._line(now))
+            self.stream.write("\r" + self._line(now) if self._live else self._line(now) + "\n")
             self.stream.flush()
+
+    def reached(self, **totals: int) -> None:
+        """`update` with the counts so far instead of increments."""
+        self.update(**{unit: total - self.counts[unit] for unit, total in totals.items()})
 
     def close(self) -> None:
         if self.enabled:
