@@ -20,15 +20,17 @@ Every job writes OUT/results/<stage>/<name>.json when it finishes; its run direc
 Running the script again skips finished jobs, continues interrupted ones exactly (`--resume`) and reruns a job
 whose command (or a job it depends on) changed. SIGINT/SIGTERM stop the running job at a checkpoint.
 
-On a CPU, give each process one thread (OMP_NUM_THREADS=1) and use the cores with processes that run disjoint
-stages, e.g. `--stages tokenizers plateau pretrain finetune` beside `--stages sweep` (jobs of one stage must not
-run twice at once). On a box busier than its cores, torch's default threads spin: a tiny-model MLM step took 13 s
-there, 0.75 s with one thread.
+On a CPU, give each process one thread (OMP_NUM_THREADS=1) and start one process per core with the same command:
+each training job is claimed by one process (a lock file under OUT/locks, released when the process ends), and
+the others go on to the next one. On a box busier than its cores, torch's default threads spin: a tiny-model MLM
+step took 13 s there, 0.75 s with one thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -144,10 +146,26 @@ class Experiment:
     def run_dir(self, stage: str, name: str) -> Path:
         return self.out / "runs" / stage / name
 
+    @contextlib.contextmanager
+    def claim(self, stage: str, name: str, wait: bool = False):
+        """True inside if this process holds the job's lock; False if another process runs the job now, unless
+        `wait` (for what later jobs need: it waits for the other process). The lock is the kernel's (flock), so a
+        killed process never leaves a job locked."""
+        path = self.out / "locks" / stage / f"{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                self.log(f"{stage}/{name}: running in another process: skipped")
+                yield False
+                return
+            yield True
+
     def wanted(self, job: str) -> bool:
         return not self.only or any(fnmatch.fnmatch(job, pattern) for pattern in self.only)
 
-    def finished(self, stage: str, name: str, key: str) -> dict | None:
+    def finished(self, stage: str, name: str, key: str, quiet: bool = False) -> dict | None:
         """The job's result if it finished with this key (its command and those of the jobs it depends on)."""
         path = self.result_path(stage, name)
         if not path.is_file():
@@ -155,7 +173,8 @@ class Experiment:
         result = json.loads(path.read_text(encoding="utf-8"))
         if result.get("key") == key:
             return result
-        self.log(f"{stage}/{name}: its command changed since it finished: running it again")
+        if not quiet:
+            self.log(f"{stage}/{name}: its command changed since it finished: running it again")
         return None
 
     def job_key(self, command: list, *depends_on: str) -> str:
@@ -219,12 +238,14 @@ class Experiment:
         key = self.job_key(command)
         if self.finished("tokenizers", name, key) and path.is_file():
             return path, key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)  # this job's own older output (`tokenizer train` never replaces a file unasked)
-        seconds = self.fastlm(*command)
-        self.save("tokenizers", name, {"key": key, "command": list(map(str, command)), "level": level,
-                                       "vocab_size": vocab_size, "seconds": seconds,
-                                       **tokenizer_statistics(path, self.source)})
+        with self.claim("tokenizers", name, wait=True):
+            if not (self.finished("tokenizers", name, key, quiet=True) and path.is_file()):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.unlink(missing_ok=True)  # the job's older output (`tokenizer train` never replaces unasked)
+                seconds = self.fastlm(*command)
+                self.save("tokenizers", name, {"key": key, "command": list(map(str, command)), "level": level,
+                                               "vocab_size": vocab_size, "seconds": seconds,
+                                               **tokenizer_statistics(path, self.source)})
         return path, key
 
     def corpus(self, tokenizer: Path, split: str, langs: str) -> Path:
@@ -232,11 +253,15 @@ class Experiment:
         path = self.out / "corpora" / tokenizer.stem / f"{split}.{langs}"
         done = path / ("src" if langs == "ko-en" else "") / "meta.json"  # prepare writes its meta.json last
         made_by, tokenizer_hash = path / "tokenizer_sha256", hashlib.sha256(tokenizer.read_bytes()).hexdigest()
-        if not (done.is_file() and made_by.is_file() and made_by.read_text() == tokenizer_hash):
-            inputs = [self.source(split, lang) for lang in langs.split("-")]
-            self.fastlm("prepare", "--tokenizer", tokenizer, "--input", *inputs, "--output", path, "--quiet",
-                        "--overwrite")
-            made_by.write_text(tokenizer_hash)  # a retrained tokenizer (changed command) prepares it again
+        made = lambda: done.is_file() and made_by.is_file() and made_by.read_text() == tokenizer_hash  # noqa: E731
+        if made():
+            return path
+        with self.claim("corpora", f"{tokenizer.stem}-{split}.{langs}", wait=True):
+            if not made():
+                inputs = [self.source(split, lang) for lang in langs.split("-")]
+                self.fastlm("prepare", "--tokenizer", tokenizer, "--input", *inputs, "--output", path, "--quiet",
+                            "--overwrite")
+                made_by.write_text(tokenizer_hash)  # a retrained tokenizer (changed command) prepares it again
         return path
 
     # ----- training jobs -----
@@ -258,9 +283,16 @@ class Experiment:
     def train(self, stage: str, name: str, command: list, depends_on: tuple[str, ...] = ()) -> dict | None:
         """Run a pretrain/finetune command into its run directory, unless finished; its result, or None if it
         failed. (--only selects jobs in the stage loops: a selected job still makes what it depends on.)"""
-        run_dir = self.run_dir(stage, name)
         key = self.job_key(command, *depends_on)
         done = self.finished(stage, name, key)
+        if done:
+            return done
+        with self.claim(stage, name) as mine:
+            return self.run_training(stage, name, command, key) if mine else None
+
+    def run_training(self, stage: str, name: str, command: list, key: str) -> dict | None:
+        run_dir = self.run_dir(stage, name)
+        done = self.finished(stage, name, key, quiet=True)  # by another process, since this one looked
         if done:
             return done
         checkpoints, run_key = run_dir / "checkpoints", run_dir / "run_key"
@@ -393,13 +425,19 @@ class Experiment:
             key = self.job_key(command, model_key)
             if self.finished("test", result_name, key):
                 continue
-            output = self.out / "translations" / f"{result_name}.en"
-            output.parent.mkdir(parents=True, exist_ok=True)
-            with open(output, "w", encoding="utf-8") as f:
-                seconds = self.fastlm(*command, stdout=f)
-            hypotheses = output.read_text(encoding="utf-8").splitlines()
-            self.save("test", result_name, {"key": key, "command": list(map(str, command)), "seconds": seconds,
-                                            **test_scores(sources, hypotheses, references)})
+            with self.claim("test", result_name) as mine:
+                if mine and not self.finished("test", result_name, key, quiet=True):
+                    self.translate_and_score(result_name, command, key, sources, references)
+
+    def translate_and_score(self, result_name: str, command: list, key: str, sources: list[str],
+                            references: list[str]) -> None:
+        output = self.out / "translations" / f"{result_name}.en"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open(output, "w", encoding="utf-8") as f:
+            seconds = self.fastlm(*command, stdout=f)
+        hypotheses = output.read_text(encoding="utf-8").splitlines()
+        self.save("test", result_name, {"key": key, "command": list(map(str, command)), "seconds": seconds,
+                                        **test_scores(sources, hypotheses, references)})
 
     def stage_sweep(self) -> None:
         for weight_decay, lr in self.sweep_cells:

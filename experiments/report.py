@@ -24,7 +24,7 @@ def write_report(experiment: Experiment, page: Path) -> Path:
     figures.mkdir(parents=True, exist_ok=True)
     sections = [header(experiment, results), findings(),
                 tokenizer_section(experiment, results), plateau_section(experiment, results, figures, page.parent),
-                pretrain_section(experiment, results),
+                pretrain_section(experiment, results, figures, page.parent),
                 translation_section(experiment, results, figures, page.parent),
                 sweep_section(experiment, results)]
     page.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
@@ -137,22 +137,28 @@ def plateau_section(experiment: Experiment, results: dict, figures: Path, base: 
     return text
 
 
-def pretrain_section(experiment: Experiment, results: dict) -> str:
-    rows = []
+def pretrain_section(experiment: Experiment, results: dict, figures: Path, base: Path) -> str:
+    rows, curves = [], {}
     for level in experiment.levels:
         for arch in ("encoder", "decoder"):
             r = results.get(f"pretrain/{level}-{arch}")
             final = r["final"] if r else {}
             rows.append([level, arch, "MLM on ko" if arch == "encoder" else "causal LM on en", final.get("loss"),
                          final.get("perplexity"), final.get("accuracy")])
+            if r:
+                curves[f"{level} {arch}"] = r["evals"]
     def shown(settings: dict) -> str:
         return f"`{' '.join(overrides(settings))}`" if settings else "the preset's settings"
 
     settings = (f"every model {shown(MODEL_SETTINGS)}, the encoder also {shown(ENCODER_SETTINGS)}, the decoder "
                 f"{shown(DECODER_SETTINGS)}")
-    return "## 3. Pre-training\n\nValidation loss, perplexity (masked tokens for the encoder) and accuracy at the " \
-           f"end of pre-training ({experiment.scale['pretrain']} steps; {settings}).\n\n" + table(["level", "model", "task", "valid loss", "perplexity", "accuracy"],
-                                              rows)
+    text = ("## 3. Pre-training\n\nValidation loss, perplexity (masked tokens for the encoder) and accuracy at the "
+            f"end of pre-training ({experiment.scale['pretrain']} steps; {settings}).\n\n"
+            + table(["level", "model", "task", "valid loss", "perplexity", "accuracy"], rows))
+    if curves:
+        path = plot_curves(curves, figures / "pretrain.png", "pre-training validation loss")
+        text += f"\n\n![pre-training curves]({path.relative_to(base)})"
+    return text
 
 
 def translation_section(experiment: Experiment, results: dict, figures: Path, base: Path) -> str:
@@ -177,8 +183,43 @@ def translation_section(experiment: Experiment, results: dict, figures: Path, ba
     if bars:
         path = plot_bars(bars, figures / "bleu.png", f"test BLEU, beam {BEAMS[-1]}")
         text += f"\n\n![BLEU chart]({path.relative_to(base)})"
+    text += "\n\n" + main_comparison(experiment, results)
     text += "\n\n" + samples(experiment, results)
     return text
+
+
+def main_comparison(experiment: Experiment, results: dict) -> str:
+    """The four starts per level over the seeds of the main comparison (default cross-attention init, beam 4): the
+    mean, each start's difference from Rnd2Rnd, and whether that difference exceeds the seed noise (the largest
+    difference between two seeds of one start at that level)."""
+    seeds = sorted({seed for _, _, init, seed in experiment.finetune_jobs() if init == "random"})
+    metrics = {"BLEU": "bleu", "chrF": "chrf"}
+    rows = []
+    for level in experiment.levels:
+        scores = {start: {name: [results.get(f"test/{finetune_name(level, start, 'random', seed)}-beam{BEAMS[-1]}",
+                                             {}).get(key) for seed in seeds] for name, key in metrics.items()}
+                  for start in STARTS}
+        complete = {start: s for start, s in scores.items() if None not in s["chrF"]}
+        noise = {name: max((max(s[name]) - min(s[name]) for s in complete.values()), default=None)
+                 for name in metrics}
+        baseline = complete.get("Rnd2Rnd")
+        for start, s in scores.items():
+            row = [level, start]
+            for name in metrics:
+                mean = sum(s[name]) / len(seeds) if start in complete else None
+                delta = mean - sum(baseline[name]) / len(seeds) if mean is not None and baseline else None
+                within = (delta is not None and start != "Rnd2Rnd" and noise[name] is not None and len(seeds) > 1
+                          and abs(delta) <= noise[name])
+                row += [" / ".join(fmt(v) for v in s[name]), mean,
+                        None if delta is None else f"{delta:+.2f}" + (" (within seed noise)" if within else "")]
+            rows.append(row)
+        if len(seeds) > 1:
+            rows.append([level, "seed noise", "", noise["BLEU"], "", "", noise["chrF"], ""])
+    return (f"### The main comparison over seeds {', '.join(map(str, seeds))} (beam {BEAMS[-1]})\n\n"
+            "Seed noise is the largest difference between the two seeds of one start at that level; a difference "
+            "from Rnd2Rnd no larger than it is marked *within seed noise*.\n\n"
+            + table(["level", "start", "BLEU per seed", "BLEU mean", "vs Rnd2Rnd", "chrF per seed", "chrF mean",
+                     "vs Rnd2Rnd"], rows))
 
 
 def samples(experiment: Experiment, results: dict) -> str:

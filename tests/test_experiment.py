@@ -46,8 +46,8 @@ def test_quick_grid_runs_every_stage_then_skips_it_all(tmp_path, ko_en_dir):
     page = Path(experiment("--data", ko_en_dir, "--out", out, "--report").stdout.strip())
     text = page.read_text()
     assert "pending" not in text.split("## 1.")[1], text  # the quick grid is complete: no pending cell
-    assert {p.name for p in (page.parent / "results").glob("*.png")} == {"plateau.png", "translation-byte.png",
-                                                                          "bleu.png"}
+    assert {p.name for p in (page.parent / "results").glob("*.png")} == {"plateau.png", "pretrain.png",
+                                                                          "translation-byte.png", "bleu.png"}
 
 
 def test_an_interrupted_job_resumes_and_a_changed_command_reruns(tmp_path, ko_en_dir):
@@ -64,3 +64,20 @@ def test_an_interrupted_job_resumes_and_a_changed_command_reruns(tmp_path, ko_en
     result_path.write_text(json.dumps({**first, "key": "an older command"}))
     rerun = experiment("--data", ko_en_dir, "--out", out, "--stages", "plateau", "--only", "plateau/baseline")
     assert "its command changed" in rerun.stdout and "$ fastlm pretrain" in rerun.stdout
+
+
+def test_two_processes_share_the_grid_and_run_each_job_once(tmp_path, ko_en_dir):
+    """The same command started twice at once: tokenizers and corpora are made once (the second process waits
+    for them), each training job runs in one process, and both end with every result."""
+    out = tmp_path / "experiment"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(SCRIPT), "--quick", "--data", str(ko_en_dir), "--out", str(out),
+               "--stages", "plateau"]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                 for _ in range(2)]
+    logs = [process.communicate(timeout=900)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], logs
+    ran = "".join(logs)
+    assert ran.count("$ fastlm tokenizer train") == 1 and ran.count("$ fastlm prepare") == 2, logs  # train, valid
+    assert ran.count("$ fastlm pretrain") == 2, logs  # the two plateau jobs of --quick, once each
+    assert sorted(p.stem for p in (out / "results" / "plateau").glob("*.json")) == ["baseline", "mask40"]

@@ -36,6 +36,9 @@ struct Word {
 // times the vocabulary. Shorter words are cheaper to rescan than to track position by position.
 constexpr size_t kLongWord = 256;
 
+// Where a pair occurs: a short word's index, or (kPosition set) a position in the long words.
+constexpr uint32_t kPosition = 1U << 31;
+
 // The long words, symbols linked both ways so that a merge unlinks its right symbol in place. A position is an
 // index into `symbols`; a symbol merged away is kRemoved, so stale positions never match a pair again.
 struct LongWords {
@@ -47,17 +50,20 @@ struct LongWords {
   std::vector<uint64_t> counts;  // of each word
 
   void add(const std::vector<TokenId>& word, uint64_t count) {
-    if (symbols.size() + word.size() >= kNone) {
+    if (symbols.size() + word.size() >= kPosition) {
       throw std::length_error("BPE training: the words longer than " + std::to_string(kLongWord) +
-                              " symbols hold more than 2^32 symbols in all; split the text into shorter lines");
+                              " symbols hold more than 2^31 symbols in all; split the text into shorter lines");
     }
-    const uint32_t start = static_cast<uint32_t>(symbols.size());
+    const uint32_t start = static_cast<uint32_t>(symbols.size()), end = start + static_cast<uint32_t>(word.size());
     starts.push_back(start);
     counts.push_back(count);
-    for (uint32_t i = 0; i < word.size(); ++i) {
-      symbols.push_back(word[i]);
-      previous.push_back(i == 0 ? kNone : start + i - 1);
-      next.push_back(i + 1 == word.size() ? kNone : start + i + 1);
+    // Grown by whole words, not symbol by symbol: one giant word then takes its size, not up to twice that.
+    symbols.insert(symbols.end(), word.begin(), word.end());
+    previous.resize(end);
+    next.resize(end);
+    for (uint32_t p = start; p < end; ++p) {
+      previous[p] = p == start ? kNone : p - 1;
+      next[p] = p + 1 == end ? kNone : p + 1;
     }
   }
 
@@ -74,46 +80,45 @@ struct Words {
   void add(const std::vector<TokenId>& word, uint64_t count) {
     if (word.size() < 2) return;  // nothing to merge
     if (word.size() > kLongWord) return long_words.add(word, count);
+    if (words.size() == kPosition) throw std::length_error("BPE training: more than 2^31 distinct words");
     words.push_back({symbols.size(), count, static_cast<uint32_t>(word.size()), 0});
     symbols.insert(symbols.end(), word.begin(), word.end());
   }
   size_t size() const { return words.size(); }
 };
 
-// Pair statistics: pair -> index; per index its key, total count, the (short) words it occurs in and its
-// positions in long words (both may hold stale entries and repeats: each is checked when the pair is merged).
+// Pair statistics: pair -> index; per index its key, total count and where it occurs (short words and long-word
+// positions; the list may hold stale entries and repeats: each is checked when the pair is merged).
 struct PairStats {
   U64Map index;
   std::vector<uint64_t> keys;
   std::vector<int64_t> counts;
-  std::vector<std::vector<uint32_t>> words;
-  std::vector<std::vector<uint32_t>> positions;
+  std::vector<std::vector<uint32_t>> occurrences;
 
   uint32_t slot(uint64_t key) {
     const uint32_t slot = index.find_or_insert(key, static_cast<uint32_t>(keys.size()));
     if (slot == keys.size()) {
       keys.push_back(key);
       counts.push_back(0);
-      words.emplace_back();
-      positions.emplace_back();
+      occurrences.emplace_back();
     }
     return slot;
   }
 
-  void add(uint64_t key, int64_t count, uint32_t word) {
+  void add(uint64_t key, int64_t count, uint32_t occurrence) {
     const uint32_t i = slot(key);
     counts[i] += count;
-    std::vector<uint32_t>& list = words[i];
-    if (list.empty() || list.back() != word) list.push_back(word);
+    std::vector<uint32_t>& list = occurrences[i];
+    if (list.empty() || list.back() != occurrence) list.push_back(occurrence);
   }
 
-  void add_at(uint64_t key, int64_t count, uint32_t position) {
-    const uint32_t i = slot(key);
-    counts[i] += count;
-    positions[i].push_back(position);
+  void subtract(uint64_t key, int64_t count) {
+    const uint32_t i = index.find(key);
+    counts[i] -= count;
+    // Counts are exact: at 0 no occurrence is left, and the list holds only stale entries. Long lists are freed
+    // then (a giant word's pairs), short ones at the end (freeing them as they empty slows training by ~7%).
+    if (counts[i] == 0 && occurrences[i].capacity() > 1024) std::vector<uint32_t>().swap(occurrences[i]);
   }
-
-  void subtract(uint64_t key, int64_t count) { counts[index.find(key)] -= count; }
 };
 
 PairStats count_pairs(const Words& words, size_t begin, size_t end) {
@@ -141,14 +146,15 @@ PairStats count_pairs_parallel(const Words& words, int num_threads) {
     for (size_t i = 0; i < more.keys.size(); ++i) {
       const uint32_t slot = total.slot(more.keys[i]);
       total.counts[slot] += more.counts[i];
-      total.words[slot].insert(total.words[slot].end(), more.words[i].begin(), more.words[i].end());
+      std::vector<uint32_t>& list = total.occurrences[slot];
+      list.insert(list.end(), more.occurrences[i].begin(), more.occurrences[i].end());
     }
   }
   const LongWords& long_words = words.long_words;
   for (uint32_t p = 0; p + 1 < long_words.symbols.size(); ++p) {
     if (long_words.next[p] == p + 1) {
-      total.add_at(pair_key(long_words.symbols[p], long_words.symbols[p + 1]),
-                   static_cast<int64_t>(long_words.count_at(p)), p);
+      total.add(pair_key(long_words.symbols[p], long_words.symbols[p + 1]),
+                static_cast<int64_t>(long_words.count_at(p)), kPosition | p);
     }
   }
   return total;
@@ -271,20 +277,21 @@ class Merger {
     const uint64_t key = stats_.keys[pair];
     const TokenId left = left_of(key), right = right_of(key);
     tokens_.push_back(tokens_[left] + tokens_[right]);
-    const std::vector<uint32_t> occurrences = std::move(stats_.words[pair]);
-    stats_.words[pair] = {};
+    std::vector<uint32_t> occurrences = std::move(stats_.occurrences[pair]);
+    stats_.occurrences[pair] = {};
     const size_t first_new_pair = stats_.keys.size();
     ++stamp_;
-    for (uint32_t w : occurrences) {
-      Word& word = words_.words[w];
+    // Positions sort after words, and in order: left to right in each long word, as merge_in_word goes.
+    const auto positions = std::partition(occurrences.begin(), occurrences.end(),
+                                          [](uint32_t occurrence) { return !(occurrence & kPosition); });
+    std::sort(positions, occurrences.end());
+    for (auto it = occurrences.begin(); it != positions; ++it) {
+      Word& word = words_.words[*it];
       if (word.stamp == stamp_) continue;
       word.stamp = stamp_;
-      merge_in_word(w, word, left, right, created);
+      merge_in_word(*it, word, left, right, created);
     }
-    std::vector<uint32_t> positions = std::move(stats_.positions[pair]);
-    stats_.positions[pair] = {};
-    std::sort(positions.begin(), positions.end());  // left to right in each word, as merge_in_word goes
-    for (uint32_t p : positions) merge_at(p, left, right, created);
+    for (auto it = positions; it != occurrences.end(); ++it) merge_at(*it & ~kPosition, left, right, created);
     stats_.counts[pair] = 0;
     // Only pairs with the new token are new, and they are exactly the ones added while merging.
     for (size_t i = first_new_pair; i < stats_.keys.size(); ++i) {
@@ -326,11 +333,11 @@ class Merger {
     const uint32_t before = w.previous[p], after = w.next[q];
     if (before != LongWords::kNone) {
       stats_.subtract(pair_key(w.symbols[before], left), count);
-      stats_.add_at(pair_key(w.symbols[before], created), count, before);
+      stats_.add(pair_key(w.symbols[before], created), count, kPosition | before);
     }
     if (after != LongWords::kNone) {
       stats_.subtract(pair_key(right, w.symbols[after]), count);
-      stats_.add_at(pair_key(created, w.symbols[after]), count, p);
+      stats_.add(pair_key(created, w.symbols[after]), count, kPosition | p);
       w.previous[after] = p;
     }
     w.symbols[p] = created;
@@ -483,9 +490,11 @@ TrainResult Trainer::train(size_t vocab_size, const std::vector<std::string>& sp
         " = " + std::to_string(tokens.size()));
   }
   Words words;
-  std::vector<TokenId> scratch;
-  for (uint32_t w = 0; w < counts.words.size(); ++w) {
-    add_symbols(level_, counts.words.key(w), counts.counts[w], first_byte, alphabet, scratch, words);
+  {
+    std::vector<TokenId> scratch;  // as long as the longest word: freed before merging
+    for (uint32_t w = 0; w < counts.words.size(); ++w) {
+      add_symbols(level_, counts.words.key(w), counts.counts[w], first_byte, alphabet, scratch, words);
+    }
   }
   return Merger(std::move(words), std::move(tokens), num_threads_).run(vocab_size, min_frequency, progress);
 }
