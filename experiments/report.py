@@ -192,13 +192,15 @@ def main_comparison(experiment: Experiment, results: dict) -> str:
     """The four starts per level over the seeds of the main comparison (default cross-attention init, beam 4): the
     mean, each start's difference from Rnd2Rnd, and whether that difference exceeds the seed noise (the largest
     difference between two seeds of one start at that level)."""
-    seeds = sorted({seed for _, _, init, seed in experiment.finetune_jobs() if init == "random"})
+    main_jobs = [(start, seed) for _, start, init, seed in experiment.finetune_jobs() if init == "random"]
+    seeds = sorted({seed for _, seed in main_jobs})
+    starts = list(dict.fromkeys(start for start, _ in main_jobs))
     metrics = {"BLEU": "bleu", "chrF": "chrf"}
     rows = []
     for level in experiment.levels:
         scores = {start: {name: [results.get(f"test/{finetune_name(level, start, 'random', seed)}-beam{BEAMS[-1]}",
                                              {}).get(key) for seed in seeds] for name, key in metrics.items()}
-                  for start in STARTS}
+                  for start in starts}
         complete = {start: s for start, s in scores.items() if None not in s["chrF"]}
         noise = {name: max((max(s[name]) - min(s[name]) for s in complete.values()), default=None)
                  for name in metrics}
