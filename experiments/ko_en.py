@@ -53,6 +53,7 @@ CROSS_ATTENTION_INITS = ("random", "copy-self", "zero-out")
 # The four starting points; the pre-trained sides come from the pretrain stage.
 STARTS = {"Rnd2Rnd": ("random", "random"), "Enc2Rnd": ("encoder", "random"), "Rnd2Dec": ("random", "decoder"),
           "Enc2Dec": ("encoder", "decoder")}
+MISPAIRED = "valid-mispaired"  # the valid pairs with the Korean side shifted by one sentence (see Experiment.source)
 MAIN_SEEDS = (0, 1)  # seeds of the main comparison (the four starts, default cross-attention init)
 BEAMS = (1, 4)  # greedy and beam 4 on the test split
 SAMPLES = 3  # good and bad sample translations kept per test result
@@ -221,7 +222,15 @@ class Experiment:
     # ----- data -----
 
     def source(self, split: str, lang: str) -> Path:
-        """The raw text of a split (in --quick, its first lines, or the bundled sample's when --data is absent)."""
+        """The raw text of a split (in --quick, its first lines, or the bundled sample's when --data is absent).
+        MISPAIRED is the valid split with every Korean sentence moved one line down (the last to the top)."""
+        if split == MISPAIRED:
+            path = self.out / "data" / f"{split}.{lang}"
+            if not path.is_file():
+                lines = self.source("valid", lang).read_text(encoding="utf-8").splitlines(True)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("".join(lines[-1:] + lines[:-1] if lang == "ko" else lines), encoding="utf-8")
+            return path
         if not self.quick:
             return self.data / f"{split}.{lang}"
         path = self.out / "data" / f"{split}.{lang}"
@@ -412,7 +421,34 @@ class Experiment:
                            "--cross-attention-init", init, "--bleu-sentences", "0",
                            *self.train_options("finetune", seed), *model]
                 if self.train("finetune", name, command, tuple(keys)):
-                    self.test(name, tokenizer, self.job_key(command, *keys))
+                    model_key = self.job_key(command, *keys)
+                    self.test(name, tokenizer, model_key)
+                    self.source_use(name, tokenizer, model_key)
+
+    def source_use(self, name: str, tokenizer: Path, model_key: str) -> None:
+        """How much a translation model reads its source: its loss on the whole valid split with every pair as
+        it is and with each English sentence given another sentence's Korean. A model that ignores the source (an
+        English LM) scores the same on both."""
+        model = self.run_dir("finetune", name) / "model"
+        corpora = {"paired": self.corpus(tokenizer, "valid", "ko-en"),
+                   "mispaired": self.corpus(tokenizer, MISPAIRED, "ko-en")}
+        commands = {kind: ["eval", "--model", model, "--tokenizer", tokenizer, "--data", corpus, "--batch_size", "32"]
+                    for kind, corpus in corpora.items()}
+        key = self.job_key([*commands["paired"], *commands["mispaired"]], model_key)
+        if self.finished("source", name, key):
+            return
+        with self.claim("source", name) as mine:
+            if not mine or self.finished("source", name, key, quiet=True):
+                return
+            losses = {}
+            for kind, command in commands.items():
+                output = self.out / "source" / f"{name}-{kind}.json"
+                output.parent.mkdir(parents=True, exist_ok=True)
+                with open(output, "w", encoding="utf-8") as f:
+                    self.fastlm(*command, stdout=f)
+                losses[kind] = json.loads(output.read_text(encoding="utf-8"))["loss"]
+            self.save("source", name, {"key": key, "command": [list(map(str, c)) for c in commands.values()],
+                                       **losses, "gap": losses["mispaired"] - losses["paired"]})
 
     def test(self, name: str, tokenizer: Path, model_key: str) -> None:
         """Test-split scores of a translation model, greedy and beam 4, and its best and worst sentences."""

@@ -167,15 +167,18 @@ def translation_section(experiment: Experiment, results: dict, figures: Path, ba
         name = finetune_name(level, start, init, seed)
         r = results.get(f"finetune/{name}")
         scores = [results.get(f"test/{name}-beam{beam}", {}) for beam in BEAMS]
-        rows.append([level, start, init, seed, r["final"]["loss"] if r else None,
+        source = results.get(f"source/{name}", {})
+        rows.append([level, start, init, seed, r["final"]["loss"] if r else None, source.get("gap"),
                      *[s.get("bleu") for s in scores], *[s.get("chrf") for s in scores]])
         if r:
             curves.setdefault(level, {})[f"{start} {init} s{seed}"] = r["evals"]
         if scores[-1]:
             bars[f"{level} {start}\n{init} s{seed}"] = scores[-1]["bleu"]
-    text = ("## 4. Translation ko->en\n\nThe same budget for every start; validation loss at the end; sacrebleu "
-            "BLEU and chrF of the detokenised output on the raw test split (greedy = beam 1).\n\n"
-            + table(["level", "start", "cross-attention", "seed", "valid loss",
+    text = ("## 4. Translation ko->en\n\nThe same budget for every start; validation loss at the end; the source "
+            "gap: the loss on the whole valid split with each English sentence given the Korean of another pair, "
+            "minus the loss with its own (0: the model ignores its source and is an English LM); sacrebleu BLEU and "
+            "chrF of the detokenised output on the raw test split (greedy = beam 1).\n\n"
+            + table(["level", "start", "cross-attention", "seed", "valid loss", "source gap",
                      *[f"BLEU beam {b}" for b in BEAMS], *[f"chrF beam {b}" for b in BEAMS]], rows))
     for level, level_curves in curves.items():
         path = plot_curves(level_curves, figures / f"translation-{level}.png", f"translation ({level} level)")

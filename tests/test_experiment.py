@@ -23,7 +23,7 @@ def test_quick_grid_runs_every_stage_then_skips_it_all(tmp_path, ko_en_dir):
     out = tmp_path / "experiment"
     first = experiment("--data", ko_en_dir, "--out", out)
     results = {stage: sorted(p.stem for p in (out / "results" / stage).glob("*.json"))
-               for stage in ("tokenizers", "plateau", "pretrain", "finetune", "test", "sweep")}
+               for stage in ("tokenizers", "plateau", "pretrain", "finetune", "test", "source", "sweep")}
     assert results == {
         "tokenizers": ["byte-1100", "char-1100"],
         "plateau": ["baseline", "mask40"],
@@ -31,10 +31,13 @@ def test_quick_grid_runs_every_stage_then_skips_it_all(tmp_path, ko_en_dir):
         "finetune": ["byte-Enc2Dec-random-seed0", "byte-Rnd2Rnd-random-seed0"],
         "test": ["byte-Enc2Dec-random-seed0-beam1", "byte-Enc2Dec-random-seed0-beam4",
                  "byte-Rnd2Rnd-random-seed0-beam1", "byte-Rnd2Rnd-random-seed0-beam4"],
+        "source": ["byte-Enc2Dec-random-seed0", "byte-Rnd2Rnd-random-seed0"],
         "sweep": ["wd0-lr1e-3"],
     }, first.stdout
     pretrained = json.loads((out / "results" / "pretrain" / "byte-encoder.json").read_text())
     assert pretrained["status"] == "finished" and pretrained["final"]["step"] == 4
+    source = json.loads((out / "results" / "source" / "byte-Rnd2Rnd-random-seed0.json").read_text())
+    assert source["gap"] == source["mispaired"] - source["paired"] and source["paired"] > 0
     test = json.loads((out / "results" / "test" / "byte-Enc2Dec-random-seed0-beam4.json").read_text())
     assert {"bleu", "chrf", "best", "worst"} <= set(test)
     assert len((out / "translations" / "byte-Enc2Dec-random-seed0-beam4.en").read_text().splitlines()) == \
