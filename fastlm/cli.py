@@ -20,7 +20,7 @@ import typing
 import warnings
 from pathlib import Path
 
-from fastlm.models.seq2seq import CROSS_ATTENTION_INITS
+from fastlm.models.seq2seq import CROSS_ATTENTION_INITS, DEFAULT_CROSS_ATTENTION_INIT
 from fastlm.train.config import PRESETS, ConfigError, parse_overrides, resolve
 from fastlm.train.tasks import RANDOM
 from fastlm.train.trainer import TrainingDiverged, TrainingInterrupted
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="pre-trained decoder (run or model directory, or transformers GPT-2), or "
                           f"{RANDOM!r}: randomly initialised with the encoder's model settings")
     _add_training_options(finetune)
-    finetune.add_argument("--cross-attention-init", choices=CROSS_ATTENTION_INITS, default="random",
+    finetune.add_argument("--cross-attention-init", choices=CROSS_ATTENTION_INITS, default=DEFAULT_CROSS_ATTENTION_INIT,
                           help="the decoder's new cross-attention: random, copied from self-attention, or random "
                           "with a zero output projection (the merged decoder starts as the pre-trained LM)")
     finetune.add_argument("--share-embeddings", action="store_true",

@@ -27,14 +27,10 @@ class ConfigError(ValueError):
 class TrainConfig:
     # --- optimisation ---
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
-    # Decoupled weight decay, checked on the ko-en corpus (benchmarks/weight_decay_sweep.py: tiny preset, 400 steps,
-    # wd {0, 0.01, 0.1} x lr {1e-3, 3e-3}, encoder MLM on ko and decoder on en). Validation losses: encoder 7.24 /
-    # 7.22 / 7.22 at lr 1e-3 and 7.27 / 7.26 / 7.22 at 3e-3; decoder 5.84 at every wd at 1e-3, 5.68 at every wd at
-    # 3e-3. Weight decay neither causes nor cures a stall at this length (the lr does matter: 3e-3 is 0.16 nats
-    # better for the decoder); 0.1 was never worse and was the best encoder run, and is the usual BERT/GPT value
-    # for longer runs, where 0.01 barely regularises. The encoder's 7.22-7.27 is the unigram cross-entropy of its
-    # masked targets on the valid split (7.24): those runs learned token frequencies only, so they say little
-    # about weight decay; the lr caused that stall (see PRESETS["tiny"]).
+    # Weight decay neither causes nor cures the stall that was blamed on it: on ko-en at the tiny scale (encoder MLM,
+    # 1000 steps) 0, 1e-4, 1e-3, 1e-2 and 0.1 end within 0.01 nats of each other at every lr, while the lr decides
+    # (3e-3 stays near the unigram plateau, 1e-3 is best; docs/RESULTS.md, section 5). 0.1, the usual BERT/GPT
+    # value for long runs, costs nothing here.
     weight_decay: float = 0.1  # decoupled AdamW weight decay (weight matrices only: not biases, norms, embeddings)
     beta1: float = 0.9  # AdamW decay of the gradient's running mean
     beta2: float = 0.98  # 0.98 rather than 0.999: steadier with short warmups on small batches (as in RoBERTa)

@@ -17,6 +17,7 @@ from fastlm import hf
 from fastlm.data.batches import CausalLMBatches, MaskedLMBatches, TranslationBatches
 from fastlm.data.corpus import ParallelCorpus, TokenizedCorpus, tokenizer_sha256
 from fastlm.models import DecoderLM, EncoderLM, ModelConfig, Seq2SeqLM
+from fastlm.models.seq2seq import DEFAULT_CROSS_ATTENTION_INIT
 from fastlm.tokenizer import Tokenizer
 from fastlm.train.config import TrainConfig, typed_overrides
 from fastlm.train.distributed import World
@@ -210,8 +211,8 @@ def starting_models(encoder: str | Path, decoder: str | Path, tokenizer: Tokeniz
 
 def finetune(encoder: str | Path, decoder: str | Path, tokenizer_path: str | Path, train_dir: str | Path,
              valid_dir: str | Path | None, run_dir: str | Path, config: TrainConfig, *,
-             cross_attention_init: str = "random", share_embeddings: bool = False, bleu_sentences: int = 64,
-             num_beams: int = 4, model_overrides: dict[str, str] | None = None, resume: bool = False,
+             cross_attention_init: str = DEFAULT_CROSS_ATTENTION_INIT, share_embeddings: bool = False,
+             bleu_sentences: int = 64, num_beams: int = 4, model_overrides: dict[str, str] | None = None, resume: bool = False,
              overwrite: bool = False, world: World | None = None) -> RunResult:
     """Merge an encoder and a decoder (pre-trained directories, or RANDOM for a fresh one: Rnd2Rnd, Enc2Rnd,
     Rnd2Dec) into a Seq2SeqLM and train it on prepared sentence pairs; BLEU and sample translations on the first
