@@ -192,39 +192,42 @@ def translation_section(experiment: Experiment, results: dict, figures: Path, ba
 
 
 def main_comparison(experiment: Experiment, results: dict) -> str:
-    """The four starts per level over the seeds of the main comparison (default cross-attention init, beam 4): the
-    mean, each start's difference from Rnd2Rnd, and whether that difference exceeds the seed noise (the largest
-    difference between two seeds of one start at that level)."""
+    """The starts per level over the seeds of the main comparison (default cross-attention init; test scores at
+    beam 4): the mean of each measure, each start's difference from Rnd2Rnd, and whether that difference exceeds
+    the measure's seed noise (the largest difference between two seeds of one start at that level)."""
     main_jobs = [(start, seed) for _, start, init, seed in experiment.finetune_jobs() if init == "random"]
     seeds = sorted({seed for _, seed in main_jobs})
     starts = list(dict.fromkeys(start for start, _ in main_jobs))
-    metrics = {"BLEU": "bleu", "chrF": "chrf"}
+    measures = {  # name -> the measure of a finished run's name, or None
+        "valid loss": lambda name: (results.get(f"finetune/{name}") or {}).get("final", {}).get("loss"),
+        "source gap": lambda name: results.get(f"source/{name}", {}).get("gap"),
+        "BLEU": lambda name: results.get(f"test/{name}-beam{BEAMS[-1]}", {}).get("bleu"),
+        "chrF": lambda name: results.get(f"test/{name}-beam{BEAMS[-1]}", {}).get("chrf"),
+    }
     rows = []
     for level in experiment.levels:
-        scores = {start: {name: [results.get(f"test/{finetune_name(level, start, 'random', seed)}-beam{BEAMS[-1]}",
-                                             {}).get(key) for seed in seeds] for name, key in metrics.items()}
-                  for start in starts}
-        complete = {start: s for start, s in scores.items() if None not in s["chrF"]}
-        noise = {name: max((max(s[name]) - min(s[name]) for s in complete.values()), default=None)
-                 for name in metrics}
-        baseline = complete.get("Rnd2Rnd")
-        for start, s in scores.items():
+        values = {start: {measure: [get(finetune_name(level, start, "random", seed)) for seed in seeds]
+                          for measure, get in measures.items()} for start in starts}
+        noise = {measure: max((max(v[measure]) - min(v[measure]) for v in values.values()
+                               if None not in v[measure]), default=None) for measure in measures}
+        means = {start: {measure: None if None in v[measure] else sum(v[measure]) / len(seeds)
+                         for measure in measures} for start, v in values.items()}
+        for start in starts:
             row = [level, start]
-            for name in metrics:
-                mean = sum(s[name]) / len(seeds) if start in complete else None
-                delta = mean - sum(baseline[name]) / len(seeds) if mean is not None and baseline else None
-                within = (delta is not None and start != "Rnd2Rnd" and noise[name] is not None and len(seeds) > 1
-                          and abs(delta) <= noise[name])
-                row += [" / ".join(fmt(v) for v in s[name]), mean,
-                        None if delta is None else f"{delta:+.2f}" + (" (within seed noise)" if within else "")]
+            for measure in measures:
+                mean, baseline = means[start][measure], means.get("Rnd2Rnd", {}).get(measure)
+                delta = None if mean is None or baseline is None else mean - baseline
+                within = (start != "Rnd2Rnd" and delta is not None and noise[measure] is not None
+                          and len(seeds) > 1 and abs(delta) <= noise[measure])
+                row += [mean, None if delta is None else f"{delta:+.3g}" + (" (within seed noise)" if within else "")]
             rows.append(row)
         if len(seeds) > 1:
-            rows.append([level, "seed noise", "", noise["BLEU"], "", "", noise["chrF"], ""])
-    return (f"### The main comparison over seeds {', '.join(map(str, seeds))} (beam {BEAMS[-1]})\n\n"
-            "Seed noise is the largest difference between the two seeds of one start at that level; a difference "
-            "from Rnd2Rnd no larger than it is marked *within seed noise*.\n\n"
-            + table(["level", "start", "BLEU per seed", "BLEU mean", "vs Rnd2Rnd", "chrF per seed", "chrF mean",
-                     "vs Rnd2Rnd"], rows))
+            rows.append([level, "seed noise", *[cell for measure in measures for cell in (noise[measure], "")]])
+    head = ["level", "start"] + [f"{measure} {column}" for measure in measures for column in ("mean", "vs Rnd2Rnd")]
+    return (f"### The main comparison: means over seeds {', '.join(map(str, seeds))} (test scores at beam "
+            f"{BEAMS[-1]})\n\nSeed noise is the largest difference between the seeds of one start at that level; a "
+            "difference from Rnd2Rnd no larger than it is marked *within seed noise*. Each seed's numbers are in the "
+            "table above.\n\n" + table(head, rows))
 
 
 def samples(experiment: Experiment, results: dict) -> str:
