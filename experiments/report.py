@@ -5,6 +5,7 @@ on top. Reads only OUT/results/**.json, so it runs anywhere the results were cop
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -56,7 +57,7 @@ def header(experiment: Experiment, results: dict) -> str:
         f"{scale['batch_size']}, pre-training {scale['pretrain']} steps, plateau runs {scale['plateau']}, "
         f"translation {scale['finetune']}, weight-decay sweep {scale['sweep']}; evaluation every "
         f"{scale['eval_interval']} steps on the valid split; test scores only on the test split. "
-        f"Data: `{experiment.data}`. A GPU reruns everything at `--preset small` (or `base`).",
+        f"Data: `{os.path.relpath(experiment.data, REPO)}`. A GPU reruns everything at `--preset small` (or `base`).",
     ])
 
 
