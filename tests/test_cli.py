@@ -353,7 +353,8 @@ def test_tokenizer_train_reports_progress_and_never_replaces_a_tokenizer_unasked
 
     output = tmp_path / "tok.json"
     first = fastlm("tokenizer", "train", "--input", workspace / "valid.en", "--vocab-size", "400", "--output", output)
-    counting, merging = first.stderr.strip().splitlines()
+    # (a small corpus may also warn that vocab_size=400 is out of reach)
+    counting, merging = [line for line in first.stderr.splitlines() if line.startswith("tokenizer: ")]
     assert re.fullmatch(r"tokenizer: counting byte-level pre-tokens: [\d,]+ bytes \(.*\)", counting)
     merges = re.fullmatch(r"tokenizer: merges toward vocab_size=400: (\d+) merges \(.*\)", merging)
     assert int(merges[1]) == len(Tokenizer.load(output)._merges) > 0
