@@ -572,10 +572,14 @@ def test_ctrl_c_stops_training_within_a_merge_and_the_progress_counts_merges(dem
         if totals.get("merges") == 5:
             signal.raise_signal(signal.SIGINT)  # Python's handler: KeyboardInterrupt, raised in the native loop
 
-    with monkeypatch.context() as patch:
-        patch.setattr(fastlm.tokenizer.Progress, "reached", reached)
-        with pytest.raises(KeyboardInterrupt):
-            Tokenizer.train(demo_files, vocab_size=900, level="byte", progress=True)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # another test may have left its own
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(fastlm.tokenizer.Progress, "reached", reached)
+            with pytest.raises(KeyboardInterrupt):
+                Tokenizer.train(demo_files, vocab_size=900, level="byte", progress=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     merges = [report["merges"] for report in reports if "merges" in report]
     assert merges[:6] == [1, 2, 3, 4, 5, 6][:len(merges)] and len(merges) <= 6
     assert any("bytes" in report for report in reports)  # the counting reported too
