@@ -41,7 +41,7 @@ def test_quick_grid_runs_every_stage_then_skips_it_all(tmp_path, ko_en_dir):
     test = json.loads((out / "results" / "test" / "byte-Enc2Dec-random-seed0-beam4.json").read_text())
     assert {"bleu", "chrf", "best", "worst"} <= set(test)
     assert len((out / "translations" / "byte-Enc2Dec-random-seed0-beam4.en").read_text().splitlines()) == \
-        len((out / "data" / "test.en").read_text().splitlines())
+        len((out / "data" / "quick" / "test.en").read_text().splitlines())
 
     again = experiment("--data", ko_en_dir, "--out", out)
     assert "$ fastlm" not in again.stdout, again.stdout  # nothing ran: every job was finished
