@@ -34,6 +34,7 @@ import fcntl
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -45,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the fastlm next to this script, for the statistics and the report
 
-STAGES = ("tokenizers", "plateau", "pretrain", "finetune", "sweep")
+STAGES = ("tokenizers", "plateau", "pretrain", "finetune", "sweep", "recipe")
 LEVELS = ("byte", "char")
 VOCAB_SIZES = (8000, 16000, 32000)
 TRAIN_VOCAB = 8000  # the vocabulary of every pre-training and translation run (the plateau stage also tries others)
@@ -68,11 +69,11 @@ SAMPLES = 3  # good and bad sample translations kept per test result
 # 2000 (1.4 epochs), after which both pre-trainings were still improving (docs/RESULTS.md).
 SCALES = {
     "tiny": dict(batch_size=32, max_len=128, pretrain=10000, plateau=1000, finetune=1000, sweep=1000,
-                 eval_interval=500),
+                 recipe_epochs=3, eval_interval=500),
     "small": dict(batch_size=64, max_len=128, pretrain=10000, plateau=3000, finetune=10000, sweep=3000,
-                  eval_interval=500),
+                  recipe_epochs=10, eval_interval=500),
     "base": dict(batch_size=64, max_len=512, pretrain=20000, plateau=5000, finetune=20000, sweep=5000,
-                 eval_interval=1000),
+                 recipe_epochs=10, eval_interval=1000),
 }
 # --quick: every stage in minutes, on a few hundred lines, a micro model and a handful of steps.
 QUICK_LINES = {"train": 300, "valid": 24, "test": 24}
@@ -86,7 +87,8 @@ HELDOUT_SEED = 0
 QUICK_VOCAB_SIZES = (1100,)  # above the char level's alphabet of a few hundred lines (~940)
 QUICK_STARTS = ("Rnd2Rnd", "Enc2Dec")  # a random and a pre-trained side each (the CLI tests cover the mixed ones)
 QUICK_MODEL = {"d_model": "32", "n_layers": "1", "n_heads": "2", "d_ff": "64"}
-QUICK_SCALE = dict(batch_size=8, max_len=64, pretrain=4, plateau=4, finetune=4, sweep=4, eval_interval=2)
+QUICK_SCALE = dict(batch_size=8, max_len=64, pretrain=4, plateau=4, finetune=4, sweep=4, recipe_epochs=0.1,
+                   eval_interval=2)
 
 # Plateau variants: TrainConfig (--KEY) and ModelConfig (--model.KEY) overrides of the baseline, which is the
 # issue's stalled run (byte level 8k, lr 1e-3, warmup 30, mask 15%, pre-norm, learned positions); "vocab" picks
@@ -121,6 +123,18 @@ ENCODER_SETTINGS = {"mask_prob": "0.4"}
 # The preset's lr 1e-3, with which the decoder learned in the issue (perplexity 205 after 1000 steps). 3e-3 was
 # better for the decoder alone at 400 steps (TrainConfig's comments) but is untried with rope.
 DECODER_SETTINGS: dict[str, str] = {}
+# The recipe stage: which of the low-resource settings of Sennrich & Zhang (2019, "Revisiting Low-Resource NMT")
+# help on this data: dropout in more places and higher, smaller batches, a smaller vocabulary, label smoothing.
+# Each is one change to the base (Rnd2Rnd, char level, the grid's architecture, batch 32, dropout 0.1), trained for
+# the same number of epochs and scored on the valid split (news dev; the test splits stay unseen). "vocab" picks
+# the tokenizer (char level); a setting the base already has is left out.
+RECIPE = {
+    "base": {},
+    "dropout0.3": {"model.dropout": "0.3", "model.attn_dropout": "0.1"},
+    "batch16": {"batch_size": "16"},
+    "vocab4k": {"vocab": "4000"},
+}
+QUICK_RECIPE = ("base", "batch16")
 WEIGHT_DECAYS = ("0", "1e-4", "1e-3", "1e-2", "1e-1")
 SWEEP_LRS = ("3e-4", "1e-3", "3e-3")
 QUICK_SWEEP = (("0", "1e-3"),)
@@ -321,9 +335,10 @@ class Experiment:
 
     # ----- training jobs -----
 
-    def train_options(self, stage: str, seed: int = 0) -> list[str]:
-        steps = self.scale[stage]
-        options = ["--preset", self.preset, "--max_steps", steps, "--batch_size", self.scale["batch_size"],
+    def train_options(self, stage: str, seed: int = 0, steps: int | None = None,
+                      batch_size: int | None = None) -> list[str]:
+        steps = steps or self.scale[stage]
+        options = ["--preset", self.preset, "--max_steps", steps, "--batch_size", batch_size or self.scale["batch_size"],
                    "--max_len", self.scale["max_len"],
                    "--eval_interval", self.scale["eval_interval"], "--checkpoint_interval",
                    self.scale["eval_interval"], "--eval_batches", "20", "--seed", seed, "--progress", "false"]
@@ -533,6 +548,59 @@ class Experiment:
                        "--valid", self.corpus(tokenizer, "valid", "ko"),
                        *self.train_options("sweep"), *self.model_options(), *overrides(settings)]
             self.train("sweep", f"wd{weight_decay}-lr{lr}", command, (tokenizer_key,))
+
+    def stage_recipe(self) -> None:
+        pairs = len(self.source("train", "ko").read_text(encoding="utf-8").splitlines())
+        for name in QUICK_RECIPE if self.quick else tuple(RECIPE):
+            if not self.wanted(f"recipe/{name}"):
+                continue
+            settings = dict(RECIPE[name])
+            tokenizer, tokenizer_key = self.tokenizer("char", int(settings.pop("vocab", self.train_vocab)))
+            batch_size = int(settings.pop("batch_size", self.scale["batch_size"]))
+            steps = max(1, math.ceil(self.scale["recipe_epochs"] * pairs / batch_size))
+            command = ["finetune", "--encoder", "random", "--decoder", "random", "--tokenizer", tokenizer,
+                       "--train", self.corpus(tokenizer, "train", "ko-en"),
+                       "--valid", self.corpus(tokenizer, "valid", "ko-en"), "--bleu-sentences", "0",
+                       *self.train_options("recipe", steps=steps, batch_size=batch_size),
+                       *self.model_options(), *overrides(settings)]
+            if self.train("recipe", name, command, (tokenizer_key,)):
+                self.score_valid(name, tokenizer, self.job_key(command, tokenizer_key))
+
+    def score_valid(self, name: str, tokenizer: Path, model_key: str) -> None:
+        """A recipe model on the whole valid split: its loss per target character (comparable across vocabularies,
+        where the loss per token is not) and greedy BLEU and chrF."""
+        model = self.run_dir("recipe", name) / "model"
+        evaluation = ["eval", "--model", model, "--tokenizer", tokenizer,
+                      "--data", self.corpus(tokenizer, "valid", "ko-en"), "--batch_size", "32",
+                      "--max_len", str(self.scale["max_len"])]
+        translation = ["translate", "--model", model, "--tokenizer", tokenizer, "--input", self.source("valid", "ko"),
+                       "--beam", "1", "--max-new-tokens", str(self.scale["max_len"])]
+        key = self.job_key([*evaluation, *translation], model_key)
+        if self.finished("valid", name, key):
+            return
+        with self.claim("valid", name) as mine:
+            if not mine or self.finished("valid", name, key, quiet=True):
+                return
+            scores = self.out / "valid" / f"{name}.json"
+            scores.parent.mkdir(parents=True, exist_ok=True)
+            with open(scores, "w", encoding="utf-8") as f:
+                self.fastlm(*evaluation, stdout=f)
+            loss = json.loads(scores.read_text(encoding="utf-8"))["loss"]
+            references = self.source("valid", "en").read_text(encoding="utf-8").splitlines()
+            from fastlm import Tokenizer
+
+            # What the loss averaged over: each target with its </s>, cut at max_len as the batches cut it.
+            targets = sum(min(len(ids) + 1, self.scale["max_len"])
+                          for ids in Tokenizer.load(tokenizer).encode_batch(references))
+            characters = sum(len(line) + 1 for line in references)  # + the end of the sentence
+            output = self.out / "translations" / f"valid-{name}.en"
+            output.parent.mkdir(parents=True, exist_ok=True)
+            with open(output, "w", encoding="utf-8") as f:
+                seconds = self.fastlm(*translation, stdout=f)
+            hypotheses = output.read_text(encoding="utf-8").splitlines()
+            sources = self.source("valid", "ko").read_text(encoding="utf-8").splitlines()
+            self.save("valid", name, {"key": key, "loss": loss, "loss_per_char": loss * targets / characters,
+                                      "seconds": seconds, **test_scores(sources, hypotheses, references)})
 
 
 # ----- helpers -----
