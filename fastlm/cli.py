@@ -23,6 +23,7 @@ from pathlib import Path
 from fastlm.generation import GENERATION_DEFAULTS
 from fastlm.models.seq2seq import CROSS_ATTENTION_INITS, DEFAULT_CROSS_ATTENTION_INIT
 from fastlm.train.config import PRESETS, ConfigError, parse_overrides, resolve
+from fastlm.train.plot import DEFAULT_SMOOTHING
 from fastlm.train.tasks import RANDOM
 from fastlm.train.trainer import TrainingDiverged, TrainingInterrupted
 
@@ -227,9 +228,9 @@ def cmd_export(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from fastlm.train.plot import plot_run
+    from fastlm.train.plot import plot_runs
 
-    print(plot_run(args.run_dir, args.output))
+    print(plot_runs(args.run_dirs, args.output, smoothing=args.smoothing))
 
 
 def cmd_demo(args) -> None:
@@ -402,9 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace --output if it is not empty")
     export.set_defaults(run=cmd_export)
 
-    plot = commands.add_parser("plot", help="draw a run's loss curves to PNG")
-    plot.add_argument("run_dir", help="run directory (with metrics.jsonl)")
-    plot.add_argument("--output", help="PNG path (default: RUN_DIR/loss.png)")
+    plot = commands.add_parser("plot", help="draw the loss curves of runs to PNG, several runs overlaid")
+    plot.add_argument("run_dirs", nargs="+", metavar="run_dir", help="run directories (with metrics.jsonl)")
+    plot.add_argument("--output", help="PNG path (default: RUN_DIR/loss.png for one run, ./loss.png for several)")
+    plot.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING,
+                      help="weight of the past in the moving average of the training loss, in [0, 1) (0: raw only)")
     plot.set_defaults(run=cmd_plot)
 
     demo = commands.add_parser("demo", help="the whole pipeline on the bundled ko-en sample (~3 min on 2 cores)")

@@ -23,7 +23,7 @@ from fastlm.tokenizer import Tokenizer
 from fastlm.train.config import TrainConfig, typed_overrides
 from fastlm.train.distributed import World
 from fastlm.train.evaluation import corpus_bleu, evaluate_loss
-from fastlm.train.plot import plot_run
+from fastlm.train.plot import plot_runs
 from fastlm.train.trainer import Trainer
 
 MODEL_CLASSES = {cls.__name__: cls for cls in (EncoderLM, DecoderLM, Seq2SeqLM)}
@@ -156,7 +156,7 @@ def _train(model, train_batches, valid_batches, config: TrainConfig, run_dir: Pa
     metrics = trainer.fit()
     trainer.export_model(run_dir / "model", {"tokenizer_sha256": tokenizer_sha256(tokenizer)})
     if trainer.world.is_main:
-        plot_run(run_dir)
+        plot_runs([run_dir])
     return RunResult(run_dir, run_dir / "model", metrics, time.perf_counter() - started)
 
 
