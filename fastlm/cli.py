@@ -20,8 +20,10 @@ import typing
 import warnings
 from pathlib import Path
 
+from fastlm.generation import GENERATION_DEFAULTS
 from fastlm.models.seq2seq import CROSS_ATTENTION_INITS, DEFAULT_CROSS_ATTENTION_INIT
 from fastlm.train.config import PRESETS, ConfigError, parse_overrides, resolve
+from fastlm.train.plot import DEFAULT_SMOOTHING
 from fastlm.train.tasks import RANDOM
 from fastlm.train.trainer import TrainingDiverged, TrainingInterrupted
 
@@ -226,9 +228,9 @@ def cmd_export(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from fastlm.train.plot import plot_run
+    from fastlm.train.plot import plot_runs
 
-    print(plot_run(args.run_dir, args.output))
+    print(plot_runs(args.run_dirs, args.output, smoothing=args.smoothing))
 
 
 def cmd_demo(args) -> None:
@@ -367,15 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--share-embeddings", action="store_true",
                           help="one embedding table for encoder, decoder and output layer")
     finetune.add_argument("--bleu-sentences", type=int, default=64, help="validation pairs translated for BLEU")
-    finetune.add_argument("--beam", type=int, default=4, help="beam width of those translations")
+    finetune.add_argument("--beam", type=int, default=GENERATION_DEFAULTS.num_beams,
+                          help="beam width of those translations")
     finetune.set_defaults(run=cmd_finetune, takes_overrides=True)
 
     translate = commands.add_parser("translate", help="translate sentences (arguments, --input FILE, or stdin)")
     translate.add_argument("--model", required=True, help="fine-tuned model (run or model directory)")
     translate.add_argument("--tokenizer", required=True, help="the tokenizer the model was trained with")
     translate.add_argument("--input", help="file with one sentence per line")
-    translate.add_argument("--beam", type=int, default=4, help="beam width (1: greedy)")
-    translate.add_argument("--max-new-tokens", type=int, default=64, help="longest translation, in tokens")
+    translate.add_argument("--beam", type=int, default=GENERATION_DEFAULTS.num_beams, help="beam width (1: greedy)")
+    translate.add_argument("--max-new-tokens", type=int, default=GENERATION_DEFAULTS.max_new_tokens,
+                           help="longest translation, in tokens")
     translate.add_argument("--batch-size", type=int, default=32, help="sentences translated together")
     translate.add_argument("text", nargs="*", help="sentences (default: one per line from stdin)")
     translate.set_defaults(run=cmd_translate)
@@ -388,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="batch shape preset")
     evaluate.add_argument("--bleu-sentences", type=int, default=0,
                           help="pairs translated for BLEU (translation models; 0: no BLEU)")
-    evaluate.add_argument("--beam", type=int, default=4, help="beam width of those translations")
+    evaluate.add_argument("--beam", type=int, default=GENERATION_DEFAULTS.num_beams,
+                          help="beam width of those translations")
     evaluate.set_defaults(run=cmd_eval, takes_overrides=True)
 
     export = commands.add_parser("export", help="write a model as a Hugging Face transformers directory")
@@ -398,9 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace --output if it is not empty")
     export.set_defaults(run=cmd_export)
 
-    plot = commands.add_parser("plot", help="draw a run's loss curves to PNG")
-    plot.add_argument("run_dir", help="run directory (with metrics.jsonl)")
-    plot.add_argument("--output", help="PNG path (default: RUN_DIR/loss.png)")
+    plot = commands.add_parser("plot", help="draw the loss curves of runs to PNG, several runs overlaid")
+    plot.add_argument("run_dirs", nargs="+", metavar="run_dir", help="run directories (with metrics.jsonl)")
+    plot.add_argument("--output", help="PNG path (default: RUN_DIR/loss.png for one run, ./loss.png for several)")
+    plot.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING,
+                      help="weight of the past in the moving average of the training loss, in [0, 1) (0: raw only)")
     plot.set_defaults(run=cmd_plot)
 
     demo = commands.add_parser("demo", help="the whole pipeline on the bundled ko-en sample (~3 min on 2 cores)")

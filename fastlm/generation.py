@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,6 +20,22 @@ from fastlm.models.base import run_checks, token_checks
 STRATEGIES = ("greedy", "sample", "beam")
 
 
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """How fastlm decodes unless told otherwise, in one place: generate(), `fastlm translate`, BLEU at evaluation and
+    `fastlm export` (which writes these into generation_config.json, so that transformers' generate() decodes an
+    exported model as fastlm does) all read them from here. Field names are transformers' GenerationConfig names."""
+
+    max_new_tokens: int = 64       # longest output, </s> included
+    num_beams: int = 4             # beam width (translation decodes by beam search; generate()'s default is greedy)
+    length_penalty: float = 1.0    # a finished hypothesis scores sum(log p) / generated_length ** length_penalty
+    early_stopping: bool = True    # end an input once it has num_beams finished hypotheses (False: once none can win)
+    no_repeat_ngram_size: int = 0  # size of the n-grams that may not repeat in an output (0: any may repeat)
+
+
+GENERATION_DEFAULTS = GenerationDefaults()
+
+
 @torch.no_grad()
 def generate(
     model: DecoderLM | Seq2SeqLM,
@@ -27,14 +44,14 @@ def generate(
     *,
     src_ids: Tensor | None = None,
     src_lengths: Tensor | None = None,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = GENERATION_DEFAULTS.max_new_tokens,
     strategy: str = "greedy",
-    num_beams: int = 4,
+    num_beams: int = GENERATION_DEFAULTS.num_beams,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    length_penalty: float = 1.0,
-    early_stopping: bool = True,
+    length_penalty: float = GENERATION_DEFAULTS.length_penalty,
+    early_stopping: bool = GENERATION_DEFAULTS.early_stopping,
     num_return_sequences: int = 1,
     use_cache: bool = True,
     generator: torch.Generator | None = None,

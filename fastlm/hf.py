@@ -13,22 +13,27 @@ embeddings and fastlm's pre-norm stack does not. One training-only difference re
 dropout on the feed-forward branch. What no architecture expresses (rotary or sinusoidal positions, SwiGLU,
 grouped-query attention, a post-norm GPT-2) is refused with the field that says so, never approximated.
 
+An export carries fastlm's decoding defaults in generation_config.json, so that transformers' generate() without
+options returns fastlm's beam-search tokens; only the filler after </s> may differ (transformers fills with
+pad_token_id, or with </s> when pad_token_id is 0).
+
 `transformers` is an optional dependency (`pip install -e ".[hf]"`), imported only when a function here needs it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from fastlm.generation import GENERATION_DEFAULTS
 from fastlm.models import DecoderLM, EncoderLM, ModelConfig, Seq2SeqLM
 from fastlm.models.base import LanguageModel
 from fastlm.tokenizer import Tokenizer
@@ -63,7 +68,7 @@ def transformers_module():
 
 # ----- weights: one table per architecture, read in both directions -----
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Link:
     """The fastlm tensors `ours` stored as the transformers tensor `theirs`.
 
@@ -284,9 +289,23 @@ def to_transformers(model: LanguageModel):
         config = model.config
         start = model.decoder_start_id if isinstance(model, Seq2SeqLM) else None
         hf_model.generation_config.update(decoder_start_token_id=start, bos_token_id=config.bos_id,
-                                          eos_token_id=config.eos_id, pad_token_id=config.pad_id)
+                                          eos_token_id=config.eos_id, pad_token_id=config.pad_id,
+                                          **_generation_settings(config))
     like = next(model.parameters())
     return hf_model.to(device=like.device, dtype=like.dtype).train(model.training)
+
+
+def _generation_settings(decoder_config: ModelConfig) -> dict[str, Any]:
+    """fastlm's decoding defaults as GenerationConfig fields: transformers' generate() without options then decodes
+    as `fastlm translate` (a decoder: as generate(strategy="beam")) does, with the same beam width, length penalty
+    and early stopping. Both divide a finished hypothesis' summed log-probability by its generated length, </s>
+    included, the start token or prompt not.
+
+    max_new_tokens is capped at the decoder's max_seq_len, the most fastlm generates after a one-token prompt (a
+    translator's start token): past it transformers would index beyond the position table where fastlm refuses."""
+    settings = dataclasses.asdict(GENERATION_DEFAULTS)
+    settings["max_new_tokens"] = min(settings["max_new_tokens"], decoder_config.max_seq_len)
+    return settings
 
 
 def from_transformers(hf_model) -> LanguageModel:

@@ -484,5 +484,5 @@ def test_readme_command_lines_use_only_what_earlier_lines_make():
             if value is not None:
                 assert value in made, f"{line!r}: {value} is made by no earlier command line"
         if words[0] == "plot":
-            assert args.run_dir in made, line
+            assert set(args.run_dirs) <= made, line
         made.update(value for value in (getattr(args, "output", None), getattr(args, "run_dir", None)) if value)

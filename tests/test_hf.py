@@ -3,6 +3,7 @@ round trip fastlm -> transformers -> fastlm is bitwise exact, and what has no eq
 
 import json
 import sys
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 transformers = pytest.importorskip("transformers")
 
 from fastlm import hf  # noqa: E402
-from fastlm.generation import generate  # noqa: E402
+from fastlm.generation import GENERATION_DEFAULTS, generate  # noqa: E402
 from fastlm.models import DecoderLM, EncoderLM, ModelConfig, Seq2SeqLM  # noqa: E402
 from fastlm.models.base import IGNORE_INDEX  # noqa: E402
 from fastlm.tokenizer import Tokenizer  # noqa: E402
@@ -127,6 +128,45 @@ def test_causal_lm_greedy_generation_matches():
     assert torch.equal(generated[:, 5:], expected)
 
 
+def until_first_eos(ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Rows with pad_id after their first eos_id: transformers fills beam outputs with eos when pad_id is 0."""
+    after_eos = (ids == eos_id).long().cumsum(dim=1).cumsum(dim=1) > 1
+    return ids.masked_fill(after_eos, pad_id)
+
+
+@pytest.mark.parametrize("kind, seed", [("seq2seq", 1), ("decoder", 9)])   # seeds where early stopping matters
+def test_transformers_generate_with_the_exported_settings_is_fastlms_beam_search(kind, seed):
+    """generate() without options, i.e. with the generation config of the export, returns fastlm's beam search
+    token for token. The README's snippet once looped where `fastlm translate` stopped: transformers' own default is
+    early_stopping=False, and it matters for these models (checked, so the test keeps covering that case)."""
+    # 13 tokens make </s> likely enough that hypotheses end at different steps; positions leave the default
+    # max_new_tokens uncapped after the longest prompt.
+    config = micro_config(vocab_size=13, max_seq_len=GENERATION_DEFAULTS.max_new_tokens + 8)
+    lengths = [5, 9, 3, 8, 1, 6]
+    if kind == "seq2seq":
+        model = randomised(Seq2SeqLM(config, replace(config, n_layers=1)), seed)
+        src, src_lengths = padded_batch(config, lengths, seed)
+        inputs = dict(src_ids=src, src_lengths=src_lengths)
+        generated = hf.to_transformers(model).generate(input_ids=src,
+                                                       attention_mask=real_tokens(src_lengths, src.shape[1]).long())
+        prompt_width = 1   # the decoder start token
+    else:
+        model = randomised(DecoderLM(config), seed)
+        ids, prompt_lengths = padded_batch(config, lengths, seed)
+        inputs = dict(input_ids=ids, lengths=prompt_lengths)
+        # transformers continues prompts padded on the left, as the exported tokenizer pads them.
+        prompt_width = ids.shape[1]
+        padding = prompt_width - prompt_lengths
+        left = torch.stack([row.roll(int(n)) for row, n in zip(ids, padding)])
+        left_mask = torch.arange(prompt_width)[None] >= padding[:, None]
+        generated = hf.to_transformers(model).generate(input_ids=left, attention_mask=left_mask.long())
+    expected = generate(model, **inputs, strategy="beam")
+    theirs = generated[:, prompt_width:]
+    assert theirs.shape == expected.shape
+    assert torch.equal(until_first_eos(theirs, config.eos_id, config.pad_id), expected)
+    assert not torch.equal(generate(model, **inputs, strategy="beam", early_stopping=False), expected)
+
+
 def test_round_trip_keeps_bfloat16_weights_exactly():
     model = randomised(Seq2SeqLM(micro_config(), micro_config())).to(torch.bfloat16)
     twin = hf.to_transformers(model)
@@ -166,6 +206,12 @@ def test_exported_directory_loads_with_auto_classes_and_imports_back(kind, token
         assert hf_tokenizer(text)["input_ids"] == ([tokenizer.bos_id, *ids, tokenizer.eos_id] if wrapped else ids)
     assert hf_tokenizer.pad_token_id == tokenizer.pad_id and hf_tokenizer.eos_token_id == tokenizer.eos_id
     assert hf_tokenizer.mask_token_id == tokenizer.mask_id
+    if kind in ("decoder", "seq2seq"):
+        expected = {**asdict(GENERATION_DEFAULTS), "max_new_tokens": 32}   # capped at the decoder's max_seq_len
+        # A fastlm default that transformers does not know would be lost: it needs a mapping in the export.
+        assert [name for name in expected if not hasattr(transformers.GenerationConfig(), name)] == []
+        settings = transformers.GenerationConfig.from_pretrained(directory, local_files_only=True)
+        assert {name: getattr(settings, name) for name in expected} == expected
 
 
 def test_export_refuses_a_non_empty_directory_unless_told(tokenizer, tmp_path):

@@ -1,4 +1,5 @@
-"""What a run reports: one JSON object per line in `metrics.jsonl`, and a progress bar on stderr."""
+"""What a run reports: one JSON object per line in `metrics.jsonl`, the same numbers as TensorBoard curves (when the
+tensorboard package is installed), and a progress bar on stderr."""
 
 from __future__ import annotations
 
@@ -32,6 +33,60 @@ class MetricsLog:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         tmp.replace(self.path)
+
+
+class TensorBoardLog:
+    """The numbers of the metrics records as TensorBoard scalars, tagged "kind/name" ("train/loss", "eval/bleu"),
+    and the run's config as text, in event files beside metrics.jsonl: `tensorboard --logdir runs` then shows each
+    run under its directory's name. Needs the tensorboard package (the extra `pip install -e ".[tensorboard]"`);
+    without it nothing is written, and training goes on as before."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.config: dict | None = None  # the run's config, written as text when the first record opens the file
+        self._writer = None
+        self._purge_step: int | None = None
+
+    def write(self, kind: str, step: int, **values) -> None:
+        writer = self._open()
+        if writer is None:
+            return
+        for name, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(f"{kind}/{name}", value, step)
+
+    def _open(self):
+        """The writer, opened at the first record (a run that fails before its first step leaves no event file,
+        as it leaves no metrics), with the config as text; None when disabled or tensorboard is not installed."""
+        if self._writer is None and self.enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.enabled = False
+                return None
+            purge_step, self._purge_step = self._purge_step, None
+            self._writer = SummaryWriter(str(self.run_dir), purge_step=purge_step)
+            if self.config is not None:
+                # A code block: TensorBoard renders text as Markdown.
+                text = "```\n" + json.dumps(self.config, indent=2) + "\n```"
+                self._writer.add_text("config", text, purge_step or 0)
+        return self._writer
+
+    def truncate_after(self, step: int) -> None:
+        """Hide the events past `step` (a resumed run redoes those steps): the next event file starts with
+        TensorBoard's purge marker at step + 1, and TensorBoard drops what earlier files hold from that step on."""
+        self.close()
+        self._purge_step = step + 1
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def read_records(path: str | Path, kind: str | None = None) -> list[dict]:

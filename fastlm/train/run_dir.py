@@ -1,8 +1,8 @@
 """What a run directory holds, so that a new run never mixes with, nor silently replaces, an earlier one.
 
-A run writes `config.json`, `metrics.jsonl`, `loss.png`, `checkpoints/` and `model/`. Starting a run where those
-exist is refused unless the caller resumes the earlier run or asks to overwrite it; overwriting removes only those
-files, never anything else a user keeps in the directory.
+A run writes `config.json`, `metrics.jsonl`, `loss.png`, TensorBoard event files, `checkpoints/` and `model/`.
+Starting a run where those exist is refused unless the caller resumes the earlier run or asks to overwrite it;
+overwriting removes only those files, never anything else a user keeps in the directory.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 
 RUN_FILES = ("config.json", "metrics.jsonl", "loss.png")
+# TensorBoard's event files (events.out.tfevents.<time>.<host>.<pid>.<n>): one per writer a run opened.
+EVENT_FILES = re.compile(r"^events\.out\.tfevents\.")
 # The files a run writes inside its subdirectories (checkpoint steps, best.pt and interrupted temporary files;
 # the saved model), removed one by one so that a user's own file there survives an overwrite.
 RUN_SUBDIR_FILES = {
@@ -27,6 +29,8 @@ def earlier_run_files(run_dir: str | Path) -> list[Path]:
     """The files of an earlier run in `run_dir` (empty when it holds none)."""
     run_dir = Path(run_dir)
     found = [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
+    if run_dir.is_dir():
+        found += sorted(path for path in run_dir.iterdir() if EVENT_FILES.match(path.name) and path.is_file())
     for subdir, pattern in RUN_SUBDIR_FILES.items():
         if (run_dir / subdir).is_dir():
             found += sorted(path for path in (run_dir / subdir).iterdir() if pattern.match(path.name))

@@ -16,13 +16,14 @@ import torch
 from fastlm import hf
 from fastlm.data.batches import CausalLMBatches, MaskedLMBatches, TranslationBatches
 from fastlm.data.corpus import ParallelCorpus, TokenizedCorpus, tokenizer_sha256
+from fastlm.generation import GENERATION_DEFAULTS, generate
 from fastlm.models import DecoderLM, EncoderLM, ModelConfig, Seq2SeqLM
 from fastlm.models.seq2seq import DEFAULT_CROSS_ATTENTION_INIT
 from fastlm.tokenizer import Tokenizer
 from fastlm.train.config import TrainConfig, typed_overrides
 from fastlm.train.distributed import World
 from fastlm.train.evaluation import corpus_bleu, evaluate_loss
-from fastlm.train.plot import plot_run
+from fastlm.train.plot import plot_runs
 from fastlm.train.trainer import Trainer
 
 MODEL_CLASSES = {cls.__name__: cls for cls in (EncoderLM, DecoderLM, Seq2SeqLM)}
@@ -155,7 +156,7 @@ def _train(model, train_batches, valid_batches, config: TrainConfig, run_dir: Pa
     metrics = trainer.fit()
     trainer.export_model(run_dir / "model", {"tokenizer_sha256": tokenizer_sha256(tokenizer)})
     if trainer.world.is_main:
-        plot_run(run_dir)
+        plot_runs([run_dir])
     return RunResult(run_dir, run_dir / "model", metrics, time.perf_counter() - started)
 
 
@@ -212,8 +213,9 @@ def starting_models(encoder: str | Path, decoder: str | Path, tokenizer: Tokeniz
 def finetune(encoder: str | Path, decoder: str | Path, tokenizer_path: str | Path, train_dir: str | Path,
              valid_dir: str | Path | None, run_dir: str | Path, config: TrainConfig, *,
              cross_attention_init: str = DEFAULT_CROSS_ATTENTION_INIT, share_embeddings: bool = False,
-             bleu_sentences: int = 64, num_beams: int = 4, model_overrides: dict[str, str] | None = None, resume: bool = False,
-             overwrite: bool = False, world: World | None = None) -> RunResult:
+             bleu_sentences: int = 64, num_beams: int = GENERATION_DEFAULTS.num_beams,
+             model_overrides: dict[str, str] | None = None, resume: bool = False, overwrite: bool = False,
+             world: World | None = None) -> RunResult:
     """Merge an encoder and a decoder (pre-trained directories, or RANDOM for a fresh one: Rnd2Rnd, Enc2Rnd,
     Rnd2Dec) into a Seq2SeqLM and train it on prepared sentence pairs; BLEU and sample translations on the first
     `bleu_sentences` validation pairs at every evaluation."""
@@ -238,11 +240,10 @@ def finetune(encoder: str | Path, decoder: str | Path, tokenizer_path: str | Pat
 
 
 @torch.no_grad()
-def translate_texts(model: Seq2SeqLM, tokenizer: Tokenizer, texts: list[str], *, num_beams: int = 4,
-                    max_new_tokens: int = 64, batch_size: int = 32) -> list[str]:
+def translate_texts(model: Seq2SeqLM, tokenizer: Tokenizer, texts: list[str], *,
+                    num_beams: int = GENERATION_DEFAULTS.num_beams,
+                    max_new_tokens: int = GENERATION_DEFAULTS.max_new_tokens, batch_size: int = 32) -> list[str]:
     """Beam-search translations of `texts`, each source encoded as in training: <s> sentence </s>, truncated."""
-    from fastlm.generation import generate
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -281,7 +282,7 @@ def _until_eos(ids: list[int], tokenizer: Tokenizer) -> list[int]:
 
 
 def evaluate(model_path: str | Path, tokenizer_path: str | Path, data_dir: str | Path, config: TrainConfig, *,
-             bleu_sentences: int = 0, num_beams: int = 4) -> dict:
+             bleu_sentences: int = 0, num_beams: int = GENERATION_DEFAULTS.num_beams) -> dict:
     """Loss, perplexity and accuracy of a saved model on a prepared corpus (parallel for a Seq2SeqLM, which also
     gets BLEU on its first `bleu_sentences` pairs)."""
     tokenizer = load_tokenizer(tokenizer_path)

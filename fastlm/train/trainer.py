@@ -35,7 +35,7 @@ from fastlm.train.checkpoint import (
 from fastlm.train.config import TrainConfig
 from fastlm.train.distributed import World
 from fastlm.train.evaluation import evaluate_loss, to_device
-from fastlm.train.metrics import MetricsLog, ProgressBar
+from fastlm.train.metrics import MetricsLog, ProgressBar, TensorBoardLog
 from fastlm.train.optim import build_optimizer, build_scheduler
 from fastlm.train.run_dir import refuse_or_clear
 
@@ -99,6 +99,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config)
         self.checkpoints = CheckpointDir(self.run_dir / "checkpoints", config.keep_last)
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.world.is_main)
+        self.curves = TensorBoardLog(self.run_dir, enabled=self.world.is_main)
 
         self.step = 0  # optimizer steps taken
         self.epoch = 0  # data position: the next step starts at global micro-batch `index` of `epoch`
@@ -125,6 +126,7 @@ class Trainer:
     def _save_run_config(self) -> None:
         record = {"train": self.config.to_dict(), **self.run_info, "world_size": self.world.world_size}
         (self.run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        self.curves.config = record
 
     def autocast(self) -> contextlib.AbstractContextManager:
         # bf16 autocast only where it pays off and is exact enough to train: CUDA. CPU stays fp32.
@@ -155,6 +157,7 @@ class Trainer:
             return self.checkpoints.save(payload, self.step, is_best=is_best)
 
         path = distributed.run_on_main(self.world, write_on_main)
+        self.curves.flush()  # a run resumed from this checkpoint finds every curve up to it on disk
         self.checkpointed_step = self.step
         return path
 
@@ -184,6 +187,7 @@ class Trainer:
         self.best_eval_loss, self.bad_steps = state["best_eval_loss"], state["bad_steps"]
         restore_rank_rng_state(state["rng"], self.world.rank, seed=self.config.seed, step=self.step)
         self.log.truncate_after(self.step)
+        self.curves.truncate_after(self.step)
         self.resumed, self.checkpointed_step = True, self.step
         return True
 
@@ -292,9 +296,10 @@ class Trainer:
             metrics = self.evaluate()
             metrics.pop("samples", None)
             return metrics
-        self._open_run()
-        with self._stop_on_signals(), self._prefetching():
-            return self._train_to_max_steps()
+        with contextlib.closing(self.curves):  # writes the buffered events, also when training stops on an error
+            self._open_run()
+            with self._stop_on_signals(), self._prefetching():
+                return self._train_to_max_steps()
 
     def _train_to_max_steps(self) -> dict:
         config = self.config
@@ -317,8 +322,8 @@ class Trainer:
                 continue
             self.bad_steps = 0
             lr = self.scheduler.get_last_lr()[0]
-            self.log.write("train", self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens,
-                           tokens_per_s=tokens_per_s, epoch=self.epoch)
+            self._log("train", self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens,
+                      tokens_per_s=tokens_per_s, epoch=self.epoch)
             progress.update(self.step, loss=loss, tokens_per_s=tokens_per_s)
             last_metrics = {"loss": loss}
             is_last = self.step == config.max_steps
@@ -368,11 +373,15 @@ class Trainer:
             self.stop_signal = signal.SIGINT if signalled[0] > 0 else signal.SIGTERM
         return self.stop_signal is not None
 
+    def _log(self, kind: str, step: int, **values) -> None:
+        self.log.write(kind, step, **values)
+        self.curves.write(kind, step, **values)
+
     def _evaluate_and_log(self, progress: ProgressBar) -> dict:
         metrics = self.evaluate()
         samples = metrics.pop("samples", None)
         if metrics:
-            self.log.write("eval", self.step, **metrics)
+            self._log("eval", self.step, **metrics)
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
             progress.message(f"eval step {self.step}: {shown}")
         for sample in samples or []:
@@ -381,7 +390,7 @@ class Trainer:
 
     def _handle_bad_step(self, loss: float, grad_norm: float, progress: ProgressBar) -> None:
         self.bad_steps += 1
-        self.log.write("skip", self.step, loss=loss, grad_norm=grad_norm, consecutive=self.bad_steps)
+        self._log("skip", self.step, loss=loss, grad_norm=grad_norm, consecutive=self.bad_steps)
         progress.message(f"step {self.step + 1}: non-finite loss {loss} or gradient norm {grad_norm}; "
                          f"step skipped ({self.bad_steps}/{self.config.max_bad_steps} in a row)")
         if self.bad_steps >= self.config.max_bad_steps:

@@ -12,7 +12,7 @@ import pytest
 
 from fastlm.train import TrainConfig, Trainer, TrainingInterrupted
 from fastlm.train.metrics import read_records
-from fastlm.train.run_dir import RunDirectoryInUse
+from fastlm.train.run_dir import RunDirectoryInUse, refuse_or_clear
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer import TOY_SCRIPT, run_toy, subprocess_env, toy_config, train_losses  # noqa: E402
@@ -37,6 +37,16 @@ def test_fit_refuses_an_earlier_run_and_overwrite_replaces_only_its_files(tmp_pa
     assert [step for step, _ in train_losses(tmp_path)] == [1, 2, 3]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.pt", "keep.txt", "step-00000003.pt"]
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_tensorboard_event_files_are_the_run_s_and_go_with_an_overwrite(tmp_path):
+    events = tmp_path / "events.out.tfevents.1700000000.host.123.0"
+    events.write_bytes(b"")
+    (tmp_path / "events.txt").write_text("mine")
+    with pytest.raises(RunDirectoryInUse, match="events.out.tfevents"):
+        refuse_or_clear(tmp_path, overwrite=False)
+    refuse_or_clear(tmp_path, overwrite=True)
+    assert [path.name for path in tmp_path.iterdir()] == ["events.txt"]
 
 
 def test_a_run_that_failed_before_its_first_step_is_no_earlier_run(tmp_path):
