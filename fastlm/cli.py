@@ -128,12 +128,13 @@ def cmd_prepare(args) -> None:
 
 # ----- training -----
 
-def _configs(args, extra: list[str]):
-    """(TrainConfig, model overrides) from the preset and the `--key value` pairs argparse did not consume."""
+def _configs(args, extra: list[str], task: str | None = None):
+    """(TrainConfig, model overrides) from the preset, the task's defaults and the `--key value` pairs argparse did
+    not consume."""
     overrides = parse_overrides(extra)
     model_overrides = {k[len(MODEL_PREFIX):]: v for k, v in overrides.items() if k.startswith(MODEL_PREFIX)}
     train_overrides = {k: v for k, v in overrides.items() if not k.startswith(MODEL_PREFIX)}
-    return resolve(args.preset, train_overrides), model_overrides
+    return resolve(args.preset, train_overrides, task), model_overrides
 
 
 def _report(result, label: str) -> None:
@@ -157,7 +158,7 @@ def _distributed(run):
 def cmd_pretrain(args, extra: list[str]) -> None:
     from fastlm.train.tasks import pretrain
 
-    config, model_overrides = _configs(args, extra)
+    config, model_overrides = _configs(args, extra, "pretrain")
     result = _distributed(lambda world: pretrain(args.arch, args.tokenizer, args.train, args.valid, args.run_dir,
                                                  config, model_overrides=model_overrides, resume=args.resume,
                                                  overwrite=args.overwrite, world=world))
@@ -168,7 +169,7 @@ def cmd_pretrain(args, extra: list[str]) -> None:
 def cmd_finetune(args, extra: list[str]) -> None:
     from fastlm.train.tasks import finetune
 
-    config, model_overrides = _configs(args, extra)
+    config, model_overrides = _configs(args, extra, "finetune")
     result = _distributed(lambda world: finetune(
         args.encoder, args.decoder, args.tokenizer, args.train, args.valid, args.run_dir, config,
         cross_attention_init=args.cross_attention_init, share_embeddings=args.share_embeddings,
@@ -255,15 +256,16 @@ def _type_name(expected: type) -> str:
     return expected.__name__.upper()
 
 
-def _settings_help(title: str, cls: type, prefix: str, presets: dict[str, dict], default_preset: str) -> str:
+def _settings_help(title: str, cls: type, prefix: str, presets: dict[str, dict], default_preset: str,
+                   task_defaults: dict | None = None) -> str:
     """One entry per dataclass field: its flag, type, meaning (the comment on the field) and its value in each
-    preset, generated from the dataclass so that --help never drifts from the code."""
+    preset (under `task_defaults`), generated from the dataclass so that --help never drifts from the code."""
     import textwrap
 
     from fastlm.train.config import field_help, field_types
 
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    values = {name: {**defaults, **preset} for name, preset in presets.items()}
+    values = {name: {**defaults, **preset, **(task_defaults or {})} for name, preset in presets.items()}
     lines = [title]
     for name, expected in field_types(cls).items():
         default = values[default_preset][name]
@@ -280,13 +282,13 @@ def _settings_help(title: str, cls: type, prefix: str, presets: dict[str, dict],
     return "\n".join(lines)
 
 
-def _training_settings_help(with_model: bool) -> str:
+def _training_settings_help(with_model: bool, task: str | None = None) -> str:
     from fastlm.models.config import PRESETS as MODEL_PRESETS
     from fastlm.models.config import ModelConfig
-    from fastlm.train.config import TrainConfig
+    from fastlm.train.config import TASK_DEFAULTS, TrainConfig
 
     text = _settings_help("training settings, as --KEY VALUE (defaults of --preset tiny; other presets where they "
-                          "differ):", TrainConfig, "", PRESETS, "tiny")
+                          "differ):", TrainConfig, "", PRESETS, "tiny", TASK_DEFAULTS.get(task))
     if with_model:
         text += "\n\n" + _settings_help("model settings, as --model.KEY VALUE (defaults of model_preset tiny; "
                                          "vocab_size and the special ids come from the tokenizer):",
@@ -347,14 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(run=cmd_prepare)
 
     pretrain = commands.add_parser("pretrain", help="pre-train an encoder (masked LM) or a decoder (causal LM)",
-                                   epilog=_training_settings_help(with_model=True))
+                                   epilog=_training_settings_help(with_model=True, task="pretrain"))
     pretrain.add_argument("--arch", required=True, choices=("encoder", "decoder"),
                           help="encoder: masked LM (BERT-like); decoder: causal LM (GPT-like)")
     _add_training_options(pretrain)
     pretrain.set_defaults(run=cmd_pretrain, takes_overrides=True)
 
     finetune = commands.add_parser("finetune", help="merge a pre-trained encoder and decoder and train on pairs",
-                                   epilog=_training_settings_help(with_model=True))
+                                   epilog=_training_settings_help(with_model=True, task="finetune"))
     finetune.add_argument("--encoder", required=True,
                           help="pre-trained encoder (run or model directory, or transformers BERT / XLM-RoBERTa-XL), "
                           f"or {RANDOM!r}: randomly initialised with the decoder's model settings (both random: the "

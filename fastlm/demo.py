@@ -35,12 +35,13 @@ class StageReport:
     result: str
 
 
-def stage_config(steps: int, **overrides) -> TrainConfig:
-    """The tiny preset shortened to `steps`, evaluating four times and keeping checkpoints light."""
+def stage_config(steps: int, task: str) -> TrainConfig:
+    """The tiny preset with the task's defaults, shortened to `steps`, evaluating four times and keeping
+    checkpoints light."""
     interval = max(1, steps // 4)
     values = dict(max_steps=steps, warmup_steps=max(1, steps // 10), max_len=MAX_LEN, eval_interval=interval,
                   eval_batches=4, checkpoint_interval=steps, keep_last=1, log_interval=max(1, steps // 10))
-    return TrainConfig.preset("tiny", **{**values, **overrides})
+    return TrainConfig.preset("tiny", task, **values)
 
 
 def split_sample(data_dir: Path) -> dict[str, Path]:
@@ -105,7 +106,7 @@ def _run(root: Path, scale: float, translate_count: int, outputs_kept: bool) -> 
                          f"--valid {corpora}/valid.{lang} --run-dir {runs}/{arch} --max_steps {steps[arch]}")
         # The demo owns its workdir: running it again there starts its runs over.
         result = pretrain(arch, tokenizer_path, corpora / f"train.{lang}", corpora / f"valid.{lang}", runs / arch,
-                          stage_config(steps[arch]), overwrite=True)
+                          stage_config(steps[arch], "pretrain"), overwrite=True)
         summary = f"valid loss {result.metrics['loss']:.3f}, accuracy {result.metrics['accuracy']:.2f}"
         reports.append(StageReport(f"pre-train {arch}", time.perf_counter() - started, summary))
 
@@ -114,7 +115,7 @@ def _run(root: Path, scale: float, translate_count: int, outputs_kept: bool) -> 
                      f"--train {corpora}/train.ko-en --valid {corpora}/valid.ko-en --run-dir {runs}/finetune "
                      f"--max_steps {steps['finetune']}")
     result = finetune(runs / "encoder", runs / "decoder", tokenizer_path, corpora / "train.ko-en",
-                      corpora / "valid.ko-en", runs / "finetune", stage_config(steps["finetune"]),
+                      corpora / "valid.ko-en", runs / "finetune", stage_config(steps["finetune"], "finetune"),
                       bleu_sentences=VALID_PAIRS, overwrite=True)
     reports.append(StageReport("fine-tune ko->en", time.perf_counter() - started,
                                f"valid loss {result.metrics['loss']:.3f}, BLEU {result.metrics.get('bleu', 0):.1f}"))

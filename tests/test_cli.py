@@ -70,7 +70,7 @@ def finetuned(pretrained):
     root = pretrained
     fastlm("finetune", "--encoder", root / "encoder", "--decoder", root / "decoder", "--tokenizer", root / "tok.json",
            "--train", root / "train-pairs", "--valid", root / "valid-pairs", "--run-dir", root / "seq2seq",
-           "--bleu-sentences", "4", "--beam", "2", *QUICK_RUN)
+           "--bleu-sentences", "4", "--beam", "2", *QUICK_RUN, "--max_tokens", "256")
     return root
 
 
@@ -120,6 +120,7 @@ def test_pretrain_writes_a_complete_run(pretrained, arch):
     run = pretrained / arch
     saved = json.loads((run / "config.json").read_text())
     assert saved["train"]["max_steps"] == 6 and saved["model"]["d_model"] == 32
+    assert saved["train"]["label_smoothing"] == 0.0  # pre-training keeps plain cross-entropy
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert {"loss", "perplexity", "accuracy"} <= set(next(r for r in records if r["kind"] == "eval"))
@@ -131,6 +132,8 @@ def test_finetune_reports_bleu(finetuned):
     evals = [json.loads(line) for line in (finetuned / "seq2seq" / "metrics.jsonl").read_text().splitlines()
              if '"eval"' in line]
     assert evals and all(0.0 <= r["bleu"] <= 100.0 for r in evals)
+    saved = json.loads((finetuned / "seq2seq" / "config.json").read_text())["train"]
+    assert saved["label_smoothing"] == 0.1 and saved["max_tokens"] == 256  # finetune's default; the override
 
 
 def test_translate_from_arguments_stdin_and_a_file(finetuned):
@@ -443,9 +446,9 @@ def test_help_lists_every_training_setting_with_its_default():
     from fastlm.models.config import ModelConfig
     from fastlm.train.config import PRESETS, TrainConfig
 
-    tiny = TrainConfig.preset("tiny")
     tiny_model = {**{f.name: f.default for f in dataclasses.fields(ModelConfig)}, **MODEL_PRESETS["tiny"]}
-    for command in ("pretrain", "finetune", "eval"):
+    for command, task in (("pretrain", "pretrain"), ("finetune", "finetune"), ("eval", None)):
+        tiny = TrainConfig.preset("tiny", task)
         entries = help_entries(fastlm(command, "--help").stdout)
         for field in dataclasses.fields(TrainConfig):
             assert f"(default: {getattr(tiny, field.name)}" in entries[f"--{field.name}"], (command, field.name)

@@ -4,6 +4,9 @@ A batch is a pure function of (seed, epoch, index): resuming needs only the posi
 the indices with `index % W == r`. Every sentence (or block, or pair) appears exactly once per epoch; the last batch
 of an epoch may be smaller. Batches are CPU int64 tensors whose keys are the models' forward arguments.
 
+A batch holds `batch_size` items, or (masked LM and translation) as many items of similar lengths as fit in
+`max_tokens` padded tokens (LengthBuckets): exactly one of the two is given.
+
 Markers: corpora store bare sentences (or <s> ... </s> when prepared with add_bos_eos; those markers are stripped
 here), and each source adds the markers its model expects:
 - masked LM: <s> sentence </s>; a long sentence keeps its first max_len - 2 tokens and still ends with </s>;
@@ -30,8 +33,8 @@ from fastlm.data.masking import IGNORE_INDEX, MaskingPolicy, target_positions
 from fastlm.data.rng import numpy_generator, torch_generator
 
 PAD_MULTIPLE = 8
-# Translation pairs are sorted by length within chunks of this many pairs: batches of similar lengths (little
-# padding) while the chunks, and the batch order, still change every epoch.
+# Bucketed items are sorted by length within chunks of this many items: batches of similar lengths (little padding)
+# while the chunks, and the batch order, still change every epoch.
 BUCKET_CHUNK = 1 << 14
 
 
@@ -41,17 +44,80 @@ class BatchSource(Protocol):
     def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]: ...
 
 
-class MaskedLMBatches:
-    """Masked-LM batches {"input_ids", "lengths", "labels", "target_positions"} of sentences in a new random order every epoch, with
-    masks (see MaskingPolicy) drawn anew for every (seed, epoch, index); target_positions are the flat indices of
-    the labelled positions, so the model runs its head on those rows only. bos/eos/pad ids default to the
-    tokenizer's, as recorded in the corpus."""
+class LengthBuckets:
+    """The batches of every epoch, as item indices in batch order, for items of known lengths: the items shuffled
+    by a permutation drawn from (seed, epoch), each chunk of BUCKET_CHUNK items sorted by `sort_keys` and cut into
+    consecutive batches of `batch_size` items or of at most `max_tokens` padded tokens (items x the largest of their
+    `widths`), exactly one of the two given; then the batches shuffled by the same generator. An item wider than
+    max_tokens makes a batch of its own: nothing is dropped or truncated further. Without shuffle, chunks and
+    batches keep corpus order (evaluation)."""
 
-    def __init__(self, corpus: TokenizedCorpus, *, batch_size: int, max_len: int, mask_id: int, vocab_size: int,
-                 special_ids, mask_prob: float = 0.15, replace_mask: float = 0.8, replace_random: float = 0.1,
-                 seed: int = 0, shuffle: bool = True, bos_id: int | None = None, eos_id: int | None = None,
-                 pad_id: int | None = None):
-        _check_at_least("batch_size", batch_size, 1)
+    def __init__(self, sort_keys: np.ndarray, widths: np.ndarray, *, batch_size: int | None, max_tokens: int | None,
+                 seed: int, shuffle: bool):
+        _check_batch_shape(batch_size, max_tokens)
+        self.sort_keys, self.widths = sort_keys, widths
+        self.batch_size, self.max_tokens, self.seed, self.shuffle = batch_size, max_tokens, seed, shuffle
+        # Two epochs: the prefetcher builds the next epoch's first batches while the trainer ends this one.
+        self.plan = lru_cache(maxsize=2)(self._plan)
+
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        generator = numpy_generator(self.seed, epoch)
+        count = len(self.sort_keys)
+        order = generator.permutation(count) if self.shuffle else np.arange(count)
+        batches = []
+        for start in range(0, count, BUCKET_CHUNK):
+            chunk = order[start:start + BUCKET_CHUNK]
+            batches.extend(self._cut(chunk[np.argsort(self.sort_keys[chunk], kind="stable")]))
+        if self.shuffle:
+            batches = [batches[i] for i in generator.permutation(len(batches))]
+        return batches
+
+    def _cut(self, items: np.ndarray) -> list[np.ndarray]:
+        """Consecutive batches of `items` (sorted by length): batch_size items, or as many as fit in max_tokens."""
+        if self.batch_size is not None:
+            return [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        batches, start, widest = [], 0, 0
+        for end, width in enumerate(self.widths[items].tolist()):
+            widest = max(widest, width)
+            if (end - start + 1) * widest > self.max_tokens and end > start:
+                batches.append(items[start:end])
+                start, widest = end, width
+        batches.append(items[start:])
+        return batches
+
+
+def padded_width(length, max_len: int):
+    """The padded length of a batch whose longest row has `length` tokens (an int or an array of them): rounded up
+    to a multiple of PAD_MULTIPLE, at most max_len."""
+    return np.minimum(-(-length // PAD_MULTIPLE) * PAD_MULTIPLE, max_len)
+
+
+def padding_fraction(source, epoch: int = 0) -> float:
+    """The share of padding in the padded tensors of an epoch's batches (1 - real tokens / tensor elements; both
+    sides of translation pairs), computed from the source's plan (`epoch_plan`, `padded_lengths`) without building
+    a batch: for MaskedLMBatches and TranslationBatches (CausalLMBatches never pad)."""
+    real = padded = 0
+    plan = source.epoch_plan(epoch)
+    for lengths, max_len in source.padded_lengths():
+        for items in plan:
+            rows = lengths[items]
+            real += int(rows.sum())
+            padded += len(items) * int(padded_width(rows.max(), max_len))
+    return 1.0 - real / padded
+
+
+class MaskedLMBatches:
+    """Masked-LM batches {"input_ids", "lengths", "labels", "target_positions"}, with masks (see MaskingPolicy)
+    drawn anew for every (seed, epoch, index); target_positions are the flat indices of the labelled positions, so
+    the model runs its head on those rows only. With batch_size, batches of sentences in a new random order every
+    epoch (the order MLM runs have always had); with max_tokens, length-bucketed batches (LengthBuckets) of
+    sentences of similar lengths. bos/eos/pad ids default to the tokenizer's, as recorded in the corpus."""
+
+    def __init__(self, corpus: TokenizedCorpus, *, max_len: int, mask_id: int, vocab_size: int, special_ids,
+                 batch_size: int | None = None, max_tokens: int | None = None, mask_prob: float = 0.15,
+                 replace_mask: float = 0.8, replace_random: float = 0.1, seed: int = 0, shuffle: bool = True,
+                 bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None):
+        _check_batch_shape(batch_size, max_tokens)
         _check_at_least("max_len", max_len, 3)  # <s>, one token, </s>
         _check_vocab(corpus, vocab_size)
         self.corpus, self.batch_size, self.max_len, self.seed, self.shuffle = corpus, batch_size, max_len, seed, shuffle
@@ -60,21 +126,38 @@ class MaskedLMBatches:
         self.pad_id = _special_id(corpus, "pad_id", pad_id, vocab_size)
         self.policy = MaskingPolicy(mask_id=mask_id, vocab_size=vocab_size, special_ids=frozenset(special_ids),
                                     mask_prob=mask_prob, replace_mask=replace_mask, replace_random=replace_random)
+        self._lengths = np.minimum(_content_lengths(corpus) + 2, max_len)  # <s> sentence </s>, truncated
+        self._buckets = None if max_tokens is None else LengthBuckets(
+            self._lengths, padded_width(self._lengths, max_len), batch_size=None, max_tokens=max_tokens, seed=seed,
+            shuffle=shuffle)
 
     def num_batches(self, epoch: int) -> int:
-        return math.ceil(len(self.corpus) / self.batch_size)
+        if self._buckets is None:
+            return math.ceil(len(self.corpus) / self.batch_size)
+        return len(self._buckets.plan(epoch))
 
     def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
         _check_index(index, self.num_batches(epoch))
-        order = _epoch_order(len(self.corpus), self.seed, epoch, self.shuffle)
-        sentences = [
-            _wrapped(_content(self.corpus, i)[:self.max_len - 2], self.bos_id, self.eos_id)
-            for i in order[index * self.batch_size:(index + 1) * self.batch_size]
-        ]
+        sentences = [_wrapped(_content(self.corpus, i)[:self.max_len - 2], self.bos_id, self.eos_id)
+                     for i in self._sentences(epoch, index)]
         input_ids, lengths = _padded(sentences, self.pad_id, self.max_len)
         input_ids, labels = self.policy.apply(input_ids, lengths, torch_generator(self.seed, epoch, index))
         return {"input_ids": input_ids, "lengths": lengths, "labels": labels,
                 "target_positions": target_positions(labels)}
+
+    def epoch_plan(self, epoch: int) -> list[np.ndarray]:
+        """The sentence indices of every batch of the epoch, in batch order."""
+        return [self._sentences(epoch, index) for index in range(self.num_batches(epoch))]
+
+    def padded_lengths(self) -> list[tuple[np.ndarray, int]]:
+        """(every sentence's length in input_ids, max_len): what padding_fraction needs."""
+        return [(self._lengths, self.max_len)]
+
+    def _sentences(self, epoch: int, index: int) -> np.ndarray:
+        if self._buckets is not None:
+            return self._buckets.plan(epoch)[index]
+        order = _epoch_order(len(self.corpus), self.seed, epoch, self.shuffle)
+        return order[index * self.batch_size:(index + 1) * self.batch_size]
 
 
 class CausalLMBatches:
@@ -128,10 +211,9 @@ class CausalLMBatches:
 
 class TranslationBatches:
     """Translation batches {"src_ids", "src_lengths", "tgt_ids", "tgt_lengths", "labels"} (labels = tgt_ids with
-    -100 at padding). Pairs are bucketed by length: each epoch shuffles them, sorts chunks of BUCKET_CHUNK pairs by
-    padded length, cuts the chunks into batches of `batch_size` pairs or of at most `max_tokens` padded tokens
-    (pairs x longest side; exactly one of the two is given), then shuffles the batches. Without shuffle, chunks
-    and batches keep corpus order (for evaluation)."""
+    -100 at padding). Pairs are bucketed by length (LengthBuckets, by the longer side): batches of `batch_size`
+    pairs or of at most `max_tokens` padded tokens (pairs x the wider padded side; exactly one of the two is
+    given). Without shuffle, chunks and batches keep corpus order (for evaluation)."""
 
     def __init__(self, src_corpus: TokenizedCorpus, tgt_corpus: TokenizedCorpus, *, max_src_len: int,
                  max_tgt_len: int, bos_id: int, eos_id: int, pad_id: int, max_tokens: int | None = None,
@@ -139,24 +221,21 @@ class TranslationBatches:
         if len(src_corpus) != len(tgt_corpus):
             raise ValueError(f"src_corpus has {len(src_corpus)} sentences, tgt_corpus has {len(tgt_corpus)}: "
                              "expected a parallel corpus")
-        if (max_tokens is None) == (batch_size is None):
-            raise ValueError(f"max_tokens={max_tokens}, batch_size={batch_size}: expected exactly one of them")
+        _check_batch_shape(batch_size, max_tokens)
         _check_at_least("max_src_len", max_src_len, 3)  # <s>, one token, </s>
         _check_at_least("max_tgt_len", max_tgt_len, 2)  # one token, </s>
         for name, special_id in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
             _check_id(name, special_id, max(src_corpus.vocab_size, tgt_corpus.vocab_size))
-        if batch_size is not None:
-            _check_at_least("batch_size", batch_size, 1)
-        else:
-            _check_at_least("max_tokens", max_tokens, max(max_src_len, max_tgt_len))
         self.src_corpus, self.tgt_corpus = src_corpus, tgt_corpus
         self.max_src_len, self.max_tgt_len = max_src_len, max_tgt_len
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.max_tokens, self.batch_size, self.seed, self.shuffle = max_tokens, batch_size, seed, shuffle
-        src_lengths = np.minimum(_content_lengths(src_corpus) + 2, max_src_len)
-        tgt_lengths = np.minimum(_content_lengths(tgt_corpus) + 1, max_tgt_len)
-        self._sizes = np.maximum(src_lengths, tgt_lengths)  # what a pair costs in a padded batch, per pair
-        self._plan: tuple[int, list[np.ndarray]] | None = None
+        self._src_lengths = np.minimum(_content_lengths(src_corpus) + 2, max_src_len)
+        self._tgt_lengths = np.minimum(_content_lengths(tgt_corpus) + 1, max_tgt_len)
+        # What a pair costs in a padded batch: the wider of its two padded sides.
+        widths = np.maximum(padded_width(self._src_lengths, max_src_len), padded_width(self._tgt_lengths, max_tgt_len))
+        self._buckets = LengthBuckets(np.maximum(self._src_lengths, self._tgt_lengths), widths,
+                                      batch_size=batch_size, max_tokens=max_tokens, seed=seed, shuffle=shuffle)
 
     def num_batches(self, epoch: int) -> int:
         return len(self.epoch_plan(epoch))
@@ -175,31 +254,13 @@ class TranslationBatches:
                 "labels": tgt_ids.masked_fill(padding, IGNORE_INDEX)}
 
     def epoch_plan(self, epoch: int) -> list[np.ndarray]:
-        """The pair indices of every batch of the epoch, in batch order (the last epoch's plan is kept)."""
-        if self._plan is None or self._plan[0] != epoch:
-            generator = numpy_generator(self.seed, epoch)
-            order = generator.permutation(len(self._sizes)) if self.shuffle else np.arange(len(self._sizes))
-            batches = []
-            for start in range(0, len(order), BUCKET_CHUNK):
-                chunk = order[start:start + BUCKET_CHUNK]
-                batches.extend(self._cut(chunk[np.argsort(self._sizes[chunk], kind="stable")]))
-            if self.shuffle:
-                batches = [batches[i] for i in generator.permutation(len(batches))]
-            self._plan = (epoch, batches)
-        return self._plan[1]
+        """The pair indices of every batch of the epoch, in batch order."""
+        return self._buckets.plan(epoch)
 
-    def _cut(self, pairs: np.ndarray) -> list[np.ndarray]:
-        """Consecutive batches of pairs sorted by size: batch_size pairs, or as many as fit in max_tokens."""
-        if self.batch_size is not None:
-            return [pairs[i:i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
-        batches, start = [], 0
-        for end, size in enumerate(self._sizes[pairs].tolist()):
-            # Sorted ascending, so the newest pair is the longest: it sets the padded length of the batch.
-            if (end - start + 1) * size > self.max_tokens:
-                batches.append(pairs[start:end])
-                start = end
-        batches.append(pairs[start:])
-        return batches
+    def padded_lengths(self) -> list[tuple[np.ndarray, int]]:
+        """(every pair's length in src_ids, max_src_len) and (in tgt_ids, max_tgt_len): what padding_fraction
+        needs."""
+        return [(self._src_lengths, self.max_src_len), (self._tgt_lengths, self.max_tgt_len)]
 
 
 @lru_cache(maxsize=2)  # the training and the evaluation order
@@ -226,10 +287,9 @@ def _wrapped(content: np.ndarray, bos_id: int | None, eos_id: int) -> np.ndarray
 
 
 def _padded(sequences: list[np.ndarray], pad_id: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids (B, T) int64 padded with pad_id, lengths (B,) int64); T is the longest length rounded up to a multiple
-    of PAD_MULTIPLE, at most max_len."""
+    """(ids (B, T) int64 padded with pad_id, lengths (B,) int64); T = padded_width of the longest length."""
     lengths = np.array([len(sequence) for sequence in sequences], dtype=np.int64)
-    width = min(-(-int(lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE, max_len)
+    width = int(padded_width(int(lengths.max()), max_len))
     ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
     for row, sequence in enumerate(sequences):
         ids[row, :len(sequence)] = sequence
@@ -253,6 +313,16 @@ def _check_id(name: str, value: int, vocab_size: int) -> None:
 def _check_vocab(corpus: TokenizedCorpus, vocab_size: int) -> None:
     if vocab_size < corpus.vocab_size:
         raise ValueError(f"vocab_size={vocab_size}: smaller than the vocab_size={corpus.vocab_size} of {corpus.path}")
+
+
+def _check_batch_shape(batch_size: int | None, max_tokens: int | None) -> None:
+    """Exactly one of batch_size (items per batch) and max_tokens (padded tokens per batch) decides a batch."""
+    if (max_tokens is None) == (batch_size is None):
+        raise ValueError(f"max_tokens={max_tokens}, batch_size={batch_size}: expected exactly one of them")
+    if batch_size is not None:
+        _check_at_least("batch_size", batch_size, 1)
+    else:
+        _check_at_least("max_tokens", max_tokens, 1)
 
 
 def _check_at_least(name: str, value: int, minimum: int) -> None:

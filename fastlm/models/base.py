@@ -24,7 +24,8 @@ INDEX_DTYPES = (torch.int64, torch.int32)   # what ids, lengths and labels may b
 
 @dataclass
 class ModelOutput:
-    loss: Tensor | None = None        # mean cross-entropy over the non-ignored targets (0 when there are none)
+    loss: Tensor | None = None        # mean cross-entropy over the non-ignored targets (0 when there are none),
+                                      # label-smoothed if the forward was given label_smoothing
     accuracy: Tensor | None = None    # fraction of those targets predicted exactly (argmax), on device
     n_targets: Tensor | None = None   # how many targets the loss averages over
     logits: Tensor | None = None      # (B, T, vocab_size), only with return_logits=True
@@ -116,8 +117,10 @@ def ignore_padding(labels: Tensor, lengths: Tensor | None) -> Tensor:
     return labels.masked_fill(padding, IGNORE_INDEX)
 
 
-def lm_output(hidden: Tensor, head: nn.Linear, targets: Tensor | None, return_logits: bool) -> ModelOutput:
-    """(B, T, D) hidden states through the output `head` into loss/accuracy against (B, T) targets (-100 = none).
+def lm_output(hidden: Tensor, head: nn.Linear, targets: Tensor | None, return_logits: bool,
+              label_smoothing: float = 0.0) -> ModelOutput:
+    """(B, T, D) hidden states through the output `head` into loss/accuracy against (B, T) targets (-100 = none),
+    the loss with F.cross_entropy's `label_smoothing`.
 
     The loss goes through linear_cross_entropy, which never materialises the (B*T, vocab) logits."""
     output = ModelOutput()
@@ -132,7 +135,8 @@ def lm_output(hidden: Tensor, head: nn.Linear, targets: Tensor | None, return_lo
             flat_hidden, weight = flat_hidden.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
         loss, correct = linear_cross_entropy(flat_hidden, weight, flat_targets, bias=bias,
-                                             ignore_index=IGNORE_INDEX, return_accuracy=True)
+                                             ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing,
+                                             return_accuracy=True)
         output.n_targets = (flat_targets != IGNORE_INDEX).sum()
         output.loss = loss
         output.accuracy = correct / output.n_targets.clamp_min(1)

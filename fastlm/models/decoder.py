@@ -43,9 +43,11 @@ class DecoderLM(LanguageModel):
         lengths: Tensor | None = None,
         labels: Tensor | None = None,
         return_logits: bool = False,
+        label_smoothing: float = 0.0,
     ) -> ModelOutput:
         """input_ids (B, T); lengths (B,); labels (B, T) aligned with input_ids (pass the ids themselves): position
-        t is scored against labels[t + 1], and positions whose target lies at or beyond the row's length are not."""
+        t is scored against labels[t + 1], and positions whose target lies at or beyond the row's length are not.
+        label_smoothing: as in F.cross_entropy (see EncoderLM.forward)."""
         run_checks(token_checks(self.config, input_ids, lengths, labels))
         hidden = self.body(input_ids, lengths)                              # (B, T, D)
         targets = None
@@ -53,7 +55,7 @@ class DecoderLM(LanguageModel):
             no_target = labels.new_full((labels.shape[0], 1), IGNORE_INDEX)
             targets = torch.cat([labels[:, 1:], no_target], dim=1)
             targets = ignore_padding(targets, lengths - 1 if lengths is not None else None)
-        return lm_output(hidden, self.lm_head, targets, return_logits)
+        return lm_output(hidden, self.lm_head, targets, return_logits, label_smoothing)
 
     @torch.no_grad()
     def next_token_logits(self, input_ids: Tensor, lengths: Tensor, cache: KVCache | None = None) -> Tensor:

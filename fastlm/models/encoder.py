@@ -47,6 +47,7 @@ class EncoderLM(LanguageModel):
         labels: Tensor | None = None,
         return_logits: bool = False,
         target_positions: Tensor | None = None,
+        label_smoothing: float = 0.0,
     ) -> ModelOutput:
         """input_ids (B, T); lengths (B,) real tokens per row; labels (B, T): the original id at masked positions,
         -100 elsewhere (positions at or beyond lengths are ignored too).
@@ -55,7 +56,10 @@ class EncoderLM(LanguageModel):
         carries a target (MaskedLMBatches delivers them). With them the head runs on those N rows only (about 15%
         of the positions in MLM); without them it runs on every position. Loss, accuracy and gradients are the same
         either way. They come with the batch because finding them here (`nonzero`) would cost a host sync and give
-        a shape torch.compile cannot know."""
+        a shape torch.compile cannot know.
+
+        label_smoothing: as in F.cross_entropy. It belongs to a loss being optimised; leave it 0 for a loss that
+        compares models (validation, perplexity)."""
         checks = token_checks(self.config, input_ids, lengths, labels)
         if target_positions is not None:
             checks += target_position_checks(target_positions, labels, lengths, input_ids)
@@ -67,7 +71,8 @@ class EncoderLM(LanguageModel):
             rows = hidden.reshape(-1, hidden.shape[-1])                     # (B*T, D)
             if target_positions is not None:
                 targets, rows = targets[target_positions], rows[target_positions]  # (N,), (N, D)
-            output = lm_output(self.head.transform(rows), self.head.output, targets, return_logits=False)
+            output = lm_output(self.head.transform(rows), self.head.output, targets, return_logits=False,
+                               label_smoothing=label_smoothing)
         if return_logits:
             output.logits = self.head.output(self.head.transform(hidden))  # (B, T, V)
         return output

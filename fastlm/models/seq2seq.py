@@ -80,10 +80,12 @@ class Seq2SeqLM(LanguageModel):
         tgt_lengths: Tensor | None = None,
         labels: Tensor | None = None,
         return_logits: bool = False,
+        label_smoothing: float = 0.0,
     ) -> ModelOutput:
         """src_ids (B, S); tgt_ids (B, T): the target without a start token, ending with </s>. The decoder reads
         decoder_start_id followed by tgt_ids[:, :-1] (teacher forcing) and position t is scored against labels[t]
-        (pass tgt_ids; positions at or beyond tgt_lengths are ignored)."""
+        (pass tgt_ids; positions at or beyond tgt_lengths are ignored). label_smoothing: as in F.cross_entropy (see
+        EncoderLM.forward)."""
         run_checks(token_checks(self.encoder_config, src_ids, src_lengths, None, names=("src_ids", "src_lengths", ""))
                    + token_checks(self.config, tgt_ids, tgt_lengths, labels, names=("tgt_ids", "tgt_lengths", "labels")))
         if tgt_ids.shape[0] != src_ids.shape[0]:
@@ -94,7 +96,7 @@ class Seq2SeqLM(LanguageModel):
         decoder_input = torch.cat([start, tgt_ids[:, :-1]], dim=1)            # (B, T), same lengths as tgt_ids
         hidden = self.decoder(decoder_input, tgt_lengths, memory=memory, memory_lengths=src_lengths)
         targets = ignore_padding(labels, tgt_lengths) if labels is not None else None
-        return lm_output(hidden, self.lm_head, targets, return_logits)
+        return lm_output(hidden, self.lm_head, targets, return_logits, label_smoothing)
 
     @torch.no_grad()
     def next_token_logits(

@@ -39,9 +39,15 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warmup from 0 to lr
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio at max_steps
     max_steps: int = 2000  # optimizer steps (skipped non-finite steps do not count)
+    # Training steps only: validation loss stays plain cross-entropy (comparable across settings), while the "loss"
+    # of train records is the smoothed objective. Pre-training: 0; `finetune` defaults to 0.1 (TASK_DEFAULTS).
+    label_smoothing: float = 0.0  # eps of F.cross_entropy's label smoothing, in training steps only
 
     # --- batching (per process; global batch = batch_size * grad_accum * world_size sequences) ---
-    batch_size: int = 32  # sequences per micro-batch (translation: pairs per micro-batch)
+    batch_size: int = 32  # sequences (translation: pairs) per micro-batch, unless max_tokens is set
+    # Off by default: runs keep the batches they always had. The padding a budget saves: docs/PERFORMANCE.md
+    # (Batches). A causal LM's blocks all have max_len tokens: there it means max_tokens // max_len blocks.
+    max_tokens: int = 0  # > 0: micro-batches of <= max_tokens padded tokens, length-bucketed, not batch_size rows
     grad_accum: int = 1  # micro-batches per optimizer step and process
     max_len: int = 128  # MLM max length / causal block length / translation max source and target length
     # 0.4, not BERT's 0.15: on ko-en at the tiny scale the encoder stayed on the unigram plateau with 15% and left it
@@ -73,11 +79,11 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected a value > 0")
-        non_negative = ("weight_decay", "grad_clip", "warmup_steps", "eval_interval", "seed")
+        non_negative = ("weight_decay", "grad_clip", "warmup_steps", "eval_interval", "seed", "max_tokens")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected a value >= 0")
-        for name in ("beta1", "beta2", "min_lr_ratio"):
+        for name in ("beta1", "beta2", "min_lr_ratio", "label_smoothing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected a value in [0, 1]")
         if not 0.0 < self.mask_prob < 1.0:
@@ -88,11 +94,14 @@ class TrainConfig:
             raise ConfigError(f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> TrainConfig:
-        """The named preset with `overrides` (already typed) applied; unknown keys are errors."""
+    def preset(cls, name: str, task: str | None = None, **overrides) -> TrainConfig:
+        """The named preset, then the task's defaults (TASK_DEFAULTS; none without a task), then `overrides`
+        (already typed); unknown keys are errors."""
         if name not in PRESETS:
             raise ConfigError(f"preset={name!r}: expected one of {', '.join(PRESETS)}")
-        values = {**PRESETS[name], **overrides}
+        if task is not None and task not in TASK_DEFAULTS:
+            raise ConfigError(f"task={task!r}: expected one of {', '.join(TASK_DEFAULTS)}")
+        values = {**PRESETS[name], **TASK_DEFAULTS.get(task, {}), **overrides}
         _check_known_keys(cls, values)
         return cls(**values)
 
@@ -128,6 +137,14 @@ PRESETS: dict[str, dict] = {
     # BERT-base / GPT-2-small shapes on one GPU.
     "base": dict(max_steps=20000, warmup_steps=1000, batch_size=32, max_len=512, lr=3e-4, eval_interval=1000,
                  checkpoint_interval=1000, model_preset="base"),
+}
+
+# Where a task's conventional value differs from the field's default: applied over the preset, under the overrides.
+TASK_DEFAULTS: dict[str, dict] = {
+    "pretrain": {},
+    # Label smoothing 0.1: the conventional value for translation (Vaswani et al. 2017, after Szegedy et al. 2016),
+    # pending measurement on ko-en. Pre-training keeps plain cross-entropy (the field's default, 0).
+    "finetune": dict(label_smoothing=0.1),
 }
 
 
@@ -225,6 +242,7 @@ def typed_overrides(cls: type, overrides: dict[str, str], prefix: str = "") -> d
     return typed
 
 
-def resolve(preset: str, overrides: dict[str, str]) -> TrainConfig:
-    """The TrainConfig of a run: the preset, then the command-line overrides (train keys only)."""
-    return TrainConfig.preset(preset, **typed_overrides(TrainConfig, overrides))
+def resolve(preset: str, overrides: dict[str, str], task: str | None = None) -> TrainConfig:
+    """The TrainConfig of a run: the preset, then the task's defaults, then the command-line overrides (train keys
+    only)."""
+    return TrainConfig.preset(preset, task, **typed_overrides(TrainConfig, overrides))

@@ -124,18 +124,25 @@ def open_parallel(path: str | Path, tokenizer: Tokenizer) -> ParallelCorpus:
     return corpus
 
 
+def batch_shape(config: TrainConfig) -> dict[str, int]:
+    """What decides a padded source's batches: {"max_tokens": N} when the config sets it, else {"batch_size": N}."""
+    return {"max_tokens": config.max_tokens} if config.max_tokens else {"batch_size": config.batch_size}
+
+
 def lm_batches(arch: str, corpus: TokenizedCorpus, tokenizer: Tokenizer, config: TrainConfig, *, shuffle: bool):
     if arch == "encoder":
-        return MaskedLMBatches(corpus, batch_size=config.batch_size, max_len=config.max_len,
+        return MaskedLMBatches(corpus, **batch_shape(config), max_len=config.max_len,
                                mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
                                special_ids=tokenizer.special_ids, mask_prob=config.mask_prob, seed=config.seed,
                                shuffle=shuffle)
-    return CausalLMBatches(corpus, batch_size=config.batch_size, block_len=config.max_len, eos_id=tokenizer.eos_id,
+    # Every causal block holds max_len tokens: a budget is a number of blocks (one at least, as a too-long item is).
+    blocks = max(1, config.max_tokens // config.max_len) if config.max_tokens else config.batch_size
+    return CausalLMBatches(corpus, batch_size=blocks, block_len=config.max_len, eos_id=tokenizer.eos_id,
                            seed=config.seed, shuffle=shuffle)
 
 
 def translation_batches(corpus: ParallelCorpus, tokenizer: Tokenizer, config: TrainConfig, *, shuffle: bool):
-    return TranslationBatches(corpus.src, corpus.tgt, batch_size=config.batch_size, max_src_len=config.max_len,
+    return TranslationBatches(corpus.src, corpus.tgt, **batch_shape(config), max_src_len=config.max_len,
                               max_tgt_len=config.max_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
                               pad_id=tokenizer.pad_id, seed=config.seed, shuffle=shuffle)
 

@@ -65,7 +65,9 @@ class Trainer:
     """Trains `model` on `train_batches` as `config` says, writing metrics and checkpoints under `run_dir`.
 
     `model` must return an output with `.loss` (the mean over its targets), `.accuracy` and `.n_targets` (how many
-    targets that mean is over) from `model(**batch)` and offer
+    targets that mean is over) from `model(**batch)` (validation: plain cross-entropy) and from
+    `model(**batch, label_smoothing=config.label_smoothing)` (training steps: the objective, logged as "loss" of the
+    train records), and offer
     `configure_optimizers(weight_decay, lr, betas, fused)`. `extra_eval(model) -> dict` adds metrics at each
     evaluation (BLEU for translation; run on rank 0 only, so not with FSDP). `run_info` (e.g. the model config) is
     stored with the config in `config.json` and in every checkpoint.
@@ -248,7 +250,8 @@ class Trainer:
             last = position == len(indices) - 1
             with distributed.gradient_sync(self.wrapped, enabled=last):
                 with self.autocast():
-                    out = self.forward(**to_device(batch, self.world.device))
+                    out = self.forward(**to_device(batch, self.world.device),
+                                       label_smoothing=self.config.label_smoothing)
                 summed_loss = out.loss * out.n_targets
                 summed_loss.backward()
             sums += torch.stack([summed_loss.detach().double(), out.n_targets.double()])

@@ -1,4 +1,5 @@
-"""Batch sources: contract keys, every item once per epoch, reproducibility, packing, bucketing, truncation."""
+"""Batch sources: contract keys, every item once per epoch, reproducibility, packing, bucketing, token budgets,
+truncation, padding fractions."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 from data_helpers import ByteTokenizer, write_lines
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fastlm.data import (
     IGNORE_INDEX, CausalLMBatches, MaskedLMBatches, ParallelLines, TranslationBatches, prepare_corpus,
     prepare_parallel_corpus,
 )
+from fastlm.data.batches import BUCKET_CHUNK, LengthBuckets, padded_width, padding_fraction
 
 TOKENIZER = ByteTokenizer()
 PAD, BOS, EOS, MASK = TOKENIZER.pad_id, TOKENIZER.bos_id, TOKENIZER.eos_id, TOKENIZER.mask_id
@@ -78,6 +82,86 @@ def test_mlm_batch_is_a_function_of_seed_epoch_index(corpora):
     assert not torch.equal(epoch0["labels"], epoch1["labels"]), "masks are drawn anew each epoch"
     with pytest.raises(IndexError, match="batch index=8 out of range: the epoch has 8 batches"):
         source.batch(0, 8)
+
+
+def test_mlm_batches_within_a_token_budget_hold_every_sentence_once(corpora):
+    source = mlm(corpora.src, batch_size=None, max_tokens=64)
+    originals = []
+    for batch in all_batches(source, epoch=1):
+        input_ids, lengths, labels = batch["input_ids"], batch["lengths"], batch["labels"]
+        # max_len 24 <= 64: every sentence fits, so no batch has more padded tokens than the budget.
+        assert input_ids.numel() <= 64 and input_ids.shape[1] == padded_width(int(lengths.max()), 24)
+        original = torch.where(labels == IGNORE_INDEX, input_ids, labels)
+        originals += rows(original, lengths, start=1, end=1)
+    assert Counter(originals) == Counter(tuple(TOKENIZER.encode(s)[:22]) for s in KO)
+
+
+def test_mlm_budget_batches_are_a_function_of_seed_epoch_index_and_change_every_epoch(corpora):
+    source = mlm(corpora.src, batch_size=None, max_tokens=64)
+    for epoch in (0, 2, 3):  # a source that has planned other epochs (its cache holds two) agrees with a fresh one
+        all_batches(source, epoch)
+    fresh = mlm(corpora.src, batch_size=None, max_tokens=64)
+    assert all(torch.equal(source.batch(1, 4)[key], fresh.batch(1, 4)[key]) for key in fresh.batch(1, 4))
+    first, second = source.epoch_plan(0), source.epoch_plan(1)
+    assert [b.tolist() for b in first] != [b.tolist() for b in second]
+    ordered = mlm(corpora.src, batch_size=None, max_tokens=64, shuffle=False)
+    assert [b.tolist() for b in ordered.epoch_plan(0)] == [b.tolist() for b in ordered.epoch_plan(5)]
+    lengths = [min(len(TOKENIZER.encode(KO[i])) + 2, 24) for batch in ordered.epoch_plan(0) for i in batch]
+    assert lengths == sorted(lengths), "one chunk here: without shuffling, batches follow the length order"
+
+
+@pytest.mark.parametrize("make", [
+    lambda c: mlm(c.src), lambda c: mlm(c.src, batch_size=None, max_tokens=64),
+    lambda c: translation(c, batch_size=5), lambda c: translation(c, max_tokens=120),
+], ids=["mlm-batch-size", "mlm-max-tokens", "translation-batch-size", "translation-max-tokens"])
+def test_padding_fraction_is_the_padding_of_the_batches_built(corpora, make):
+    source = make(corpora)
+    real = padded = 0
+    for batch in all_batches(source, epoch=2):
+        for ids, lengths in (("input_ids", "lengths"), ("src_ids", "src_lengths"), ("tgt_ids", "tgt_lengths")):
+            if ids in batch:
+                real, padded = real + int(batch[lengths].sum()), padded + batch[ids].numel()
+    assert padding_fraction(source, epoch=2) == pytest.approx(1 - real / padded)
+
+
+@st.composite
+def bucket_cases(draw):
+    max_len = draw(st.integers(3, 80))
+    count = draw(st.integers(0, 300))
+    lengths = np.array(draw(st.lists(st.integers(1, max_len), min_size=count, max_size=count)), dtype=np.int64)
+    # Widths need not follow the sort keys: a pair sorts by its longer side but costs its wider padded side.
+    widths = padded_width(lengths, max_len)
+    if draw(st.booleans()):
+        widths = np.array(draw(st.lists(st.integers(1, max_len), min_size=count, max_size=count)), dtype=np.int64)
+    by_tokens = draw(st.booleans())
+    # Budgets below max_len too: the longest items then exceed it on their own.
+    shape = {"max_tokens": draw(st.integers(1, 4 * max_len))} if by_tokens else {"batch_size": draw(st.integers(1, 40))}
+    return dict(lengths=lengths, widths=widths, seed=draw(st.integers(0, 2**31)), epoch=draw(st.integers(0, 99)),
+                **shape)
+
+
+@given(case=bucket_cases(), shuffle=st.booleans())
+def test_length_buckets_cover_every_item_once_within_the_budget(case, shuffle):
+    lengths, widths, seed, epoch = case["lengths"], case["widths"], case["seed"], case["epoch"]
+    shape = {key: case.get(key) for key in ("batch_size", "max_tokens")}
+    buckets = LengthBuckets(lengths, widths, seed=seed, shuffle=shuffle, **shape)
+    plan = buckets.plan(epoch)
+    assert sorted(np.concatenate([[], *plan]).astype(int).tolist()) == list(range(len(lengths)))
+    assert all(len(batch) > 0 for batch in plan)
+    again = LengthBuckets(lengths, widths, seed=seed, shuffle=shuffle, **shape).plan(epoch)
+    assert [b.tolist() for b in again] == [b.tolist() for b in plan], "a pure function of (seed, epoch)"
+    if shape["batch_size"]:
+        assert all(len(batch) <= shape["batch_size"] for batch in plan)
+        return
+    budget = shape["max_tokens"]
+    for batch in plan:
+        assert len(batch) * widths[batch].max() <= budget or len(batch) == 1, "only a lone item exceeds it"
+    if not shuffle and len(lengths) <= BUCKET_CHUNK:
+        # One chunk in length order, cut greedily: no batch could have taken the next batch's first item.
+        order = np.concatenate([[], *plan]).astype(int)
+        assert (np.diff(lengths[order]) >= 0).all()
+        for batch, following in zip(plan, plan[1:]):
+            assert (len(batch) + 1) * max(widths[batch].max(), widths[following[0]]) > budget
 
 
 def test_mlm_ids_default_to_the_corpus_tokenizer_and_are_checked(corpora):
@@ -152,7 +236,7 @@ def test_translation_batches_hold_every_pair_once_truncated_and_padded(corpora, 
         assert (labels[padding] == IGNORE_INDEX).all() and torch.equal(labels[~padding], tgt_ids[~padding])
         assert (tgt_ids[padding] == PAD).all()
         if "max_tokens" in size:
-            assert len(src_ids) * int(max(src_lengths.max(), tgt_lengths.max())) <= 120
+            assert len(src_ids) * max(src_ids.shape[1], tgt_ids.shape[1]) <= 120
         pairs += zip(rows(src_ids, src_lengths, start=1, end=1), rows(tgt_ids, tgt_lengths, end=1))
     expected = [(tuple(TOKENIZER.encode(ko)[:18]), tuple(TOKENIZER.encode(en)[:29])) for ko, en in zip(KO, EN)]
     assert Counter(pairs) == Counter(expected)
@@ -174,8 +258,8 @@ def test_translation_buckets_by_length_and_shuffles_batches_per_epoch(corpora):
 def test_translation_settings_are_checked(corpora):
     with pytest.raises(ValueError, match="expected exactly one of them"):
         translation(corpora, batch_size=4, max_tokens=100)
-    with pytest.raises(ValueError, match="max_tokens=10: expected an integer >= 30"):
-        translation(corpora, max_tokens=10)
+    with pytest.raises(ValueError, match="max_tokens=0: expected an integer >= 1"):
+        translation(corpora, max_tokens=0)
     with pytest.raises(ValueError, match="expected a parallel corpus"):
         TranslationBatches(corpora.src, prepare_corpus(iter(["a", "b"]), TOKENIZER, corpora.path / "other",
                                                        progress=False),

@@ -1,18 +1,19 @@
-"""EncoderLM and DecoderLM: causality, padding, weight tying, loss/labels, kernels vs torch, save/load, bad input."""
+"""EncoderLM and DecoderLM (and Seq2SeqLM's loss): causality, padding, weight tying, loss/labels, label smoothing,
+kernels vs torch, save/load, bad input."""
 
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from model_helpers import (assert_same_loss_and_gradients, force_triton_kernels, random_batch,
                            tiny_config)
 from safetensors import safe_open
 
 from fastlm.data import target_positions
-from fastlm.models import DecoderLM, EncoderLM, ModelConfig
+from fastlm.models import DecoderLM, EncoderLM, ModelConfig, Seq2SeqLM
 
 MODELS = {"encoder": EncoderLM, "decoder": DecoderLM}
 VARIANTS = [
@@ -76,6 +77,45 @@ def test_loss_and_accuracy_match_the_logits(kind):
     correct = ((out.logits.argmax(-1) == targets) & valid).sum()
     torch.testing.assert_close(out.accuracy, correct / valid.sum())
     assert model(ids, lengths).loss is None and model(ids, lengths).logits is None
+
+
+def _loss_inputs(kind: str, seed: int) -> tuple[torch.nn.Module, dict, torch.Tensor]:
+    """(model, forward arguments with labels, the (B, T) targets its logits are scored against) for each loss path:
+    the MLM head on every row or on the target rows only, the causal shift, and teacher-forced translation."""
+    small = dict(n_layers=1, d_model=32, n_heads=2, d_ff=64)
+    torch.manual_seed(seed)
+    ids, lengths = random_batch(tiny_config(**small), [11, 6], seed=seed)
+    beyond = torch.arange(11)[None, :] >= lengths[:, None]
+    if kind == "seq2seq":
+        model = Seq2SeqLM(tiny_config(**small), tiny_config(**small)).eval()
+        arguments = dict(src_ids=ids.flip(0), src_lengths=lengths.flip(0), tgt_ids=ids, tgt_lengths=lengths, labels=ids)
+        return model, arguments, ids.masked_fill(beyond, -100)
+    if kind == "decoder":
+        targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+        shifted_beyond = torch.arange(11)[None, :] >= lengths[:, None] - 1
+        return DecoderLM(tiny_config(**small)).eval(), dict(input_ids=ids, lengths=lengths, labels=ids), \
+            targets.masked_fill(shifted_beyond, -100)
+    labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(seed)) < 0.6, -100)
+    targets = labels.masked_fill(beyond, -100)
+    arguments = dict(input_ids=ids, lengths=lengths, labels=labels)
+    if kind == "encoder-target-rows":
+        arguments["target_positions"] = target_positions(targets)
+    return EncoderLM(tiny_config(**small)).eval(), arguments, targets
+
+
+@pytest.mark.parametrize("kind", ["encoder", "encoder-target-rows", "decoder", "seq2seq"])
+@settings(max_examples=6)
+@given(label_smoothing=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_label_smoothing_is_f_cross_entropy_s_on_the_logits(kind, label_smoothing, seed):
+    model, arguments, targets = _loss_inputs(kind, seed)
+    plain = model(**arguments, return_logits=True)
+    smoothed = model(**arguments, label_smoothing=label_smoothing)
+    logits64 = plain.logits.double().reshape(-1, plain.logits.shape[-1])
+    expected = F.cross_entropy(logits64, targets.reshape(-1), label_smoothing=label_smoothing)
+    torch.testing.assert_close(smoothed.loss.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain.loss.double(), F.cross_entropy(logits64, targets.reshape(-1)), atol=1e-5,
+                               rtol=1e-5)
+    assert smoothed.n_targets == plain.n_targets and torch.equal(smoothed.accuracy, plain.accuracy)
 
 
 @pytest.mark.parametrize("kind", MODELS)

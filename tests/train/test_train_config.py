@@ -25,6 +25,8 @@ def test_overrides_are_typed_and_applied_over_the_preset():
     (["--schedule", "cos"], "schedule='cos': expected one of cosine, linear, constant"),
     (["--lr", "0"], "lr=0.0: expected a value > 0"),
     (["--beta2", "1.5"], "beta2=1.5: expected a value in [0, 1]"),
+    (["--label_smoothing", "1.5"], "label_smoothing=1.5: expected a value in [0, 1]"),
+    (["--max_tokens", "-1"], "max_tokens=-1: expected a value >= 0"),
     (["--lr"], "--lr: missing value"),
     (["lr", "1"], "unexpected argument 'lr'"),
 ])
@@ -32,6 +34,14 @@ def test_bad_overrides_name_the_key_and_value(args, message):
     with pytest.raises(ConfigError) as error:
         resolve("tiny", parse_overrides(args))
     assert message in str(error.value)
+
+
+def test_the_task_sets_its_defaults_under_the_overrides():
+    assert resolve("tiny", {}, "finetune").label_smoothing == 0.1
+    assert resolve("tiny", {}, "pretrain").label_smoothing == 0.0 == resolve("tiny", {}).label_smoothing
+    assert resolve("tiny", {"label_smoothing": "0"}, "finetune").label_smoothing == 0.0
+    with pytest.raises(ConfigError, match="task='translate': expected one of pretrain, finetune"):
+        resolve("tiny", {}, "translate")
 
 
 def test_unknown_preset_is_an_error():

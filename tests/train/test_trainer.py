@@ -158,6 +158,26 @@ def test_consecutive_nans_stop_the_run_with_the_last_good_checkpoint_intact(tmp_
     assert [r["consecutive"] for r in read_records(tmp_path / "metrics.jsonl", "skip")] == [1, 2, 3]
 
 
+class SmoothingRecorder(ToyLM):
+    """Records (training mode, label_smoothing) of every forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, *args, label_smoothing=0.0, **kwargs):
+        self.calls.append((self.training, label_smoothing))
+        return super().forward(*args, label_smoothing=label_smoothing, **kwargs)
+
+
+def test_label_smoothing_reaches_the_training_steps_and_never_the_validation(tmp_path):
+    model = SmoothingRecorder()
+    config = toy_config(max_steps=4, eval_interval=2, label_smoothing=0.3)
+    Trainer(model, ToyBatches(), config, tmp_path, valid_batches=ToyBatches(num_batches=2, seed=9)).fit()
+    assert [smoothing for training, smoothing in model.calls if training] == [0.3] * 4
+    assert [smoothing for training, smoothing in model.calls if not training] == [0.0] * 4  # 2 evaluations
+
+
 def run_toy(run_dir: Path, *args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     command = [sys.executable, *launcher, str(TOY_SCRIPT), str(run_dir), *args]
     return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240, check=True)

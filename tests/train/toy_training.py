@@ -36,7 +36,7 @@ class ToyLM(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(width, VOCAB)
 
-    def forward(self, input_ids, lengths=None, labels=None):
+    def forward(self, input_ids, lengths=None, labels=None, label_smoothing=0.0):
         hidden = self.dropout(self.embed(input_ids))
         for block in self.blocks:
             hidden = hidden + torch.tanh(block(hidden))
@@ -44,7 +44,8 @@ class ToyLM(nn.Module):
         targets = labels[:, 1:]
         mask = torch.arange(targets.shape[1])[None, :] < (lengths[:, None] - 1)
         targets = targets.masked_fill(~mask, -100)
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-100,
+                               label_smoothing=label_smoothing)
         n_targets = mask.sum()
         correct = ((logits.argmax(-1) == targets) & mask).sum()
         return ToyOutput(loss=loss, accuracy=correct / n_targets, n_targets=n_targets)
