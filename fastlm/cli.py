@@ -1,6 +1,7 @@
 """The `fastlm` command line (also `python -m fastlm`, and `torchrun ... -m fastlm pretrain ...`).
 
-Subcommands: tokenizer train|encode|decode, prepare, pretrain, finetune, translate, eval, export, plot, demo.
+Subcommands: tokenizer train|encode|decode, prepare, pretrain, finetune, average, translate, eval, export, plot,
+demo.
 Training commands take a preset (`--preset tiny|small|base`) and `--key value` overrides of TrainConfig fields;
 `--model.KEY value` overrides a ModelConfig field. Every mistake a user can make ends in one line on stderr and
 exit code 2 (set FASTLM_DEBUG=1 for the traceback).
@@ -139,8 +140,10 @@ def _configs(args, extra: list[str], task: str | None = None):
 
 def _report(result, label: str) -> None:
     shown = "".join(f"{k} {v:.4g}, " for k, v in result.metrics.items() if isinstance(v, (int, float)))
-    print(f"{label}: {shown}{result.seconds:.0f} s; model -> {result.model_dir}, curves -> "
-          f"{result.run_dir / 'loss.png'}")
+    stopped = (f"stopped early after step {result.step}: no better validation value in --patience evaluations; "
+               if result.stopped_early else "")
+    print(f"{label}: {shown}{result.seconds:.0f} s; {stopped}model ({result.model_weights}) -> {result.model_dir}, "
+          f"curves -> {result.run_dir / 'loss.png'}")
 
 
 def _distributed(run):
@@ -177,6 +180,19 @@ def cmd_finetune(args, extra: list[str]) -> None:
         resume=args.resume, overwrite=args.overwrite, world=world))
     if result is not None:
         _report(result, "finetune")
+
+
+def cmd_average(args) -> None:
+    from fastlm.train.averaging import newest_checkpoints
+    from fastlm.train.tasks import average
+
+    if args.run_dir is not None and args.last is None:
+        raise UsageError("average --run-dir: give --last K, how many of its newest step checkpoints to average")
+    if args.checkpoints and args.last is not None:
+        raise UsageError("average: --last counts the checkpoints of --run-dir; --checkpoints names them itself")
+    paths = newest_checkpoints(args.run_dir, args.last) if args.run_dir else args.checkpoints
+    steps = average(paths, args.output, overwrite=args.overwrite)
+    print(f"averaged {len(steps)} checkpoint(s), steps {', '.join(map(str, steps))} -> {args.output}")
 
 
 # ----- using models -----
@@ -374,6 +390,21 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--beam", type=int, default=GENERATION_DEFAULTS.num_beams,
                           help="beam width of those translations")
     finetune.set_defaults(run=cmd_finetune, takes_overrides=True)
+
+    average = commands.add_parser(
+        "average", help="average the weights of a run's newest checkpoints into a model",
+        description="Write the mean of the model weights of checkpoints of one run (Vaswani et al. average their\n"
+                    "last 5 or 20) as a model directory. RUN/model holds the best checkpoint's weights; --last 1\n"
+                    "gives the last ones.")
+    sources = average.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--run-dir", help="training run whose newest step checkpoints are averaged (with --last)")
+    sources.add_argument("--checkpoints", nargs="+", help="checkpoint files of one run (RUN/checkpoints/step-*.pt)")
+    average.add_argument("--last", type=int, metavar="K",
+                         help="how many of the run's newest step checkpoints (the run keeps keep_last of them); "
+                         "--last 1 writes the last weights as a model")
+    average.add_argument("--output", required=True, help="model directory to write (for translate, eval, export)")
+    average.add_argument("--overwrite", action="store_true", help="replace the model in --output if it exists")
+    average.set_defaults(run=cmd_average)
 
     translate = commands.add_parser("translate", help="translate sentences (arguments, --input FILE, or stdin)")
     translate.add_argument("--model", required=True, help="fine-tuned model (run or model directory)")

@@ -136,6 +136,64 @@ def test_finetune_reports_bleu(finetuned):
     assert saved["label_smoothing"] == 0.1 and saved["max_tokens"] == 256  # finetune's default; the override
 
 
+def test_finetune_exports_the_checkpoint_of_the_best_validation_loss(finetuned):
+    import torch
+
+    from fastlm.models import Seq2SeqLM
+    from fastlm.train import load_checkpoint
+
+    run = finetuned / "seq2seq"
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    best_step = min(evals, key=lambda r: r["loss"])["step"]
+    metadata = json.loads((run / "model" / "config.json").read_text())["metadata"]
+    assert (metadata["step"], metadata["selected_by"]) == (best_step, "loss")
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["step"] == best_step
+    exported = Seq2SeqLM.load(run / "model").state_dict()
+    assert all(torch.equal(tensor, best["model"][name]) for name, tensor in exported.items())
+
+
+def test_average_writes_the_mean_of_the_newest_checkpoints_as_a_model_that_translates(finetuned, tmp_path, capsys):
+    import torch
+
+    from fastlm.cli import main
+    from fastlm.models import Seq2SeqLM
+    from fastlm.train import load_checkpoint
+
+    run, output = finetuned / "seq2seq", tmp_path / "averaged"
+    assert main(["average", "--run-dir", str(run), "--last", "2", "--output", str(output)]) == 0
+    assert capsys.readouterr().out == f"averaged 2 checkpoint(s), steps 3, 6 -> {output}\n"
+    states = [load_checkpoint(run / "checkpoints" / f"step-{step:08d}.pt")["model"] for step in (3, 6)]
+    for name, tensor in Seq2SeqLM.load(output).state_dict().items():
+        torch.testing.assert_close(tensor, (states[0][name] + states[1][name]) / 2, msg=name)
+    translated = fastlm("translate", "--model", output, "--tokenizer", finetuned / "tok.json", "--beam", "1",
+                        "--max-new-tokens", "4", "안녕하세요")
+    assert len(translated.stdout.splitlines()) == 1 and translated.stderr == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--run-dir", "{root}/seq2seq", "--last", "3"], "holds 2 step checkpoint(s) (the run keeps keep_last=2)"),
+    (["--run-dir", "{root}/seq2seq"], "give --last K"),
+    (["--checkpoints", "{root}/encoder/checkpoints/step-00000006.pt", "{root}/decoder/checkpoints/step-00000006.pt"],
+     "task: the first has 'pretrain-encoder', this one 'pretrain-decoder'"),
+    (["--checkpoints", "{root}/seq2seq/checkpoints/step-00000006.pt", "--last", "1"],
+     "--last counts the checkpoints of --run-dir"),
+    ([], "one of the arguments --run-dir --checkpoints is required"),
+    (["--run-dir", "{root}/seq2seq", "--last", "1", "--output", "{root}/seq2seq/model"],
+     "exists: choose another directory, or pass --overwrite"),
+])
+def test_average_mistakes_are_one_line_and_exit_code_2(finetuned, tmp_path, args, message, capsys, monkeypatch):
+    from fastlm.cli import main
+
+    monkeypatch.delenv("FASTLM_DEBUG", raising=False)
+    model_before = (finetuned / "seq2seq" / "model" / "model.safetensors").read_bytes()
+    assert main(["average", "--output", str(tmp_path / "out"), *(arg.format(root=finetuned) for arg in args)]) == 2
+    stderr = capsys.readouterr().err
+    assert len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
+    assert not (tmp_path / "out").exists()
+    assert (finetuned / "seq2seq" / "model" / "model.safetensors").read_bytes() == model_before
+
+
 def test_translate_from_arguments_stdin_and_a_file(finetuned):
     common = ["translate", "--model", finetuned / "seq2seq", "--tokenizer", finetuned / "tok.json", "--beam", "2",
               "--max-new-tokens", "8"]

@@ -127,28 +127,29 @@ def check_resumable(state: dict, path: Path, *, run_info: dict, model: torch.nn.
                          f"{CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION}")
     saved_info = {k: v for k, v in state.get("run_info", {}).items() if k not in MOVABLE_RUN_INFO}
     current_info = {k: v for k, v in run_info.items() if k not in MOVABLE_RUN_INFO}
-    changes = _differences(saved_info, current_info)
+    changes = differences(saved_info, current_info)
     if changes:
         raise ValueError(f"checkpoint {path} belongs to another run ({'; '.join(changes[:6])}): resume with the "
                          "settings the run was started with, or train in a new run directory")
     saved_shapes = {name: tuple(tensor.shape) for name, tensor in state["model"].items()}
     # Under FSDP2 the model's tensors are DTensors, whose shape is the global (unsharded) one.
     model_shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    changes = _differences(saved_shapes, model_shapes)
+    changes = differences(saved_shapes, model_shapes)
     if changes:
         raise ValueError(f"checkpoint {path} holds another model ({'; '.join(changes[:6])}): resume with the model "
                          "the run was started with, or train in a new run directory")
 
 
-def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """'key: checkpoint has X, this run Y' for every (nested) key whose values differ."""
+def differences(saved: dict, current: dict, names: tuple[str, str] = ("checkpoint has", "this run"),
+                prefix: str = "") -> list[str]:
+    """'key: checkpoint has X, this run Y' (the words of `names`) for every (nested) key whose values differ."""
     changes = []
     for key in sorted(set(saved) | set(current), key=str):
         old, new = saved.get(key, "nothing"), current.get(key, "nothing")
         if isinstance(old, dict) and isinstance(new, dict):
-            changes += _differences(old, new, f"{prefix}{key}.")
+            changes += differences(old, new, names, f"{prefix}{key}.")
         elif old != new:
-            changes.append(f"{prefix}{key}: checkpoint has {old!r}, this run {new!r}")
+            changes.append(f"{prefix}{key}: {names[0]} {old!r}, {names[1]} {new!r}")
     return changes
 
 

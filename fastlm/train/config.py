@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastlm.train.selection import LOWER_IS_BETTER
+
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("bf16", "fp32")
 
@@ -59,8 +61,13 @@ class TrainConfig:
     eval_batches: int = 20  # validation micro-batches per evaluation
     log_interval: int = 10  # steps between progress-bar refreshes when stderr is not a terminal
     checkpoint_interval: int = 200  # steps between checkpoints (a final one is always written)
-    keep_last: int = 2  # step checkpoints kept besides best.pt
+    keep_last: int = 2  # step checkpoints kept besides best.pt (`fastlm average --last K` needs K of them)
     max_bad_steps: int = 5  # consecutive non-finite losses tolerated before the run stops
+    # Loss by default: every run with validation data has it, and it is measured on eval_batches batches where BLEU
+    # sees a sample of bleu_sentences pairs; which picks the better translator here is pending measurement.
+    select_by: str = "loss"  # validation metric of best.pt, the weights run_dir/model gets: "loss" | "bleu" (finetune)
+    # Off by default: a run trains its max_steps unless asked to stop; a fine-tuning value is pending measurement.
+    patience: int = 0  # stop after this many evaluations in a row without a better select_by (0: never stop early)
 
     # --- runtime ---
     seed: int = 0  # seeds data order, masking, dropout and initialisation
@@ -79,7 +86,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected a value > 0")
-        non_negative = ("weight_decay", "grad_clip", "warmup_steps", "eval_interval", "seed", "max_tokens")
+        non_negative = ("weight_decay", "grad_clip", "warmup_steps", "eval_interval", "seed", "max_tokens",
+                        "patience")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected a value >= 0")
@@ -92,6 +100,8 @@ class TrainConfig:
             raise ConfigError(f"schedule={self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.select_by not in LOWER_IS_BETTER:
+            raise ConfigError(f"select_by={self.select_by!r}: expected one of {', '.join(LOWER_IS_BETTER)}")
 
     @classmethod
     def preset(cls, name: str, task: str | None = None, **overrides) -> TrainConfig:

@@ -20,6 +20,7 @@ from fastlm.generation import GENERATION_DEFAULTS, generate
 from fastlm.models import DecoderLM, EncoderLM, ModelConfig, Seq2SeqLM
 from fastlm.models.seq2seq import DEFAULT_CROSS_ATTENTION_INIT
 from fastlm.tokenizer import Tokenizer
+from fastlm.train.averaging import average_checkpoints
 from fastlm.train.config import TrainConfig, typed_overrides
 from fastlm.train.distributed import World
 from fastlm.train.evaluation import corpus_bleu, evaluate_loss
@@ -37,6 +38,9 @@ class RunResult:
     model_dir: Path
     metrics: dict  # the last evaluation
     seconds: float
+    model_weights: str  # which weights model_dir holds, in words: "best validation loss, step 400"
+    stopped_early: bool  # ended before max_steps for want of a better select_by in `patience` evaluations
+    step: int  # the last step trained
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -159,12 +163,14 @@ def _train(model, train_batches, valid_batches, config: TrainConfig, run_dir: Pa
             raise FileNotFoundError(f"--resume: {run_dir}/checkpoints holds no checkpoint to resume from (start "
                                     "over with --overwrite)")
         if trainer.world.is_main:
-            print(f"resuming {run_dir} from step {trainer.step} of {config.max_steps}", file=sys.stderr)
+            stopped = " (it stopped early: nothing more to train)" if trainer.stopped_early else ""
+            print(f"resuming {run_dir} from step {trainer.step} of {config.max_steps}{stopped}", file=sys.stderr)
     metrics = trainer.fit()
-    trainer.export_model(run_dir / "model", {"tokenizer_sha256": tokenizer_sha256(tokenizer)})
+    weights = trainer.export_model(run_dir / "model", {"tokenizer_sha256": tokenizer_sha256(tokenizer)})
     if trainer.world.is_main:
         plot_runs([run_dir])
-    return RunResult(run_dir, run_dir / "model", metrics, time.perf_counter() - started)
+    return RunResult(run_dir, run_dir / "model", metrics, time.perf_counter() - started, weights,
+                     trainer.stopped_early, trainer.step)
 
 
 def pretrain(arch: str, tokenizer_path: str | Path, train_dir: str | Path, valid_dir: str | Path | None,
@@ -244,6 +250,32 @@ def finetune(encoder: str | Path, decoder: str | Path, tokenizer_path: str | Pat
                          "encoder": str(encoder), "decoder": str(decoder)}}
     return _train(model, train, valid, config, Path(run_dir), world=world, resume=resume, overwrite=overwrite,
                   tokenizer=tokenizer, run_info=run_info, extra_eval=extra_eval)
+
+
+def model_of_run(run_info: dict):
+    """A model of the architecture a run's checkpoints hold (freshly initialised), from their run_info: pretrain
+    records the ModelConfig, finetune the Seq2SeqLM's config_dict."""
+    task = run_info.get("task")
+    if task == "finetune":
+        return Seq2SeqLM.from_config_dict(run_info["model"])
+    arch = task.removeprefix("pretrain-") if isinstance(task, str) else None
+    if arch not in ARCHS:
+        raise ValueError(f"run_info task={task!r}: expected finetune, {', '.join('pretrain-' + a for a in ARCHS)}")
+    return ARCHS[arch].from_config_dict({"config": run_info["model"]})
+
+
+def average(checkpoints: list[str | Path], output: str | Path, *, overwrite: bool = False) -> list[int]:
+    """Write the mean of the model weights of `checkpoints` (of one run) as a model directory, what translate, eval
+    and export load; returns the steps averaged. An `output` that exists is replaced only with `overwrite`."""
+    output = Path(output)
+    if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
+        raise FileExistsError(f"--output {output} exists: choose another directory, or pass --overwrite to replace "
+                              "the model in it")
+    weights, run_info, steps = average_checkpoints(checkpoints)
+    model = model_of_run(run_info)
+    model.load_state_dict(weights)  # tied names both hold the same mean: the model's one tensor stays tied
+    model.save(output, {"tokenizer_sha256": run_info["tokenizer_sha256"], "averaged_steps": steps})
+    return steps
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ from fastlm.train.evaluation import evaluate_loss, to_device
 from fastlm.train.metrics import MetricsLog, ProgressBar, TensorBoardLog
 from fastlm.train.optim import build_optimizer, build_scheduler
 from fastlm.train.run_dir import refuse_or_clear
+from fastlm.train.selection import Selection
 
 
 class TrainingDiverged(RuntimeError):
@@ -72,6 +73,9 @@ class Trainer:
     evaluation (BLEU for translation; run on rank 0 only, so not with FSDP). `run_info` (e.g. the model config) is
     stored with the config in `config.json` and in every checkpoint.
 
+    best.pt is the checkpoint of the best evaluation by `config.select_by` (the last one without validation data),
+    and `export_model` writes its weights; `config.patience` evaluations without a better value end `fit` early.
+
     `fit` refuses a `run_dir` that holds an earlier run unless `resume()` restored it or `overwrite=True` (which
     removes that run's files). SIGINT or SIGTERM during `fit` ends the current step, writes a checkpoint and raises
     TrainingInterrupted; a second SIGINT aborts at once.
@@ -90,6 +94,15 @@ class Trainer:
         self.overwrite = overwrite
         if config.fsdp and extra_eval is not None and self.world.is_distributed:
             raise ValueError("extra_eval needs the whole model on one rank: it cannot run with fsdp=True")
+        # Whether evaluations measure the metric that selects best.pt: the loss needs validation batches, BLEU the
+        # extra_eval of translation.
+        self.selects = (valid_batches if config.select_by == "loss" else extra_eval) is not None
+        if config.select_by == "bleu" and not self.selects:
+            raise ValueError("select_by='bleu' needs an evaluation that reports BLEU: fastlm finetune with --valid "
+                             "and --bleu-sentences > 0")
+        if config.patience and not self.selects:
+            raise ValueError(f"patience={config.patience} needs validation data to measure select_by="
+                             f"{config.select_by!r} on (--valid)")
 
         # Dropout streams differ per rank (each sees different data) but are reproducible from the seed.
         seed_everything(config.seed + self.world.rank)
@@ -106,7 +119,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.epoch = 0  # data position: the next step starts at global micro-batch `index` of `epoch`
         self.index = 0
-        self.best_eval_loss = math.inf
+        self.selection = Selection(config.select_by)
         self.bad_steps = 0  # consecutive non-finite steps
         self._prefetcher: Prefetcher | None = None  # builds the coming micro-batches while fit runs
         self.resumed = False
@@ -151,7 +164,7 @@ class Trainer:
             payload = {
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "step": self.step, "epoch": self.epoch, "index": self.index,
-                "best_eval_loss": self.best_eval_loss, "bad_steps": self.bad_steps,
+                "selection": self.selection.to_dict(), "bad_steps": self.bad_steps,
                 "model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                 "rng": rng_states, "world_size": self.world.world_size,
                 "config": self.config.to_dict(), "run_info": self.run_info,
@@ -176,6 +189,7 @@ class Trainer:
                 return None
             state = load_checkpoint(chosen)
             check_resumable(state, chosen, run_info=self.run_info, model=self.model)
+            state["selection"] = Selection.from_checkpoint(state, chosen, self.config.select_by).to_dict()
             tensors["model"], tensors["optimizer"] = state.pop("model"), state.pop("optimizer")
             return state
 
@@ -186,7 +200,7 @@ class Trainer:
                                           tensors.get("optimizer", {}))
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.index = state["step"], state["epoch"], state["index"]
-        self.best_eval_loss, self.bad_steps = state["best_eval_loss"], state["bad_steps"]
+        self.selection, self.bad_steps = Selection(**state["selection"]), state["bad_steps"]
         restore_rank_rng_state(state["rng"], self.world.rank, seed=self.config.seed, step=self.step)
         self.log.truncate_after(self.step)
         self.curves.truncate_after(self.step)
@@ -291,11 +305,17 @@ class Trainer:
             self.model.train(was_training)
         return metrics
 
+    @property
+    def stopped_early(self) -> bool:
+        """Whether the run ended before max_steps for want of a better select_by in `patience` evaluations."""
+        return self.step < self.config.max_steps and self.selection.exhausted(self.config.patience)
+
     def fit(self) -> dict:
-        """Train until `max_steps`; returns the last evaluation's metrics (or the last train loss). A run resumed
-        after it finished trains no more and returns a fresh evaluation (no metrics without validation data)."""
+        """Train until `max_steps`, or until `patience` evaluations without improvement; returns the last
+        evaluation's metrics (or the last train loss). A run resumed after it finished (or stopped early) trains no
+        more and returns a fresh evaluation (no metrics without validation data)."""
         config = self.config
-        if self.step >= config.max_steps:
+        if self.step >= config.max_steps or self.stopped_early:
             metrics = self.evaluate()
             metrics.pop("samples", None)
             return metrics
@@ -333,13 +353,14 @@ class Trainer:
             improved = False
             if is_last or (config.eval_interval and self.step % config.eval_interval == 0):
                 last_metrics = self._evaluate_and_log(progress)
-                eval_loss = last_metrics.get("loss")
-                improved = eval_loss is not None and eval_loss < self.best_eval_loss
-                if improved:
-                    self.best_eval_loss = eval_loss
-            if improved or is_last or self.step % config.checkpoint_interval == 0:
+                improved = self._select(last_metrics)
+            if improved or is_last or self.stopped_early or self.step % config.checkpoint_interval == 0:
                 # Without validation data the newest weights are the best we know.
-                self.save_checkpoint(is_best=improved or (self.valid_batches is None and is_last))
+                self.save_checkpoint(is_best=improved or (not self.selects and is_last))
+            if self.stopped_early:
+                progress.message(f"stopping early after step {self.step}: no better validation {config.select_by} "
+                                 f"in {config.patience} evaluations (best: {self.selection.describe()})")
+                break
             tick = time.perf_counter()  # evaluation and checkpoint time is not training throughput
         progress.close()
         return last_metrics
@@ -380,6 +401,22 @@ class Trainer:
         self.log.write(kind, step, **values)
         self.curves.write(kind, step, **values)
 
+    def _select(self, metrics: dict) -> bool:
+        """Give this evaluation to the selection; True if it is the best so far. Rank 0 decides (BLEU exists there
+        only) and every rank adopts its selection, so that all save, stop and export alike."""
+
+        def update_on_main() -> tuple[bool, dict]:
+            value = metrics.get(self.config.select_by)
+            if value is None and self.selects:
+                raise ValueError(f"select_by={self.config.select_by!r}: the evaluation at step {self.step} reported "
+                                 f"no {self.config.select_by!r} (only {', '.join(metrics) or 'nothing'})")
+            improved = value is not None and self.selection.update(value, self.step)
+            return improved, self.selection.to_dict()
+
+        improved, selection = distributed.run_on_main(self.world, update_on_main)
+        self.selection = Selection(**selection)
+        return improved
+
     def _evaluate_and_log(self, progress: ProgressBar) -> dict:
         metrics = self.evaluate()
         samples = metrics.pop("samples", None)
@@ -403,16 +440,34 @@ class Trainer:
                 f"training stopped after {self.bad_steps} consecutive non-finite steps (after step {self.step}); "
                 f"{where}. Lower lr, raise warmup_steps or check the data.")
 
-    def export_model(self, directory: str | Path, metadata: dict[str, str] | None = None) -> None:
-        """Write the trained weights with the model's own `save` (what `finetune` and `translate` load), with
-        `metadata` in its config.json. Under FSDP the shards are gathered into a plain copy of the model (built from
-        its `config_dict`) on rank 0."""
-        model = self.model
-        if self.config.fsdp and self.world.is_distributed:
-            state = distributed.full_model_state_dict(self.wrapped, fsdp=True)
-            if self.world.is_main:
+    def export_model(self, directory: str | Path, metadata: dict | None = None) -> str:
+        """Write the selected weights, best.pt's (the last step's where the run has no best.pt), with the model's
+        own `save` (what `finetune` and `translate` load), and `metadata` in its config.json together with which
+        weights they are: "step", and "selected_by" (select_by, or "last"). Returns that in words.
+
+        Weights other than the live ones, and under FSDP the gathered shards, go into a plain copy of the model
+        (built from its `config_dict`) on rank 0."""
+        best: dict = {}
+
+        def read_best_on_main() -> int | None:
+            if not self.checkpoints.best.is_file():
+                return None
+            best.update(load_checkpoint(self.checkpoints.best))
+            return best["step"]
+
+        best_step = distributed.run_on_main(self.world, read_best_on_main)
+        state = best.get("model")  # rank 0 only
+        if best_step in (None, self.step):  # the live weights
+            state = None
+            if self.config.fsdp and self.world.is_distributed:
+                state = distributed.full_model_state_dict(self.wrapped, fsdp=True)
+        step = self.step if best_step is None else best_step
+        selected_by = self.config.select_by if best_step is not None and self.selects else "last"
+        if self.world.is_main:
+            model = self.model
+            if state is not None:
                 model = type(self.model).from_config_dict(self.model.config_dict())
                 model.load_state_dict(state)
-        if self.world.is_main:
-            model.save(directory, metadata)
+            model.save(directory, {**(metadata or {}), "step": step, "selected_by": selected_by})
         distributed.barrier(self.world)
+        return f"last step {step}" if selected_by == "last" else f"best validation {selected_by}, step {step}"

@@ -1,7 +1,7 @@
 """A toy model and batch source that honour the trainer's contracts, small enough for subprocess tests.
 
 Run as a script (also under torchrun) to train the toy in a run directory:
-    python tests/train/toy_training.py RUN_DIR [--resume] [--key value ...]
+    python tests/train/toy_training.py RUN_DIR [--resume] [--bleu STEP:VALUE,...] [--key value ...]
 """
 
 from __future__ import annotations
@@ -90,6 +90,22 @@ class ToyBatches:
         return {"input_ids": ids, "lengths": lengths, "labels": ids.clone()}
 
 
+class ScriptedBleu:
+    """An extra_eval reporting the BLEU scripted for the trainer's step ({step: value}), on rank 0 only as real
+    BLEU is: the selection's input under a test's control. Set `trainer` once the Trainer exists."""
+
+    def __init__(self, values: dict[int, float]):
+        self.values, self.trainer = values, None
+
+    def __call__(self, model: nn.Module) -> dict:
+        return {"bleu": self.values[self.trainer.step]}
+
+    @classmethod
+    def parse(cls, text: str) -> ScriptedBleu:
+        """From '2:1.0,4:3.5' (step:value pairs)."""
+        return cls({int(step): float(value) for step, value in (pair.split(":") for pair in text.split(","))})
+
+
 def main(argv: list[str]) -> None:
     from fastlm.train import TrainConfig, Trainer, close_world, init_world
     from fastlm.train.config import parse_overrides, typed_overrides
@@ -100,6 +116,7 @@ def main(argv: list[str]) -> None:
     overrides = parse_overrides(rest)
     delay = float(overrides.pop("delay", "0"))
     dropout = float(overrides.pop("dropout", "0.1"))
+    bleu = ScriptedBleu.parse(overrides.pop("bleu")) if "bleu" in overrides else None
     config = TrainConfig(**{"progress": False, "warmup_steps": 5, "max_steps": 30, "batch_size": 4,
                             "eval_interval": 10, "eval_batches": 5, "checkpoint_interval": 5,
                             **typed_overrides(TrainConfig, overrides)})
@@ -107,7 +124,10 @@ def main(argv: list[str]) -> None:
     # 5 validation batches: an odd count, so with 2 ranks one rank's share is a batch short.
     torch.manual_seed(1234)  # identical initial weights on every rank and in every run
     trainer = Trainer(ToyLM(dropout=dropout), ToyBatches(batch_size=config.batch_size, seed=config.seed, delay=delay),
-                      config, run_dir, valid_batches=ToyBatches(batch_size=8, num_batches=5, seed=99), world=world)
+                      config, run_dir, valid_batches=ToyBatches(batch_size=8, num_batches=5, seed=99), world=world,
+                      extra_eval=bleu)
+    if bleu is not None:
+        bleu.trainer = trainer
     if resume:
         trainer.resume()
     trainer.fit()
