@@ -73,7 +73,8 @@ def _run(root: Path, scale: float, translate_count: int, outputs_kept: bool) -> 
     from fastlm.data.prepare import prepare_corpus, prepare_parallel_corpus
     from fastlm.data.readers import ParallelLines
     from fastlm.tokenizer import Tokenizer
-    from fastlm.train.tasks import finetune, load_model, pretrain, translate_texts
+    from fastlm.train.tasks import finetune, load_model, pretrain
+    from fastlm.translation import translate_texts
 
     reports: list[StageReport] = []
     data = root / "data"
@@ -115,7 +116,7 @@ def _run(root: Path, scale: float, translate_count: int, outputs_kept: bool) -> 
                      f"--max_steps {steps['finetune']}")
     result = finetune(runs / "encoder", runs / "decoder", tokenizer_path, corpora / "train.ko-en",
                       corpora / "valid.ko-en", runs / "finetune", stage_config(steps["finetune"]),
-                      bleu_sentences=VALID_PAIRS, num_beams=4, overwrite=True)
+                      bleu_sentences=VALID_PAIRS, overwrite=True)
     reports.append(StageReport("fine-tune ko->en", time.perf_counter() - started,
                                f"valid loss {result.metrics['loss']:.3f}, BLEU {result.metrics.get('bleu', 0):.1f}"))
 
