@@ -27,10 +27,13 @@ from fastlm.train.config import PRESETS, ConfigError, parse_overrides, resolve
 from fastlm.train.plot import DEFAULT_SMOOTHING
 from fastlm.train.tasks import RANDOM
 from fastlm.train.trainer import TrainingDiverged, TrainingInterrupted
+from fastlm.translation import DecodingSettings
 
 USAGE_ERROR = 2
 MODEL_PREFIX = "model."
 PLAIN_TEXT_SUFFIXES = ("", ".txt", ".ko", ".en")
+# Off a terminal (in a log), translate reports progress only on inputs this long: minutes of work on a CPU.
+LONG_INPUT_SENTENCES = 1000
 
 
 class UsageError(Exception):
@@ -81,8 +84,20 @@ def cmd_tokenizer_train(args) -> None:
     print(f"tokenizer: {tokenizer.vocab_size} tokens ({args.level} level) -> {args.output}")
 
 
+def _lines(data: bytes, source: str) -> list[str]:
+    """The lines of UTF-8 text, split at "\n" only (a "\r" before it dropped), as `wc -l` counts them: str.splitlines()
+    also splits at U+2028, U+0085, form feeds..., and outputs would no longer match their inputs line for line."""
+    try:
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{source}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if lines[-1] == "":
+        lines.pop()  # after the newline that ends the last line
+    return [line.removesuffix("\r") for line in lines]
+
+
 def _text_lines(texts: list[str]) -> list[str]:
-    return texts if texts else [line.rstrip("\n") for line in sys.stdin]
+    return texts if texts else _lines(sys.stdin.buffer.read(), "stdin")
 
 
 def cmd_tokenizer_encode(args) -> None:
@@ -176,7 +191,7 @@ def cmd_finetune(args, extra: list[str]) -> None:
     result = _distributed(lambda world: finetune(
         args.encoder, args.decoder, args.tokenizer, args.train, args.valid, args.run_dir, config,
         cross_attention_init=args.cross_attention_init, share_embeddings=args.share_embeddings,
-        bleu_sentences=args.bleu_sentences, num_beams=args.beam, model_overrides=model_overrides,
+        bleu_sentences=args.bleu_sentences, decoding=_decoding(args), model_overrides=model_overrides,
         resume=args.resume, overwrite=args.overwrite, world=world))
     if result is not None:
         _report(result, "finetune")
@@ -197,11 +212,19 @@ def cmd_average(args) -> None:
 
 # ----- using models -----
 
+def _decoding(args) -> DecodingSettings:
+    return DecodingSettings(num_beams=args.beam, length_penalty=args.length_penalty,
+                            no_repeat_ngram_size=args.no_repeat_ngram_size, max_len_a=args.max_len_a,
+                            max_len_b=args.max_len_b)
+
+
 def cmd_translate(args) -> None:
     import torch
 
     from fastlm.models import Seq2SeqLM
-    from fastlm.train.tasks import check_tokenizer, check_vocab, load_model, load_tokenizer, translate_texts
+    from fastlm.progress import Progress
+    from fastlm.train.tasks import check_tokenizer, check_vocab, load_model, load_tokenizer
+    from fastlm.translation import translations
 
     tokenizer = load_tokenizer(args.tokenizer)
     model = load_model(args.model, map_location="cuda" if torch.cuda.is_available() else "cpu")
@@ -213,12 +236,24 @@ def cmd_translate(args) -> None:
         raise UsageError("translate: give sentences or --input FILE, not both")
     if args.input:
         _require_files([args.input], "--input")
-        texts = Path(args.input).read_text(encoding="utf-8").splitlines()
+        texts = _lines(Path(args.input).read_bytes(), f"--input {args.input}")
     else:
         texts = _text_lines(args.text)
-    for line in translate_texts(model, tokenizer, texts, num_beams=args.beam, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size):
-        print(line)
+    progress = Progress(f"translate {len(texts):,} sentences", ("sentences",),
+                        enabled=not args.quiet and (sys.stderr.isatty() or len(texts) >= LONG_INPUT_SENTENCES))
+    written = 0
+    try:
+        for translation in translations(model, tokenizer, texts, _decoding(args), max_new_tokens=args.max_new_tokens,
+                                        batch_size=args.batch_size):
+            # One output line per input line, whatever the model writes: its line breaks become spaces.
+            print(" ".join(translation.splitlines()), flush=True)
+            written += 1
+            progress.update(sentences=1)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the translations of the first {written} of {len(texts)} sentences were "
+                                "written") from None
+    finally:
+        progress.close()
 
 
 def cmd_eval(args, extra: list[str]) -> None:
@@ -228,7 +263,7 @@ def cmd_eval(args, extra: list[str]) -> None:
     if model_overrides:
         raise UsageError("eval: --model.* overrides do not apply to a saved model")
     metrics = evaluate(args.model, args.tokenizer, args.data, config, bleu_sentences=args.bleu_sentences,
-                       num_beams=args.beam)
+                       decoding=_decoding(args))
     print(json.dumps(metrics))
 
 
@@ -312,6 +347,21 @@ def _training_settings_help(with_model: bool, task: str | None = None) -> str:
     return text
 
 
+def _add_decoding_options(parser: argparse.ArgumentParser, beam_help: str) -> None:
+    """The options of DecodingSettings, with its defaults (whose reasons its field comments give)."""
+    defaults = DecodingSettings()
+    parser.add_argument("--beam", type=int, default=defaults.num_beams, help=beam_help)
+    parser.add_argument("--length-penalty", type=float, default=defaults.length_penalty, metavar="P",
+                        help="beam search ranks a finished translation by sum(log p) / length ** P (0: by the sum, "
+                             "which favours short ones; above 1: longer ones)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=defaults.no_repeat_ngram_size, metavar="N",
+                        help="never generate the same N tokens twice in a translation (0: off)")
+    parser.add_argument("--max-len-a", type=float, default=defaults.max_len_a, metavar="A",
+                        help="a translation stops after A x its source's tokens (<s> and </s> included) + B tokens "
+                             "(--max-len-b), as in fairseq")
+    parser.add_argument("--max-len-b", type=int, default=defaults.max_len_b, metavar="B", help="B of --max-len-a")
+
+
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", required=True, help="tokenizer file (from `fastlm tokenizer train`)")
     parser.add_argument("--train", required=True, help="prepared training corpus (from `fastlm prepare`)")
@@ -387,8 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--share-embeddings", action="store_true",
                           help="one embedding table for encoder, decoder and output layer")
     finetune.add_argument("--bleu-sentences", type=int, default=64, help="validation pairs translated for BLEU")
-    finetune.add_argument("--beam", type=int, default=GENERATION_DEFAULTS.num_beams,
-                          help="beam width of those translations")
+    _add_decoding_options(finetune, "beam width of those translations")
     finetune.set_defaults(run=cmd_finetune, takes_overrides=True)
 
     average = commands.add_parser(
@@ -409,11 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     translate = commands.add_parser("translate", help="translate sentences (arguments, --input FILE, or stdin)")
     translate.add_argument("--model", required=True, help="fine-tuned model (run or model directory)")
     translate.add_argument("--tokenizer", required=True, help="the tokenizer the model was trained with")
-    translate.add_argument("--input", help="file with one sentence per line")
-    translate.add_argument("--beam", type=int, default=GENERATION_DEFAULTS.num_beams, help="beam width (1: greedy)")
-    translate.add_argument("--max-new-tokens", type=int, default=GENERATION_DEFAULTS.max_new_tokens,
-                           help="longest translation, in tokens")
+    translate.add_argument("--input", help="file with one sentence per line (an empty line: an empty translation)")
+    _add_decoding_options(translate, "beam width (1: greedy)")
+    translate.add_argument("--max-new-tokens", type=int, default=GENERATION_DEFAULTS.max_new_tokens, help="longest translation, in tokens")
     translate.add_argument("--batch-size", type=int, default=32, help="sentences translated together")
+    translate.add_argument("--quiet", action="store_true",
+                           help=f"no progress report (given on a terminal, or for {LONG_INPUT_SENTENCES}+ sentences)")
     translate.add_argument("text", nargs="*", help="sentences (default: one per line from stdin)")
     translate.set_defaults(run=cmd_translate)
 
@@ -425,8 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="batch shape preset")
     evaluate.add_argument("--bleu-sentences", type=int, default=0,
                           help="pairs translated for BLEU (translation models; 0: no BLEU)")
-    evaluate.add_argument("--beam", type=int, default=GENERATION_DEFAULTS.num_beams,
-                          help="beam width of those translations")
+    _add_decoding_options(evaluate, "beam width of those translations")
     evaluate.set_defaults(run=cmd_eval, takes_overrides=True)
 
     export = commands.add_parser("export", help="write a model as a Hugging Face transformers directory")
@@ -493,7 +542,7 @@ def _main(argv: list[str]) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"fastlm: {error}; resume with: {_resume_command(argv)}", file=sys.stderr)
         return 128 + error.signal_number
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
-        print("fastlm: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # a second Ctrl-C, or one outside a training loop
+        print(f"fastlm: interrupted ({interrupt})" if str(interrupt) else "fastlm: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     return 0

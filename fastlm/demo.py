@@ -74,7 +74,8 @@ def _run(root: Path, scale: float, translate_count: int, outputs_kept: bool) -> 
     from fastlm.data.prepare import prepare_corpus, prepare_parallel_corpus
     from fastlm.data.readers import ParallelLines
     from fastlm.tokenizer import Tokenizer
-    from fastlm.train.tasks import finetune, load_model, pretrain, translate_texts
+    from fastlm.train.tasks import finetune, load_model, pretrain
+    from fastlm.translation import translate_texts
 
     reports: list[StageReport] = []
     data = root / "data"

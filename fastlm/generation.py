@@ -1,7 +1,8 @@
 """Text generation for DecoderLM and Seq2SeqLM: greedy, sampling (temperature, top-k, top-p) and beam search.
 
-Batched with padding at the right (`lengths`), per-row end-of-sequence, and a KV cache: each step feeds one token
-per row, self-attention keys/values accumulate in the cache and the cross-attention ones are computed once.
+Batched with padding at the right (`lengths`), per-row end-of-sequence and length limits, and a KV cache: each step
+feeds one token per row, self-attention keys/values accumulate in the cache and the cross-attention ones are computed
+once. Every strategy can forbid repeated n-grams (transformers' `no_repeat_ngram_size`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,13 @@ class GenerationDefaults:
 
     max_new_tokens: int = 64       # longest output, </s> included
     num_beams: int = 4             # beam width (translation decodes by beam search; generate()'s default is greedy)
-    length_penalty: float = 1.0    # a finished hypothesis scores sum(log p) / generated_length ** length_penalty
+    # A finished hypothesis scores sum(log p) / generated_length ** length_penalty: 1.0 (fairseq's and transformers'
+    # default) compares mean log-probabilities, so short outputs win no bonus.
+    length_penalty: float = 1.0
     early_stopping: bool = True    # end an input once it has num_beams finished hypotheses (False: once none can win)
-    no_repeat_ngram_size: int = 0  # size of the n-grams that may not repeat in an output (0: any may repeat)
+    # Size of the n-grams that may not repeat in an output; 0 (any may repeat): 17% of the English sentences of
+    # ko-en's training pairs repeat a run of 3 tokens (char-level 8k tokenizer), which a ban of 3 would forbid.
+    no_repeat_ngram_size: int = 0
 
 
 GENERATION_DEFAULTS = GenerationDefaults()
@@ -52,6 +57,9 @@ def generate(
     top_p: float = 1.0,
     length_penalty: float = GENERATION_DEFAULTS.length_penalty,
     early_stopping: bool = GENERATION_DEFAULTS.early_stopping,
+    no_repeat_ngram_size: int = GENERATION_DEFAULTS.no_repeat_ngram_size,
+    max_len_a: float = 0.0,
+    max_len_b: int | None = None,
     num_return_sequences: int = 1,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
@@ -64,6 +72,17 @@ def generate(
     a finished hypothesis scores sum(log p) / generated_length ** length_penalty; early_stopping=True ends an input
     as soon as it has num_beams finished hypotheses, False once no running beam can beat the worst of them).
 
+    no_repeat_ngram_size: when n > 0, no n tokens in a row occur twice in a sequence: a token that would complete an
+    n-gram the sequence already holds gets probability 0. As in transformers, the sequence is everything the decoder
+    reads: a DecoderLM's prompt counts (a continuation repeats none of its prompt's n-grams either), and so does a
+    Seq2SeqLM's start token (</s>: with n = 1 a translation ends only once every other token is used). A row whose
+    every token is forbidden may end with eos all the same.
+
+    max_len_a, max_len_b: when max_len_b is given (None: no such limit), row i generates at most
+    int(max_len_a * source_length_i + max_len_b) tokens (fairseq's rule, per row; at least 1), never more than
+    max_new_tokens. source_length is the row's src_lengths for a Seq2SeqLM, its prompt length for a DecoderLM. A row
+    that reaches its limit stops there as every row does at max_new_tokens: its beams compete as they are, no eos.
+
     Returns int64 (B * num_return_sequences, L): the generated tokens only (the prompt is not repeated). Row
     b * num_return_sequences + i is the i-th sequence of input b (beam search: best score first). A row ends with
     eos_id where one was generated, then pad_id up to L, the longest row (L <= max_new_tokens).
@@ -72,36 +91,37 @@ def generate(
     must fit max_seq_len, else a ValueError before any step. NaN logits (a diverged model) are a ValueError too.
     """
     _check_options(strategy, max_new_tokens, num_beams, temperature, top_k, top_p, length_penalty,
-                   num_return_sequences)
+                   no_repeat_ngram_size, max_len_a, max_len_b, num_return_sequences)
     model_was_training = model.training
     model.eval()
     try:
-        prompt, prompt_lengths, next_logits = _decoding_problem(model, input_ids, lengths, src_ids, src_lengths,
-                                                                max_new_tokens, strategy, num_beams,
-                                                                num_return_sequences)
+        prompt, prompt_lengths, source_lengths, next_logits = _decoding_problem(
+            model, input_ids, lengths, src_ids, src_lengths, max_new_tokens, strategy, num_beams, num_return_sequences)
         config = model.config
         # The last new token is returned, never fed back: the rows need room for one token fewer.
         width = prompt.shape[1] + max_new_tokens - 1
         ids = prompt.new_full((prompt.shape[0], width), config.pad_id)
         ids[:, : prompt.shape[1]] = prompt
         state = _Rows(ids, prompt_lengths.clone(), KVCache(width) if use_cache else None, next_logits,
-                      prompt.shape[1])
+                      prompt.shape[1], no_repeat_ngram_size, config.eos_id)
+        limits = _length_limits(source_lengths, max_new_tokens, max_len_a, max_len_b)
         if strategy == "beam":
-            return _beam_search(state, max_new_tokens, num_beams, length_penalty, early_stopping,
-                                num_return_sequences, config.eos_id, config.pad_id)
+            return _beam_search(state, limits, num_beams, length_penalty, early_stopping, num_return_sequences,
+                                config.eos_id, config.pad_id)
         choose = (lambda logits: logits.argmax(dim=-1)) if strategy == "greedy" else (
             lambda logits: _sample(logits, temperature, top_k, top_p, generator))
-        return _step_by_step(state, max_new_tokens, choose, config.eos_id, config.pad_id)
+        return _step_by_step(state, limits, choose, config.eos_id, config.pad_id)
     finally:
         model.train(model_was_training)
 
 
 def _check_options(strategy, max_new_tokens, num_beams, temperature, top_k, top_p, length_penalty,
-                   num_return_sequences) -> None:
+                   no_repeat_ngram_size, max_len_a, max_len_b, num_return_sequences) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy = {strategy!r}: expected one of {STRATEGIES}")
     counts = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, top_k=top_k,
-                  num_return_sequences=num_return_sequences)
+                  no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=num_return_sequences,
+                  **({} if max_len_b is None else dict(max_len_b=max_len_b)))
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValueError(f"{name} = {value!r}: expected an integer")
@@ -117,6 +137,15 @@ def _check_options(strategy, max_new_tokens, num_beams, temperature, top_k, top_
         raise ValueError(f"top_p = {top_p}: expected a probability in (0, 1]")
     if not math.isfinite(length_penalty):
         raise ValueError(f"length_penalty = {length_penalty}: expected a finite number")
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size = {no_repeat_ngram_size}: expected >= 0 (0 = repeats allowed)")
+    if not (isinstance(max_len_a, numbers.Real) and math.isfinite(max_len_a) and max_len_a >= 0):
+        raise ValueError(f"max_len_a = {max_len_a!r}: expected a finite number >= 0")
+    if max_len_b is None and max_len_a != 0:
+        raise ValueError(f"max_len_a = {max_len_a} needs max_len_b: a row's limit is int(max_len_a * source_length "
+                         "+ max_len_b)")
+    if max_len_b is not None and max_len_b < 0:
+        raise ValueError(f"max_len_b = {max_len_b}: expected >= 0")
     most = {"greedy": 1, "sample": None, "beam": num_beams}[strategy]
     if num_return_sequences < 1 or (most is not None and num_return_sequences > most):
         raise ValueError(f"num_return_sequences = {num_return_sequences}: expected between 1 and "
@@ -124,9 +153,10 @@ def _check_options(strategy, max_new_tokens, num_beams, temperature, top_k, top_
 
 
 def _decoding_problem(model, input_ids, lengths, src_ids, src_lengths, max_new_tokens, strategy, num_beams,
-                      num_return_sequences) -> tuple[Tensor, Tensor, Callable]:
-    """The (R, T) prompt rows, their lengths and a `next_logits(ids, lengths, cache)` function, R being the batch
-    times the rows each input needs (its beams, or its samples)."""
+                      num_return_sequences) -> tuple[Tensor, Tensor, Tensor, Callable]:
+    """The (R, T) prompt rows, their lengths, the (R,) lengths of their sources (a DecoderLM's: its prompt) and a
+    `next_logits(ids, lengths, cache)` function, R being the batch times the rows each input needs (its beams, or
+    its samples)."""
     copies = num_beams if strategy == "beam" else num_return_sequences
     config = model.config
     if isinstance(model, Seq2SeqLM):
@@ -139,7 +169,9 @@ def _decoding_problem(model, input_ids, lengths, src_ids, src_lengths, max_new_t
         memory_lengths = src_lengths.repeat_interleave(copies, dim=0) if src_lengths is not None else None
         prompt = src_ids.new_full((src_ids.shape[0] * copies, 1), model.decoder_start_id)
         prompt_lengths = torch.ones(prompt.shape[0], dtype=torch.int64, device=prompt.device)
-        return prompt, prompt_lengths, lambda ids, lengths, cache: model.next_token_logits(
+        source_lengths = memory_lengths if memory_lengths is not None else torch.full_like(
+            prompt_lengths, src_ids.shape[1])
+        return prompt, prompt_lengths, source_lengths, lambda ids, lengths, cache: model.next_token_logits(
             ids, lengths, memory, memory_lengths, cache)
     if not isinstance(model, DecoderLM):
         raise ValueError(f"model of type {type(model).__name__}: expected a DecoderLM or a Seq2SeqLM")
@@ -152,7 +184,8 @@ def _decoding_problem(model, input_ids, lengths, src_ids, src_lengths, max_new_t
     longest = int(lengths.max())
     _check_room(longest, max_new_tokens, config.max_seq_len)
     prompt = input_ids[:, :longest].repeat_interleave(copies, dim=0)
-    return prompt, lengths.repeat_interleave(copies, dim=0), model.next_token_logits
+    prompt_lengths = lengths.repeat_interleave(copies, dim=0)
+    return prompt, prompt_lengths, prompt_lengths, model.next_token_logits
 
 
 def _check_room(prompt_length: int, max_new_tokens: int, max_seq_len: int) -> None:
@@ -162,12 +195,42 @@ def _check_room(prompt_length: int, max_new_tokens: int, max_seq_len: int) -> No
                          f"new tokens but the last must fit max_seq_len = {max_seq_len}")
 
 
-class _Rows:
-    """The growing token rows (R, prompt + new) with their lengths, and how to get the logits of their next token."""
+def _length_limits(source_lengths: Tensor, max_new_tokens: int, max_len_a: float, max_len_b: int | None) -> Tensor:
+    """(R,) the most tokens each row may generate (see generate's max_len_a and max_len_b)."""
+    if max_len_b is None:
+        return torch.full_like(source_lengths, max_new_tokens)
+    # In Python floats, as fairseq computes it (a float32 tensor product could round a limit down by one).
+    limits = [min(max(int(max_len_a * length + max_len_b), 1), max_new_tokens) for length in source_lengths.tolist()]
+    return torch.tensor(limits, device=source_lengths.device)
 
-    def __init__(self, ids: Tensor, lengths: Tensor, cache: KVCache | None, next_logits: Callable, prompt_width: int):
+
+def repeated_ngram_bans(ids: Tensor, lengths: Tensor, size: int, vocab_size: int) -> Tensor:
+    """(R, vocab_size) bool: True for each token that, written after row r's tokens ids[r, :lengths[r]], would
+    complete an n-gram of `size` tokens that the row already holds (transformers' NoRepeatNGramLogitsProcessor)."""
+    rows, width = ids.shape
+    bans = torch.zeros(rows, vocab_size + 1, dtype=torch.bool, device=ids.device)
+    if width < size:
+        return bans[:, :vocab_size]
+    windows = ids.unfold(1, size, 1)                                                # (R, W - size + 1, size)
+    starts = torch.arange(windows.shape[1], device=ids.device)
+    complete = starts[None, :] + size <= lengths[:, None]                           # n-grams inside the row
+    # The row's last size - 1 tokens (clamped positions where the row is shorter: no complete n-gram there anyway).
+    suffix_positions = lengths[:, None] - (size - 1) + torch.arange(size - 1, device=ids.device)
+    suffix = ids.gather(1, suffix_positions.clamp(min=0))                           # (R, size - 1)
+    repeats = complete & (windows[..., :-1] == suffix[:, None, :]).all(dim=-1)       # (R, W - size + 1)
+    # An n-gram that does not start with the suffix bans the extra last column, dropped after: no masked scatter.
+    bans.scatter_(1, windows[..., -1].masked_fill(~repeats, vocab_size), True)
+    return bans[:, :vocab_size]
+
+
+class _Rows:
+    """The growing token rows (R, prompt + new) with their lengths, and how to get the scores of their next token."""
+
+    def __init__(self, ids: Tensor, lengths: Tensor, cache: KVCache | None, next_logits: Callable, prompt_width: int,
+                 no_repeat_ngram_size: int, eos_id: int):
         self.ids, self.lengths, self.cache = ids, lengths, cache
         self._next_logits, self._prompt_width = next_logits, prompt_width
+        self._no_repeat_ngram_size, self._eos_id = no_repeat_ngram_size, eos_id
 
     def logits(self) -> Tensor:
         """(R, vocab) fp32 logits of the next token of every row."""
@@ -184,6 +247,15 @@ class _Rows:
             raise ValueError("the model's next-token logits contain NaN: its weights or activations are not finite")
         return logits
 
+    def without_repeats(self, scores: Tensor) -> Tensor:
+        """(R, vocab) logits or log-probabilities, -inf for the tokens that would repeat an n-gram of the row."""
+        if not self._no_repeat_ngram_size:
+            return scores
+        bans = repeated_ngram_bans(self.ids, self.lengths, self._no_repeat_ngram_size, scores.shape[-1])
+        # A row with nothing left to say may still stop: an all -inf row has no argmax or distribution to draw from.
+        bans[:, self._eos_id] &= ~bans.all(dim=1)
+        return scores.masked_fill(bans, float("-inf"))
+
     def append(self, tokens: Tensor) -> None:
         """Write (R,) tokens after each row's last one. Finished rows keep growing (with pad) so shapes stay even."""
         self.ids.scatter_(1, self.lengths[:, None], tokens[:, None])
@@ -195,16 +267,17 @@ class _Rows:
             self.cache.reorder(rows)
 
 
-def _step_by_step(state: _Rows, max_new_tokens: int, choose: Callable, eos_id: int, pad_id: int) -> Tensor:
-    """Greedy or sampled decoding: one token per row per step until every row has produced eos."""
-    rows = state.ids.shape[0]
+def _step_by_step(state: _Rows, limits: Tensor, choose: Callable, eos_id: int, pad_id: int) -> Tensor:
+    """Greedy or sampled decoding: one token per row per step until every row has produced eos or reached its limit
+    of new tokens."""
+    rows, max_new_tokens = state.ids.shape[0], int(limits.max())
     generated = state.ids.new_full((rows, max_new_tokens), pad_id)
     finished = torch.zeros(rows, dtype=torch.bool, device=state.ids.device)
     for step in range(max_new_tokens):
-        tokens = choose(state.logits()).masked_fill(finished, pad_id)
+        tokens = choose(state.without_repeats(state.logits())).masked_fill(finished, pad_id)
         generated[:, step] = tokens
-        finished |= tokens == eos_id
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        finished |= (tokens == eos_id) | (limits == step + 1)
+        if bool(finished.all()):     # at the latest at the largest limit
             break
         state.append(tokens)
     return generated[:, : step + 1]
@@ -249,18 +322,21 @@ class _Hypotheses:
         return early_stopping or self.entries[-1][0] >= self.score(best_running_sum, length)
 
 
-def _beam_search(state: _Rows, max_new_tokens: int, num_beams: int, length_penalty: float, early_stopping: bool,
+def _beam_search(state: _Rows, limits: Tensor, num_beams: int, length_penalty: float, early_stopping: bool,
                  num_return_sequences: int, eos_id: int, pad_id: int) -> Tensor:
     """Beam search over rows laid out (B * num_beams): input b owns rows b * num_beams ... + num_beams - 1."""
     rows, device = state.ids.shape[0], state.ids.device
     batch = rows // num_beams
+    item_limits = limits[::num_beams].tolist()      # the beams of one input share its source, so its limit
+    max_new_tokens = max(item_limits)
     beam_sums = torch.zeros(batch, num_beams, device=device)
     beam_sums[:, 1:] = float("-inf")       # all beams start equal: expand only the first one at step 0
     beam_tokens = state.ids.new_full((rows, max_new_tokens), pad_id)
     finished = [_Hypotheses(num_beams, length_penalty) for _ in range(batch)]
     done = [False] * batch
     for step in range(max_new_tokens):
-        log_probs = state.logits().log_softmax(dim=-1)                               # (R, V)
+        # Forbidden after the softmax, as transformers does: the other tokens keep their log-probabilities.
+        log_probs = state.without_repeats(state.logits().log_softmax(dim=-1))       # (R, V)
         vocab = log_probs.shape[-1]
         candidates = (beam_sums.view(rows, 1) + log_probs).view(batch, num_beams * vocab)
         # 2 * num_beams candidates leave num_beams that do not end, however many of the best ones do.
@@ -279,8 +355,9 @@ def _beam_search(state: _Rows, max_new_tokens: int, num_beams: int, length_penal
             for rank, (total, index) in enumerate(zip(top_sums_list[item], top_index_list[item])):
                 parent, token = first_row + index // vocab, index % vocab
                 if token == eos_id:
-                    # Only an eos among the num_beams best is a hypothesis; a worse one would not be a beam either.
-                    if rank < num_beams:
+                    # Only an eos among the num_beams best is a hypothesis; a worse one would not be a beam either,
+                    # nor one of score -inf (forbidden, or after a beam that never started).
+                    if rank < num_beams and total != float("-inf"):
                         ended = torch.cat([beam_tokens[parent, :step], beam_tokens.new_tensor([eos_id])])
                         finished[item].add(total, ended)
                     continue
@@ -296,15 +373,15 @@ def _beam_search(state: _Rows, max_new_tokens: int, num_beams: int, length_penal
         beam_tokens = beam_tokens[rows_kept]
         beam_tokens[:, step] = new_tokens
         beam_sums = torch.tensor(sums, device=device).view(batch, num_beams)
-        if step == max_new_tokens - 1 or all(done):
+        for item in range(batch):
+            if not done[item] and item_limits[item] == step + 1:
+                # Out of steps: the running beams compete with the finished hypotheses as they are.
+                for beam in range(num_beams):
+                    finished[item].add(sums[item * num_beams + beam], beam_tokens[item * num_beams + beam, :step + 1])
+                done[item] = True
+        if all(done):
             break
         state.reorder(rows_kept)
         state.append(new_tokens)
-    length = step + 1
-    for item in range(batch):
-        if not done[item]:
-            # Out of steps: the running beams compete with the finished hypotheses as they are.
-            for beam in range(num_beams):
-                finished[item].add(beam_sums[item, beam].item(), beam_tokens[item * num_beams + beam, :length])
     best = [tokens for item in range(batch) for _, tokens in finished[item].entries[:num_return_sequences]]
     return torch.nn.utils.rnn.pad_sequence(best, batch_first=True, padding_value=pad_id)

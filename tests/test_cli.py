@@ -202,6 +202,98 @@ def test_translate_from_arguments_stdin_and_a_file(finetuned):
     assert len(fastlm(*common, "--input", finetuned / "valid.ko").stdout.splitlines()) == 16
 
 
+def translate_args(finetuned, *args: str) -> list[str]:
+    return ["translate", "--model", str(finetuned / "seq2seq"), "--tokenizer", str(finetuned / "tok.json"),
+            "--beam", "1", "--max-new-tokens", "6", *args]
+
+
+def test_translate_gives_one_line_per_input_line(finetuned, tmp_path, capsys, monkeypatch):
+    """Lines end at "\n" only (and "\r\n"), in a file as on stdin: U+2028, U+0085 and form feeds are inside lines.
+    An empty (or blank) line translates to an empty line."""
+    import io
+
+    from fastlm.cli import main
+
+    data = "안녕\u2028하세요\r\n고맙\x85습니다\n\n좋은\x0c날\n   \n감사합니다".encode()
+    (tmp_path / "lines.ko").write_bytes(data)
+    assert main(translate_args(finetuned, "--input", str(tmp_path / "lines.ko"))) == 0
+    from_file = capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+    assert main(translate_args(finetuned)) == 0
+    assert capsys.readouterr().out == from_file
+    lines = from_file.split("\n")
+    assert len(lines) == 7 and lines[-1] == ""  # 6 lines, each ended by "\n"
+    assert [line == "" for line in lines[:6]] == [False, False, True, False, True, False]
+
+
+def test_translate_streams_what_is_done_and_keeps_it_on_ctrl_c(finetuned, tmp_path, capsys, monkeypatch):
+    import fastlm.translation
+    from fastlm.cli import main
+
+    sentences = (finetuned / "valid.ko").read_text(encoding="utf-8").splitlines()[:6]
+    (tmp_path / "six.ko").write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    command = translate_args(finetuned, "--input", str(tmp_path / "six.ko"), "--batch-size", "1")
+    monkeypatch.setattr(fastlm.translation, "SORTED_BATCHES", 1)  # a window of one batch of one sentence
+    assert main(command) == 0
+    everything = capsys.readouterr().out.splitlines()
+    generate = fastlm.translation.generate
+    printed_before_each_batch = []
+
+    def generate_then_ctrl_c(*args, **kwargs):
+        printed_before_each_batch.append(capsys.readouterr().out)
+        if len(printed_before_each_batch) == 4:
+            raise KeyboardInterrupt  # Ctrl-C while the fourth sentence is translated
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(fastlm.translation, "generate", generate_then_ctrl_c)
+    assert main(command) == 130
+    assert printed_before_each_batch == ["", *(line + "\n" for line in everything[:3])]
+    assert capsys.readouterr().err.splitlines() == [
+        "fastlm: interrupted (the translations of the first 3 of 6 sentences were written)"]
+
+
+def test_translate_reports_progress_on_long_inputs_and_cut_sources_once(finetuned, tmp_path, capsys, monkeypatch):
+    import fastlm.cli
+    from fastlm.cli import main
+
+    too_long = "오늘은 날씨가 좋다. " * 60  # beyond the model's 128 positions
+    (tmp_path / "long.ko").write_text(f"{too_long}\n안녕하세요\n{too_long}\n", encoding="utf-8")
+    command = translate_args(finetuned, "--input", str(tmp_path / "long.ko"))
+    assert main(command) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "fastlm: warning: 2 of 3 sources are longer than the encoder's max_seq_len = 128 tokens (with <s> and </s>): "
+        "they were cut to fit"]
+    monkeypatch.setattr(fastlm.cli, "LONG_INPUT_SENTENCES", 3)
+    assert main(command) == 0
+    progress = capsys.readouterr().err.splitlines()[1:]
+    assert len(progress) == 1 and re.fullmatch(r"translate 3 sentences: 3 sentences \(.* s\)", progress[0]), progress
+    assert main([*command, "--quiet"]) == 0
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["translate", "eval"])
+def test_decoding_options_reach_generate(finetuned, command, monkeypatch, capsys):
+    import fastlm.translation
+    from fastlm.cli import main
+
+    received = []
+    generate = fastlm.translation.generate
+    monkeypatch.setattr(fastlm.translation, "generate",
+                        lambda *args, **kwargs: received.append(kwargs) or generate(*args, **kwargs))
+    options = ["--beam", "2", "--length-penalty", "0.5", "--no-repeat-ngram-size", "3", "--max-len-a", "1.5",
+               "--max-len-b", "4"]
+    common = ["--model", str(finetuned / "seq2seq"), "--tokenizer", str(finetuned / "tok.json"), *options]
+    if command == "translate":
+        assert main(["translate", *common, "안녕하세요"]) == 0
+    else:
+        assert main(["eval", *common, "--data", str(finetuned / "valid-pairs"), "--bleu-sentences", "2",
+                     "--max_len", "32"]) == 0
+    assert received and all({key: kwargs[key] for key in ("num_beams", "length_penalty", "no_repeat_ngram_size",
+                                                          "max_len_a", "max_len_b")}
+                            == dict(num_beams=2, length_penalty=0.5, no_repeat_ngram_size=3, max_len_a=1.5,
+                                    max_len_b=4) for kwargs in received)
+
+
 def test_eval_prints_metrics_as_json(finetuned):
     out = fastlm("eval", "--model", finetuned / "seq2seq", "--tokenizer", finetuned / "tok.json",
                  "--data", finetuned / "valid-pairs", "--bleu-sentences", "2", "--beam", "1", "--max_len", "32").stdout
@@ -521,7 +613,9 @@ def test_help_lists_every_training_setting_with_its_default():
 
 @pytest.mark.parametrize("command, shown", [
     (["tokenizer", "train"], ["--vocab-size", "(default: 32000)", "(default: byte)", "(default: 2)"]),
-    (["translate"], ["(default: 4)", "(default: 64)", "(default: 32)"]),
+    (["translate"], ["(default: 4)", "(default: 64)", "(default: 32)", "** P (0: by the sum, which favours short ones; "
+                     "above 1: longer ones) (default: 1.0)", "(0: off) (default: 0)", "(default: 2.0)",
+                     "(default: 10)"]),
     (["eval"], ["(default: 0)", "(default: tiny)"]),
     (["demo"], ["(default: 1.0)"]),
 ])

@@ -176,9 +176,9 @@ class LanguageModel(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device | None = None) -> LanguageModel:
-        """The model `save` wrote to `directory`. A missing file is a FileNotFoundError; a config.json or
-        model.safetensors that is corrupt, belongs to another model or holds non-finite weights is a ValueError naming
-        the file and the problem (see `load_weights`)."""
+        """The model `save` wrote to `directory`, in eval mode (dropout off). A missing file is a FileNotFoundError;
+        a config.json or model.safetensors that is corrupt, belongs to another model or holds non-finite weights is a
+        ValueError naming the file and the problem (see `load_weights`)."""
         directory = Path(directory)
         config_path, weights_path = directory / "config.json", directory / "model.safetensors"
         try:
@@ -199,6 +199,7 @@ class LanguageModel(nn.Module):
         if not weights_path.is_file():
             raise FileNotFoundError(f"{weights_path}: missing, expected the weights written by save")
         load_weights(model, weights_path)
+        model.eval()  # as transformers' from_pretrained: a loaded model is for use; training calls train() itself
         return model.to(map_location) if map_location is not None else model
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

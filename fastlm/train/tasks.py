@@ -16,7 +16,6 @@ import torch
 from fastlm import hf
 from fastlm.data.batches import CausalLMBatches, MaskedLMBatches, TranslationBatches
 from fastlm.data.corpus import ParallelCorpus, TokenizedCorpus, tokenizer_sha256
-from fastlm.generation import GENERATION_DEFAULTS, generate
 from fastlm.models import DecoderLM, EncoderLM, ModelConfig, Seq2SeqLM
 from fastlm.models.seq2seq import DEFAULT_CROSS_ATTENTION_INIT
 from fastlm.tokenizer import Tokenizer
@@ -26,6 +25,7 @@ from fastlm.train.distributed import World
 from fastlm.train.evaluation import corpus_bleu, evaluate_loss
 from fastlm.train.plot import plot_runs
 from fastlm.train.trainer import Trainer
+from fastlm.translation import DecodingSettings, translate_texts
 
 MODEL_CLASSES = {cls.__name__: cls for cls in (EncoderLM, DecoderLM, Seq2SeqLM)}
 ARCHS = {"encoder": EncoderLM, "decoder": DecoderLM}
@@ -226,12 +226,12 @@ def starting_models(encoder: str | Path, decoder: str | Path, tokenizer: Tokeniz
 def finetune(encoder: str | Path, decoder: str | Path, tokenizer_path: str | Path, train_dir: str | Path,
              valid_dir: str | Path | None, run_dir: str | Path, config: TrainConfig, *,
              cross_attention_init: str = DEFAULT_CROSS_ATTENTION_INIT, share_embeddings: bool = False,
-             bleu_sentences: int = 64, num_beams: int = GENERATION_DEFAULTS.num_beams,
+             bleu_sentences: int = 64, decoding: DecodingSettings = DecodingSettings(),
              model_overrides: dict[str, str] | None = None, resume: bool = False, overwrite: bool = False,
              world: World | None = None) -> RunResult:
     """Merge an encoder and a decoder (pre-trained directories, or RANDOM for a fresh one: Rnd2Rnd, Enc2Rnd,
     Rnd2Dec) into a Seq2SeqLM and train it on prepared sentence pairs; BLEU and sample translations on the first
-    `bleu_sentences` validation pairs at every evaluation."""
+    `bleu_sentences` validation pairs (translated with `decoding`) at every evaluation."""
     tokenizer = load_tokenizer(tokenizer_path)
     encoder_model, decoder_model = starting_models(encoder, decoder, tokenizer, config, model_overrides or {})
     model = Seq2SeqLM.from_pretrained(encoder_model, decoder_model, cross_attention_init=cross_attention_init,
@@ -243,7 +243,7 @@ def finetune(encoder: str | Path, decoder: str | Path, tokenizer_path: str | Pat
         valid = translation_batches(pairs, tokenizer, config, shuffle=False)
         if bleu_sentences:
             def extra_eval(seq2seq) -> dict:
-                return bleu_on_pairs(seq2seq, tokenizer, pairs, bleu_sentences, num_beams=num_beams,
+                return bleu_on_pairs(seq2seq, tokenizer, pairs, bleu_sentences, decoding,
                                      max_new_tokens=config.max_len)
     run_info = {"task": "finetune", "model": model.config_dict(), "tokenizer_sha256": tokenizer_sha256(tokenizer),
                 "data": {"tokenizer": str(tokenizer_path), "train": str(train_dir), "valid": str(valid_dir),
@@ -278,50 +278,19 @@ def average(checkpoints: list[str | Path], output: str | Path, *, overwrite: boo
     return steps
 
 
-@torch.no_grad()
-def translate_texts(model: Seq2SeqLM, tokenizer: Tokenizer, texts: list[str], *,
-                    num_beams: int = GENERATION_DEFAULTS.num_beams,
-                    max_new_tokens: int = GENERATION_DEFAULTS.max_new_tokens, batch_size: int = 32) -> list[str]:
-    """Beam-search translations of `texts`, each source encoded as in training: <s> sentence </s>, truncated."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    max_src = model.encoder_config.max_seq_len
-    outputs: list[str] = []
-    for start in range(0, len(texts), batch_size):
-        chunk = [[tokenizer.bos_id, *tokenizer.encode(text)[:max_src - 2], tokenizer.eos_id]
-                 for text in texts[start:start + batch_size]]
-        lengths = torch.tensor([len(ids) for ids in chunk])
-        src_ids = torch.full((len(chunk), int(lengths.max())), tokenizer.pad_id, dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            src_ids[row, :len(ids)] = torch.tensor(ids)
-        generated = generate(model, src_ids=src_ids.to(device), src_lengths=lengths.to(device), strategy="beam",
-                             num_beams=num_beams, max_new_tokens=max_new_tokens)
-        outputs.extend(tokenizer.decode(_until_eos(row, tokenizer)) for row in generated.tolist())
-    model.train(was_training)
-    return outputs
-
-
-def bleu_on_pairs(model: Seq2SeqLM, tokenizer: Tokenizer, pairs: ParallelCorpus, count: int, *, num_beams: int,
-                  max_new_tokens: int, shown: int = 3) -> dict:
+def bleu_on_pairs(model: Seq2SeqLM, tokenizer: Tokenizer, pairs: ParallelCorpus, count: int,
+                  decoding: DecodingSettings, *, max_new_tokens: int, shown: int = 3) -> dict:
     """BLEU of the model's translations of the first `count` pairs, and `shown` of them as "source => output"."""
     count = min(count, len(pairs))
     sources = [tokenizer.decode(pairs.src[i]) for i in range(count)]
     references = [tokenizer.decode(pairs.tgt[i]) for i in range(count)]
-    hypotheses = translate_texts(model, tokenizer, sources, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    hypotheses = translate_texts(model, tokenizer, sources, decoding, max_new_tokens=max_new_tokens)
     samples = [f"{source}  =>  {output}" for source, output in zip(sources[:shown], hypotheses[:shown])]
     return {"bleu": corpus_bleu(hypotheses, references), "samples": samples}
 
 
-def _until_eos(ids: list[int], tokenizer: Tokenizer) -> list[int]:
-    """Generated ids up to the first </s>, without <s> or padding."""
-    if tokenizer.eos_id in ids:
-        ids = ids[:ids.index(tokenizer.eos_id)]
-    return [i for i in ids if i not in (tokenizer.bos_id, tokenizer.pad_id)]
-
-
 def evaluate(model_path: str | Path, tokenizer_path: str | Path, data_dir: str | Path, config: TrainConfig, *,
-             bleu_sentences: int = 0, num_beams: int = GENERATION_DEFAULTS.num_beams) -> dict:
+             bleu_sentences: int = 0, decoding: DecodingSettings = DecodingSettings()) -> dict:
     """Loss, perplexity and accuracy of a saved model on a prepared corpus (parallel for a Seq2SeqLM, which also
     gets BLEU on its first `bleu_sentences` pairs)."""
     tokenizer = load_tokenizer(tokenizer_path)
@@ -338,6 +307,6 @@ def evaluate(model_path: str | Path, tokenizer_path: str | Path, data_dir: str |
         batches = lm_batches(arch, open_corpus(data_dir, tokenizer), tokenizer, config, shuffle=False)
     metrics = evaluate_loss(model, batches, world=world, max_batches=batches.num_batches(0))
     if isinstance(model, Seq2SeqLM) and bleu_sentences:
-        metrics["bleu"] = bleu_on_pairs(model, tokenizer, pairs, bleu_sentences, num_beams=num_beams,
+        metrics["bleu"] = bleu_on_pairs(model, tokenizer, pairs, bleu_sentences, decoding,
                                         max_new_tokens=config.max_len)["bleu"]
     return {key: (value if math.isfinite(value) else None) for key, value in metrics.items()}

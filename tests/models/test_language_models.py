@@ -212,7 +212,8 @@ def test_save_load_round_trip(kind, tie_embeddings, tmp_path):
     assert config["model_type"] == MODELS[kind].__name__
     with safe_open(tmp_path / "model.safetensors", "pt") as stored:
         assert len(list(stored.keys())) == len(list(model.parameters()))   # a tied tensor is stored once
-    loaded = MODELS[kind].load(tmp_path).eval()
+    loaded = MODELS[kind].load(tmp_path)
+    assert not any(module.training for module in loaded.modules())  # as from_pretrained: dropout off
     assert loaded.config == model.config
     for (name, expected), (_, actual) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(actual, expected), name
