@@ -337,21 +337,19 @@ class Experiment:
 
     # ----- training jobs -----
 
-    def train_options(self, stage: str, seed: int = 0, steps: int | None = None,
-                      batch_size: int | None = None) -> list[str]:
-        steps = steps or self.scale[stage]
-        options = ["--preset", self.preset, "--max_steps", steps, "--batch_size", batch_size or self.scale["batch_size"],
-                   "--max_len", self.scale["max_len"],
-                   "--eval_interval", self.scale["eval_interval"], "--checkpoint_interval",
-                   self.scale["eval_interval"], "--eval_batches", "20", "--seed", seed, "--progress", "false"]
+    def train_settings(self, stage: str, seed: int = 0) -> dict[str, str]:
+        settings = {"preset": self.preset, "max_steps": self.scale[stage], "batch_size": self.scale["batch_size"],
+                    "max_len": self.scale["max_len"], "eval_interval": self.scale["eval_interval"],
+                    "checkpoint_interval": self.scale["eval_interval"], "eval_batches": "20", "seed": seed,
+                    "progress": "false"}
         if self.quick:
-            options += ["--warmup_steps", "1", "--eval_batches", "2"]
-        return list(map(str, options))
+            settings.update(warmup_steps="1", eval_batches="2")
+        return settings
 
-    def model_options(self, settings: dict[str, str] = MODEL_SETTINGS) -> list[str]:
-        """--model.KEY options: the micro model of --quick, then `settings` (the grid's architecture)."""
+    def model_settings(self, settings: dict[str, str] = MODEL_SETTINGS) -> dict[str, str]:
+        """--model.KEY settings: the micro model of --quick, then `settings` (the grid's architecture)."""
         micro = {f"model.{key}": value for key, value in QUICK_MODEL.items()} if self.quick else {}
-        return overrides({**micro, **settings})
+        return {**micro, **settings}
 
     def train(self, stage: str, name: str, command: list, depends_on: tuple[str, ...] = ()) -> dict | None:
         """Run a pretrain/finetune command into its run directory, unless finished; its result, or None if it
@@ -394,7 +392,7 @@ class Experiment:
         settings = ENCODER_SETTINGS if arch == "encoder" else DECODER_SETTINGS
         command = ["pretrain", "--arch", arch, "--tokenizer", tokenizer,
                    "--train", self.corpus(tokenizer, "train", lang), "--valid", self.corpus(tokenizer, "valid", lang),
-                   *self.train_options("pretrain"), *self.model_options(), *overrides(settings)]
+                   *overrides(self.train_settings("pretrain"), self.model_settings(), settings)]
         name = f"{level}-{arch}"
         self.train("pretrain", name, command, (tokenizer_key,))
         return str(self.run_dir("pretrain", name)), self.job_key(command, tokenizer_key)
@@ -420,7 +418,7 @@ class Experiment:
             command = ["pretrain", "--arch", "encoder", "--tokenizer", tokenizer,
                        "--train", self.corpus(tokenizer, "train", "ko"),
                        "--valid", self.corpus(tokenizer, "valid", "ko"),
-                       *self.train_options("plateau"), *self.model_options({}), *overrides(settings)]
+                       *overrides(self.train_settings("plateau"), self.model_settings({}), settings)]
             self.train("plateau", name, command, (tokenizer_key,))
 
     def stage_pretrain(self) -> None:
@@ -477,12 +475,12 @@ class Experiment:
                     sides.append(path)
                     keys.append(key)
             else:
-                model = self.model_options() if start == "Rnd2Rnd" else []
+                model = self.model_settings() if start == "Rnd2Rnd" else {}
                 command = ["finetune", "--encoder", sides[0], "--decoder", sides[1], "--tokenizer", tokenizer,
                            "--train", self.corpus(tokenizer, "train", "ko-en"),
                            "--valid", self.corpus(tokenizer, "valid", "ko-en"),
                            "--cross-attention-init", init, "--bleu-sentences", "0",
-                           *self.train_options("finetune", seed), *model]
+                           *overrides(self.train_settings("finetune", seed), model)]
                 if self.train("finetune", name, command, tuple(keys)):
                     model_key = self.job_key(command, *keys)
                     self.test(name, tokenizer, model_key)
@@ -548,7 +546,7 @@ class Experiment:
             command = ["pretrain", "--arch", "encoder", "--tokenizer", tokenizer,
                        "--train", self.corpus(tokenizer, "train", "ko"),
                        "--valid", self.corpus(tokenizer, "valid", "ko"),
-                       *self.train_options("sweep"), *self.model_options(), *overrides(settings)]
+                       *overrides(self.train_settings("sweep"), self.model_settings(), settings)]
             self.train("sweep", f"wd{weight_decay}-lr{lr}", command, (tokenizer_key,))
 
     def stage_recipe(self) -> None:
@@ -611,8 +609,11 @@ def finetune_name(level: str, start: str, init: str, seed: int) -> str:
     return f"{level}-{start}-{init}-seed{seed}"
 
 
-def overrides(settings: dict[str, str]) -> list[str]:
-    return [arg for key, value in settings.items() for arg in (f"--{key}", str(value))]
+def overrides(*settings: dict) -> list[str]:
+    """--KEY VALUE options of the merged `settings`: a key of a later dict replaces an earlier one in place, as
+    fastlm refuses a setting given twice (a plateau variant's max_steps, --quick's eval_batches)."""
+    merged = {key: value for each in settings for key, value in each.items()}
+    return [arg for key, value in merged.items() for arg in (f"--{key}", str(value))]
 
 
 def quick_lines(data: Path, split: str, lang: str) -> list[str]:

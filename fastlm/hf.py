@@ -381,7 +381,7 @@ def export_model(model: LanguageModel, tokenizer: Tokenizer, output: str | Path,
     output = Path(output)
     if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"output {str(output)!r} exists and is not empty: choose another directory or "
-                              f"pass overwrite=True (--overwrite) to replace it")
+                              "replace it with --overwrite")
     _check_tokenizer_fits(model, tokenizer)
     hf_model = to_transformers(model)
     staging = output.parent / f".{output.name}.export-{os.getpid()}"

@@ -22,6 +22,19 @@ QUICK_RUN = ["--max_steps", "6", "--batch_size", "8", "--max_len", "32", "--eval
              "--eval_batches", "2", "--checkpoint_interval", "3", "--warmup_steps", "2", "--progress", "false"]
 
 
+def with_options(args: list, **values) -> list:
+    """`args` with each `--KEY` of `values` set to its value: replaced where given (fastlm refuses a setting given
+    twice), appended otherwise."""
+    args = list(args)
+    for key, value in values.items():
+        flag = f"--{key}"
+        if flag in args:
+            args[args.index(flag) + 1] = str(value)
+        else:
+            args += [flag, str(value)]
+    return args
+
+
 def cli_env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("FASTLM_DEBUG", None)
@@ -109,6 +122,7 @@ def test_prepare_into_a_corpus_of_other_inputs_needs_overwrite(workspace, capsys
     assert prepare("valid.en") == 2
     stderr = capsys.readouterr().err
     assert len(stderr.strip().splitlines()) == 1 and "valid.en" in stderr and "--overwrite" in stderr, stderr
+    assert "overwrite=True" not in stderr  # the command line's words, not Python's
     assert prepare("valid.en", "--overwrite") == 0
     first_english = (workspace / "valid.en").read_text(encoding="utf-8").splitlines()[0].strip()
     assert list(TokenizedCorpus(workspace / "reprepared")[0]) == Tokenizer.load(workspace / "tok.json").encode(
@@ -308,7 +322,7 @@ def test_export_to_transformers_and_finetune_from_its_directories(finetuned, tmp
         fastlm("export", "--model", root / name, "--tokenizer", tok, "--output", tmp_path / name)
     again = fastlm("export", "--model", root / "seq2seq", "--tokenizer", tok, "--output", tmp_path / "seq2seq",
                    check=False)
-    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "overwrite=True" not in again.stderr
     # The translator answers through transformers as through fastlm (greedy: a beam of one).
     sentence = (root / "valid.ko").read_text(encoding="utf-8").splitlines()[0]
     ours = fastlm("translate", "--model", root / "seq2seq", "--tokenizer", tok, "--beam", "1", "--max-new-tokens", "8",
@@ -388,6 +402,13 @@ def other_tokenizers(finetuned):
       "--train", "{root}/train-pairs", "--run-dir", "{root}/decoder", "--max_steps", "1"], "holds an earlier run"),
     (["pretrain", "--arch", "encoder", "--tokenizer", "{root}/tok.json", "--train", "{root}/train-ko",
       "--run-dir", "{root}/encoder", "--resume", "--overwrite"], "give one of them"),
+    (["pretrain", "--arch", "encoder", "--tokenizer", "{root}/tok.json", "--train", "{root}/train-ko",
+      "--run-dir", "{root}/bad", "--max_steps", "2", "--max-steps", "3"], "--max_steps '2' was given already"),
+    (["pretrain", "--arch", "encoder", "--tokenizer", "{root}/tok.json", "--train", "{root}/train-ko",
+      "--run-dir", "{root}/bad", "--threads", "0"], "--threads 0: expected a number of threads >= 1"),
+    # Byte-level BPE takes any bytes: the command still refuses what is no text, as `prepare` does.
+    (["tokenizer", "train", "--input", sys.executable, "--output", "{root}/binary-tok.json", "--level", "byte"],
+     "invalid UTF-8"),
 ])
 def test_user_mistakes_are_one_line_and_exit_code_2(other_tokenizers, args, message, capsys, monkeypatch):
     from fastlm.cli import main
@@ -529,17 +550,84 @@ def test_a_run_directory_is_never_reused_silently(pretrained, tmp_path):
     (run / "notes.txt").write_text("the user's own file")
     before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
 
-    refused = fastlm(*args, "--max_steps", "3", check=False)
+    refused = fastlm(*with_options(args, max_steps=3), check=False)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "holds an earlier run" in refused.stderr and "--resume" in refused.stderr
     assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
 
-    fastlm(*args, "--max_steps", "3", "--overwrite")  # a new, shorter run: nothing of the old one is left
+    fastlm(*with_options(args, max_steps=3), "--overwrite")  # a new, shorter run: nothing of the old one is left
     assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
             if r["kind"] == "train"] == [1, 2, 3]
     assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["best.pt", "step-00000003.pt"]
     assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 3
     assert (run / "notes.txt").read_text() == "the user's own file"
+
+
+def test_a_resume_refuses_other_settings_and_data_but_not_moved_data_or_more_steps(pretrained, tmp_path, capsys,
+                                                                                    monkeypatch):
+    from fastlm.cli import main
+
+    monkeypatch.delenv("FASTLM_DEBUG", raising=False)
+    run, moved = tmp_path / "encoder", tmp_path / "moved-train-ko"
+    shutil.copytree(pretrained / "encoder", run)
+    shutil.copytree(pretrained / "train-ko", moved)
+    saved = (run / "config.json").read_bytes()
+
+    def resume(train: Path, *options: str) -> int:
+        return main(list(map(str, ["pretrain", "--arch", "encoder", "--tokenizer", pretrained / "tok.json", "--train",
+                                   train, "--valid", pretrained / "valid-ko", "--run-dir", run, "--resume",
+                                   *options, *MICRO_MODEL])))
+
+    assert resume(moved, *with_options(QUICK_RUN, lr="5e-4", batch_size=4)) == 2
+    stderr = capsys.readouterr().err
+    assert "batch_size: checkpoint has 8, this run 4; lr: checkpoint has 0.001, this run 0.0005" in stderr, stderr
+    assert resume(pretrained / "train-en", *QUICK_RUN) == 2  # another corpus, of the same tokenizer
+    assert "belongs to another run (corpora.train: checkpoint has '" in capsys.readouterr().err
+    assert (run / "config.json").read_bytes() == saved
+
+    assert resume(moved, *with_options(QUICK_RUN, max_steps=7)) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert train_steps(run) == list(range(1, 8))
+    assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 7
+
+
+def test_a_prepare_that_failed_before_a_shard_does_not_block_the_corrected_one(workspace, tmp_path, capsys):
+    from fastlm.cli import main
+
+    mis_encoded = tmp_path / "train.ko"
+    mis_encoded.write_bytes("안녕하세요\n".encode("cp949"))
+
+    def prepare(source: Path) -> int:
+        return main(["prepare", "--tokenizer", str(workspace / "tok.json"), "--input", str(source),
+                     "--output", str(tmp_path / "corpus"), "--quiet"])
+
+    assert prepare(mis_encoded) == 2 and "invalid UTF-8" in capsys.readouterr().err
+    assert prepare(workspace / "valid.ko") == 0, capsys.readouterr().err
+
+
+def test_training_commands_choose_their_threads(monkeypatch, capsys):
+    import torch
+
+    from fastlm import cli
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    for load, expected in ((0.3, 4), (1.6, 2), (9.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert cli.default_threads() == expected
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        cli._use_threads(None)
+        assert torch.get_num_threads() == 1
+        assert capsys.readouterr().out == "torch threads: 1 per process (the idle cores; --threads N to choose)\n"
+        cli._use_threads(3)
+        assert torch.get_num_threads() == 3 and "3 per process (--threads)" in capsys.readouterr().out
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)  # as torch does from the variable at start-up
+        cli._use_threads(None)
+        assert torch.get_num_threads() == 2 and "2 per process (OMP_NUM_THREADS)" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)
 
 
 def train_steps(run: Path) -> list[int]:
@@ -551,7 +639,7 @@ def train_steps(run: Path) -> list[int]:
 def test_a_signal_stops_after_a_step_with_a_checkpoint_and_the_resume_command(pretrained, tmp_path, signal_number):
     run = tmp_path / "run"
     args = ["pretrain", "--arch", "decoder", "--tokenizer", pretrained / "tok.json", "--train",
-            pretrained / "train-en", "--run-dir", run, *QUICK_RUN, *MICRO_MODEL, "--max_steps", "100000"]
+            pretrained / "train-en", "--run-dir", run, *with_options(QUICK_RUN, max_steps=100000), *MICRO_MODEL]
     process = subprocess.Popen([sys.executable, "-m", "fastlm", *map(str, args)], env=cli_env(), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
@@ -570,7 +658,7 @@ def test_a_signal_stops_after_a_step_with_a_checkpoint_and_the_resume_command(pr
 
     command = shlex.split(lines[0].split("resume with: ")[1])
     assert command[:2] == ["fastlm", "pretrain"] and command[-1] == "--resume"
-    resumed = fastlm(*command[1:], "--max_steps", str(stopped + 2))
+    resumed = fastlm(*with_options(command[1:], max_steps=stopped + 2))  # a resume may extend the run
     assert f"resuming {run} from step {stopped} of {stopped + 2}" in resumed.stderr
     assert train_steps(run) == list(range(1, stopped + 3))
 

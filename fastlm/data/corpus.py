@@ -45,6 +45,21 @@ def tokenizer_sha256(tokenizer) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def corpus_fingerprint(path: str | os.PathLike | None) -> str | None:
+    """What identifies the prepared corpus (plain or parallel) at `path` wherever it lies, None for no corpus: a hash
+    of its shard records, which hold their counts and the SHA-256 of their input sentences. A run records it, so
+    that a resume tells data that moved (allowed) from other data (refused)."""
+    if path is None:
+        return None
+    path = Path(path)
+    metas = [path / META_FILE] if (path / META_FILE).is_file() else [path / side / META_FILE
+                                                                       for side in (SOURCE_DIR, TARGET_DIR)]
+    digest = hashlib.sha256()
+    for meta in metas:
+        digest.update(json.dumps(_read_meta(meta.parent)["shards"], sort_keys=True).encode())
+    return digest.hexdigest()[:16]  # 64 bits tell corpora apart and keep a refusal readable
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 

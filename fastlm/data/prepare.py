@@ -11,8 +11,9 @@
 - Never silently stale: `prepare.json` records what the corpus is made from, the input files (absolute path, size,
   SHA-256) and the settings (tokenizer hash, options). A re-run with the same record resumes an unfinished corpus
   and leaves a finished one as it is (sentences from an iterable rather than files are read again and compared
-  with the shards' input hashes); anything else is an error naming `overwrite=True` (`--overwrite`), which
-  removes the corpus's own files, and only those, before preparing anew.
+  with the shards' input hashes); anything else is an error, unless `overwrite=True` (`--overwrite`), which
+  removes the corpus's own files, and only those, before preparing anew. A run that finished no shard protects
+  nothing: the next run replaces what it left, whatever its inputs.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ ENCODE_CHUNK = 16384
 SETTINGS_FILE = "prepare.json"
 # Every file a prepared corpus consists of, finished or in progress: what overwrite=True removes, and nothing else.
 CORPUS_FILE = re.compile(r"^(shard-\d{5,}\.(ids|offsets|json)|meta\.json|prepare\.json)(\.tmp)?$")
+# What a run leaves once it has finished something: a shard's record, or the corpus's meta.json.
+_FINISHED = re.compile(r"^(shard-\d{5,}\.json|meta\.json)$")
 
 
 def prepare_corpus(
@@ -233,13 +236,17 @@ def _described(key: str, value) -> str:
 
 
 def _changed_corpus(directory: Path, what: str) -> ValueError:
-    return ValueError(f"{directory} holds a corpus prepared {what}; pass --overwrite (overwrite=True) to replace "
-                      "it, or prepare into another directory")
+    return ValueError(f"{directory} holds a corpus prepared {what}; replace it with --overwrite, or prepare into "
+                      "another directory")
 
 
 def _keep_settings(directory: Path, settings: dict) -> None:
-    """Records the inputs and settings of a first run; a re-run (resume, or a no-op) must have the same ones."""
+    """Records the inputs and settings of a first run; a re-run (resume, or a no-op) must have the same ones, unless
+    the first run finished no shard (it failed early, on a wrong input say): then there is nothing to keep, and the
+    re-run starts afresh instead of being refused for the inputs it corrects."""
     path = directory / SETTINGS_FILE
+    if path.is_file() and not any(_FINISHED.match(item.name) for item in directory.iterdir()):
+        _remove_corpus_files(directory)
     if not path.is_file():
         _write_json_atomically(path, settings)
         return

@@ -21,6 +21,7 @@ Policy, the same for every reader:
 
 from __future__ import annotations
 
+import codecs
 import csv
 import os
 import zipfile
@@ -75,6 +76,30 @@ class Reader:
             raise CorpusFormatError(self.paths[0], 1, "empty file: no pair with both sides non-blank")
 
 
+_NOT_UTF8 = "the file must be UTF-8 (convert it, e.g. `iconv -f cp949 -t utf-8` for a Korean Windows file)"
+
+
+def check_utf8(path: str | os.PathLike) -> None:
+    """Raise CorpusFormatError naming the line of the first invalid UTF-8 in `path` (a binary file, say), for inputs
+    read natively rather than by a reader; in blocks, at the speed of Python's decoder."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as file:
+        while block := file.read(1 << 22):
+            held = len(decoder.getstate()[0])  # the start of a character that the last block split
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as error:  # error.start counts the held bytes too
+                bad = max(0, error.start - held)
+                raise CorpusFormatError(path, line + block.count(b"\n", 0, bad),
+                                        f"invalid UTF-8: {_NOT_UTF8}") from None
+            line += block.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise CorpusFormatError(path, line, f"invalid UTF-8 (the file ends inside a character): {_NOT_UTF8}") from None
+
+
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number from 1, text without its line ending) per line; invalid UTF-8 raises naming the line."""
     with open(path, "rb") as file:
@@ -82,11 +107,8 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise CorpusFormatError(
-                    path, number,
-                    f"invalid UTF-8 at byte {error.start} of the line: the file must be UTF-8 "
-                    "(convert it, e.g. `iconv -f cp949 -t utf-8` for a Korean Windows file)",
-                ) from None
+                raise CorpusFormatError(path, number,
+                                        f"invalid UTF-8 at byte {error.start} of the line: {_NOT_UTF8}") from None
             if number == 1:
                 text = text.removeprefix("\ufeff")
             text = text.removesuffix("\n").removesuffix("\r")

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastlm.train.config import RESUMABLE_CHANGES, TrainConfig, field_defaults
+
 _STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
 BEST_NAME = "best.pt"
 CHECKPOINT_FORMAT = "fastlm-checkpoint"
@@ -117,19 +119,24 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"checkpoint {str(path)!r} cannot be read: {error}") from error
 
 
-def check_resumable(state: dict, path: Path, *, run_info: dict, model: torch.nn.Module) -> None:
-    """Raise ValueError unless the checkpoint `state` read from `path` can resume this run: the same format and
-    version, the same run_info (task, model config, tokenizer; data paths may move) and the same parameter names and
-    shapes as `model` (a clear message instead of a state_dict traceback)."""
+def check_resumable(state: dict, path: Path, *, run_info: dict, model: torch.nn.Module, config: TrainConfig,
+                    world_size: int) -> None:
+    """Raise ValueError unless the checkpoint `state` read from `path` can resume this run of `world_size`
+    processes: the same format and version, the same run_info (task, model config, tokenizer, corpora; data paths
+    may move), the same parameter names and shapes as `model` (a clear message instead of a state_dict traceback)
+    and the same `config` but for RESUMABLE_CHANGES. Each difference is named.
+
+    What the checkpoint does not record was added to fastlm since it was written: a TrainConfig field counts as its
+    default, a run_info entry is not compared."""
     found = (state.get("format"), state.get("version"))
     if found != (CHECKPOINT_FORMAT, CHECKPOINT_VERSION):
         raise ValueError(f"checkpoint {path}: format {found[0]!r} version {found[1]!r}, expected "
                          f"{CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION}")
     saved_info = {k: v for k, v in state.get("run_info", {}).items() if k not in MOVABLE_RUN_INFO}
-    current_info = {k: v for k, v in run_info.items() if k not in MOVABLE_RUN_INFO}
+    current_info = {k: v for k, v in run_info.items() if k in saved_info}
     changes = differences(saved_info, current_info)
     if changes:
-        raise ValueError(f"checkpoint {path} belongs to another run ({'; '.join(changes[:6])}): resume with the "
+        raise ValueError(f"checkpoint {path} belongs to another run ({'; '.join(changes)}): resume with the "
                          "settings the run was started with, or train in a new run directory")
     saved_shapes = {name: tuple(tensor.shape) for name, tensor in state["model"].items()}
     # Under FSDP2 the model's tensors are DTensors, whose shape is the global (unsharded) one.
@@ -138,6 +145,20 @@ def check_resumable(state: dict, path: Path, *, run_info: dict, model: torch.nn.
     if changes:
         raise ValueError(f"checkpoint {path} holds another model ({'; '.join(changes[:6])}): resume with the model "
                          "the run was started with, or train in a new run directory")
+    saved_config = {**field_defaults(TrainConfig), **state.get("config", {})}
+    changes = differences(_fixed_settings(saved_config, state["world_size"]),
+                           _fixed_settings(config.to_dict(), world_size))
+    if changes:
+        raise ValueError(f"checkpoint {path} was trained with other settings ({'; '.join(changes)}): resume with "
+                         "the settings the run was started with (the run's config.json lists them; only "
+                         f"{', '.join(RESUMABLE_CHANGES)} may change), or train in a new run directory")
+
+
+def _fixed_settings(config: dict, world_size: int) -> dict:
+    """The settings of `config` that a resume must keep, grad_accum as the micro-batches of a step."""
+    fixed = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES and k != "grad_accum"}
+    fixed["grad_accum * world_size"] = config["grad_accum"] * world_size
+    return fixed
 
 
 def differences(saved: dict, current: dict, names: tuple[str, str] = ("checkpoint has", "this run"),

@@ -40,6 +40,8 @@ class TrainConfig:
     schedule: str = "cosine"  # decay after warmup: "cosine" | "linear" | "constant"
     warmup_steps: int = 100  # linear warmup from 0 to lr
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio at max_steps
+    # A resume may change max_steps (RESUMABLE_CHANGES): the lr then follows the schedule of the new length from the
+    # step reached on (warmup not repeated), so extending a finished cosine run raises its lr back from the floor.
     max_steps: int = 2000  # optimizer steps (skipped non-finite steps do not count)
     # Training steps only: validation loss stays plain cross-entropy (comparable across settings), while the "loss"
     # of train records is the smoothed objective. Pre-training: 0; `finetune` defaults to 0.1 (TASK_DEFAULTS).
@@ -158,6 +160,21 @@ TASK_DEFAULTS: dict[str, dict] = {
 }
 
 
+# The settings a resumed run may change: how long it runs (max_steps, and patience, which only ends it sooner),
+# when it evaluates, checkpoints and reports, and how it is
+# laid out on its machines (checkpoints fit any layout). grad_accum may change with the number of processes as long
+# as grad_accum * world_size, the micro-batches of a step, stays. Any other change would make the resumed run
+# another run than the one it continues, so resuming with one is refused.
+RESUMABLE_CHANGES = ("max_steps", "patience", "eval_interval", "checkpoint_interval", "log_interval", "keep_last", "max_bad_steps",
+                     "progress", "fsdp", "compile")
+
+
+def field_defaults(cls: type) -> dict[str, object]:
+    """Field name -> its default. Also what a field missing from a saved config counts as: a field added since the
+    config was saved had that value in effect, so a new setting never makes an older run's files unreadable."""
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
 def _check_known_keys(cls: type, values: dict) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
@@ -220,9 +237,11 @@ def parse_value(key: str, text: str, expected: type) -> object:
 def parse_overrides(args: list[str]) -> dict[str, str]:
     """['--lr', '3e-4', '--model.d_model', '64'] -> {'lr': '3e-4', 'model.d_model': '64'} (values still strings).
 
-    `--key=value` works too; a key without a value is an error.
+    `--key=value` works too; a key without a value is an error, and so is a key given twice (`--max-steps` and
+    `--max_steps` are one key): which of the two values was meant is not for the parser to guess.
     """
     pairs: dict[str, str] = {}
+    spelled: dict[str, str] = {}  # key -> how it was first given, for the message
     i = 0
     while i < len(args):
         token = args[i]
@@ -234,7 +253,11 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
                 raise ConfigError(f"--{key}: missing value")
             value = args[i + 1]
             i += 1
-        pairs[key.replace("-", "_")] = value
+        name = key.replace("-", "_")
+        if name in pairs:
+            raise ConfigError(f"--{key} {value!r}: {spelled[name]} {pairs[name]!r} was given already: give each "
+                              "setting once")
+        pairs[name], spelled[name] = value, f"--{key}"
         i += 1
     return pairs
 

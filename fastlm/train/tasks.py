@@ -15,7 +15,7 @@ import torch
 
 from fastlm import hf
 from fastlm.data.batches import CausalLMBatches, MaskedLMBatches, TranslationBatches
-from fastlm.data.corpus import ParallelCorpus, TokenizedCorpus, tokenizer_sha256
+from fastlm.data.corpus import ParallelCorpus, TokenizedCorpus, corpus_fingerprint, tokenizer_sha256
 from fastlm.models import DecoderLM, EncoderLM, ModelConfig, Seq2SeqLM
 from fastlm.models.seq2seq import DEFAULT_CROSS_ATTENTION_INIT
 from fastlm.tokenizer import Tokenizer
@@ -188,7 +188,8 @@ def pretrain(arch: str, tokenizer_path: str | Path, train_dir: str | Path, valid
     model = ARCHS[arch](architecture)
     run_info = {"task": f"pretrain-{arch}", "model": architecture.to_dict(),
                 "tokenizer_sha256": tokenizer_sha256(tokenizer),
-                "data": {"tokenizer": str(tokenizer_path), "train": str(train_dir), "valid": str(valid_dir)}}
+                "data": {"tokenizer": str(tokenizer_path), "train": str(train_dir), "valid": str(valid_dir)},
+                "corpora": {"train": corpus_fingerprint(train_dir), "valid": corpus_fingerprint(valid_dir)}}
     return _train(model, train, valid, config, Path(run_dir), world=world, resume=resume, overwrite=overwrite,
                   tokenizer=tokenizer, run_info=run_info)
 
@@ -247,7 +248,8 @@ def finetune(encoder: str | Path, decoder: str | Path, tokenizer_path: str | Pat
                                      max_new_tokens=config.max_len)
     run_info = {"task": "finetune", "model": model.config_dict(), "tokenizer_sha256": tokenizer_sha256(tokenizer),
                 "data": {"tokenizer": str(tokenizer_path), "train": str(train_dir), "valid": str(valid_dir),
-                         "encoder": str(encoder), "decoder": str(decoder)}}
+                         "encoder": str(encoder), "decoder": str(decoder)},
+                "corpora": {"train": corpus_fingerprint(train_dir), "valid": corpus_fingerprint(valid_dir)}}
     return _train(model, train, valid, config, Path(run_dir), world=world, resume=resume, overwrite=overwrite,
                   tokenizer=tokenizer, run_info=run_info, extra_eval=extra_eval)
 

@@ -7,9 +7,10 @@ W processes with accumulation A compute the same step as one process with accumu
 
 Resuming on another world size (checkpoints are unsharded, keyed by parameter names): weights, optimizer and
 scheduler state and the data position are exact, so the next step starts at the very micro-batch where the run
-stopped and no batch is skipped or seen twice; keep grad_accum * world_size unchanged to keep the global batch. Not
-exact: which rank takes which micro-batch, and the dropout streams: ranks present in both layouts continue their own,
-new ranks start fresh ones (seeded from seed, rank and step), and the streams of ranks that are gone end.
+stopped and no batch is skipped or seen twice; grad_accum * world_size must stay (the resume checks it), so the
+global batch stays. Not exact: which rank takes which micro-batch, and the dropout streams: ranks present in both
+layouts continue their own, new ranks start fresh ones (seeded from seed, rank and step), and the streams of ranks
+that are gone end.
 """
 
 from __future__ import annotations
@@ -188,7 +189,8 @@ class Trainer:
             if chosen is None:
                 return None
             state = load_checkpoint(chosen)
-            check_resumable(state, chosen, run_info=self.run_info, model=self.model)
+            check_resumable(state, chosen, run_info=self.run_info, model=self.model, config=self.config,
+                            world_size=self.world.world_size)
             state["selection"] = Selection.from_checkpoint(state, chosen, self.config.select_by).to_dict()
             tensors["model"], tensors["optimizer"] = state.pop("model"), state.pop("optimizer")
             return state
@@ -199,6 +201,11 @@ class Trainer:
         distributed.load_full_state_dicts(self.wrapped, self.optimizer, tensors.get("model", {}),
                                           tensors.get("optimizer", {}))
         self.scheduler.load_state_dict(state["scheduler"])
+        # The lr of the coming step from this run's schedule: the saved one is that of the checkpoint's max_steps,
+        # which a resume may have changed (TrainConfig.max_steps says what that means for the lr).
+        for group, base_lr, multiplier in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                              self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * multiplier(state["step"])
         self.step, self.epoch, self.index = state["step"], state["epoch"], state["index"]
         self.selection, self.bad_steps = Selection(**state["selection"]), state["bad_steps"]
         restore_rank_rng_state(state["rng"], self.world.rank, seed=self.config.seed, step=self.step)
@@ -312,8 +319,9 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train until `max_steps`, or until `patience` evaluations without improvement; returns the last
-        evaluation's metrics (or the last train loss). A run resumed after it finished (or stopped early) trains no
-        more and returns a fresh evaluation (no metrics without validation data)."""
+        evaluation's metrics, or {"train_loss": ...} of the last step where no evaluation gives any (no validation
+        data). A run resumed after it finished (or stopped early) trains no more and returns a fresh evaluation (no
+        metrics without validation data)."""
         config = self.config
         if self.step >= config.max_steps or self.stopped_early:
             metrics = self.evaluate()
@@ -348,11 +356,11 @@ class Trainer:
             self._log("train", self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens,
                       tokens_per_s=tokens_per_s, epoch=self.epoch)
             progress.update(self.step, loss=loss, tokens_per_s=tokens_per_s)
-            last_metrics = {"loss": loss}
+            last_metrics = {"train_loss": loss}
             is_last = self.step == config.max_steps
             improved = False
             if is_last or (config.eval_interval and self.step % config.eval_interval == 0):
-                last_metrics = self._evaluate_and_log(progress)
+                last_metrics = self._evaluate_and_log(progress) or last_metrics
                 improved = self._select(last_metrics)
             if improved or is_last or self.stopped_early or self.step % config.checkpoint_interval == 0:
                 # Without validation data the newest weights are the best we know.
@@ -388,14 +396,19 @@ class Trainer:
     def _stop_requested(self) -> bool:
         """Whether any rank was signalled; under torchrun all ranks agree (one all-reduce per step), so all stop
         at the same step and none waits forever in the next step's collectives."""
+        # One snapshot of the flag, and the decision from the reduced value only: a signal handled after the
+        # snapshot (say while the all-reduce runs) waits for the next step's check on every rank alike. Reading the
+        # flag again after the collective let that rank stop alone while the others went on into the next step.
+        requested = self.stop_signal
         if not self.world.is_distributed:
-            return self.stop_signal is not None
-        signalled = torch.tensor([self.stop_signal == signal.SIGINT, self.stop_signal == signal.SIGTERM],
+            return requested is not None
+        signalled = torch.tensor([requested == signal.SIGINT, requested == signal.SIGTERM],
                                  dtype=torch.float32, device=self.world.device)
         distributed.all_reduce_sum(signalled, self.world)
-        if self.stop_signal is None and signalled.any():
-            self.stop_signal = signal.SIGINT if signalled[0] > 0 else signal.SIGTERM
-        return self.stop_signal is not None
+        if not signalled.any():
+            return False
+        self.stop_signal = signal.SIGINT if signalled[0] > 0 else signal.SIGTERM  # the same on every rank
+        return True
 
     def _log(self, kind: str, step: int, **values) -> None:
         self.log.write(kind, step, **values)

@@ -124,6 +124,15 @@ def test_resuming_with_other_settings_or_changed_input_is_an_error(tmp_path, tex
                            progress=False)
 
 
+def test_a_run_that_finished_no_shard_does_not_bind_the_next_one(tmp_path, text_file):
+    with pytest.raises(RuntimeError, match="fails on purpose"):  # say, the wrong input file was given
+        prepare_corpus(text_file, ByteTokenizer(fail_on_call=1), tmp_path / "out", shard_size=4, progress=False)
+    assert (tmp_path / "out" / "prepare.json").is_file()
+    other = write_lines(tmp_path / "other.txt", SENTENCES[::-1])
+    corpus = prepare_corpus(other, ByteTokenizer(), tmp_path / "out", shard_size=5, progress=False)
+    assert [list(s) for s in corpus] == [ByteTokenizer().encode(s) for s in SENTENCES[::-1]]
+
+
 def test_a_finished_corpus_is_reused_only_for_the_same_inputs_and_settings(tmp_path):
     a = write_lines(tmp_path / "a.txt", SENTENCES)
     b = write_lines(tmp_path / "b.txt", SENTENCES[::-1])

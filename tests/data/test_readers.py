@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastlm.data import AihubPairs, CorpusFormatError, ParallelLines, TextLines, TsvPairs, open_reader
+from fastlm.data.readers import check_utf8
 
 
 def error_at(path, line: int, *fragments: str):
@@ -50,6 +51,23 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
     path.write_bytes("좋은 줄\n또 좋은 줄\n".encode("utf-8") + "나쁜 줄".encode("cp949") + b"\n")
     with error_at(path, 3, "invalid UTF-8", "cp949"):
         list(TextLines(path))
+
+
+def test_check_utf8_names_the_line_of_a_binary_or_mis_encoded_file(tmp_path):
+    # 4 MiB blocks: a 3-byte character split by the first block boundary is valid, a bad byte in the second block
+    # is reported at its own line.
+    head = b"x" * ((1 << 22) - 1) + b"\n"  # line 1 ends one byte before the boundary
+    good = tmp_path / "good.txt"
+    good.write_bytes(head[:-2] + "\n가\n".encode("utf-8") * 3)  # the first 가 straddles the boundary
+    check_utf8(good)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(head + "줄\n".encode("utf-8") * 2 + "나쁜 줄".encode("cp949") + b"\n")
+    with error_at(bad, 4, "invalid UTF-8", "cp949"):
+        check_utf8(bad)
+    truncated = tmp_path / "truncated.txt"
+    truncated.write_bytes("a\n가".encode("utf-8")[:-1])
+    with error_at(truncated, 2, "ends inside a character"):
+        check_utf8(truncated)
 
 
 @pytest.mark.parametrize("content", [b"", b"\n  \n\t\n"], ids=["empty", "only-blank"])

@@ -9,13 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from fastlm.train import TrainConfig, Trainer, TrainingInterrupted
+from fastlm.train import TrainConfig, Trainer, TrainingInterrupted, World, distributed
 from fastlm.train.metrics import read_records
 from fastlm.train.run_dir import RunDirectoryInUse, refuse_or_clear
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer import TOY_SCRIPT, run_toy, subprocess_env, toy_config, train_losses  # noqa: E402
+from test_trainer import (  # noqa: E402
+    TOY_SCRIPT, children_of, run_toy, stop_with_children, subprocess_env, toy_config, train_losses,
+)
 from toy_training import ToyBatches, ToyLM  # noqa: E402
 
 
@@ -103,20 +106,44 @@ def test_a_second_sigint_aborts_at_once(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_signal_handled_during_the_stop_all_reduce_waits_for_the_next_check(tmp_path, monkeypatch):
+    """The race of a 2-process run, made deterministic: this rank's SIGTERM is handled right after the stop flag's
+    all-reduce has summed the flags of both ranks, none set. The other rank, deciding from that sum, trains on, so
+    this one must too: stopping alone, it would wait in save_checkpoint's collectives while the other waits in the
+    next step's, forever."""
+    trainer = toy_trainer(tmp_path, toy_config())
+    trainer.world = World(1, 2, torch.device("cpu"))  # seen by _stop_requested only, whose collective is simulated
+    calls = []
+
+    def all_reduce_then_signal(tensor, world):  # the other rank adds zeros: the sum is this rank's snapshot
+        calls.append(tensor.tolist())
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(distributed, "all_reduce_sum", all_reduce_then_signal)
+    with trainer._stop_on_signals():
+        assert not trainer._stop_requested()
+        assert trainer._stop_requested() and trainer.stop_signal == signal.SIGTERM  # the next step, on both ranks
+    assert calls == [[0.0, 0.0], [0.0, 1.0]]
+
+
 def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step(tmp_path):
     run = tmp_path / "ddp"
-    args = ("--max_steps", "400", "--checkpoint_interval", "100", "--eval_interval", "100", "--delay", "0.02")
+    args = ("--checkpoint_interval", "100", "--eval_interval", "100", "--delay", "0.02")
     launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    agent = subprocess.Popen([sys.executable, *launcher, str(TOY_SCRIPT), str(run), *args], env=subprocess_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not ((run / "metrics.jsonl").exists() and len(read_records(run / "metrics.jsonl", "train")) >= 2):
-        assert agent.poll() is None, agent.communicate()[1]
-        assert time.monotonic() < deadline, "the two ranks never trained two steps"
-        time.sleep(0.05)
-    ranks = {_rank_of(pid): pid for pid in _children(agent.pid)}
-    os.kill(ranks[1], signal.SIGTERM)  # rank 1 only: rank 0 learns it by the all-reduce
-    _, stderr = agent.communicate(timeout=240)  # a rank left waiting in a collective would hang here
+    agent = subprocess.Popen([sys.executable, *launcher, str(TOY_SCRIPT), str(run), *args, "--max_steps", "400"],
+                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run / "metrics.jsonl").exists() and len(read_records(run / "metrics.jsonl", "train")) >= 2):
+            assert agent.poll() is None, agent.communicate()[1]
+            assert time.monotonic() < deadline, "the two ranks never trained two steps"
+            time.sleep(0.05)
+        ranks = {_rank_of(pid): pid for pid in children_of(agent.pid)}
+        os.kill(ranks[1], signal.SIGTERM)  # rank 1 only: rank 0 learns it by the all-reduce
+        _, stderr = agent.communicate(timeout=240)  # a rank left waiting in a collective would hang here
+    finally:
+        stop_with_children(agent)
 
     steps = [step for step, _ in train_losses(run)]
     assert steps == list(range(1, steps[-1] + 1)) and steps[-1] < 400
@@ -125,18 +152,6 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step(tmp_path):
     run_toy(run, *args, "--max_steps", str(steps[-1] + 2), "--resume",
             launcher=launcher)  # the checkpoint both ranks wrote resumes under the same world size
     assert [step for step, _ in train_losses(run)] == list(range(1, steps[-1] + 3))
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            status = (entry / "status").read_text() if entry.name.isdigit() else ""
-        except OSError:  # a process that ended while we looked
-            continue
-        if f"\nPPid:\t{pid}\n" in status:
-            found.append(int(entry.name))
-    return found
 
 
 def _rank_of(pid: int) -> int:

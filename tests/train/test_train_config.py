@@ -29,6 +29,8 @@ def test_overrides_are_typed_and_applied_over_the_preset():
     (["--max_tokens", "-1"], "max_tokens=-1: expected a value >= 0"),
     (["--lr"], "--lr: missing value"),
     (["lr", "1"], "unexpected argument 'lr'"),
+    (["--max_steps", "2", "--max-steps", "3"], "--max-steps '3': --max_steps '2' was given already"),
+    (["--model.d_model=64", "--model.d-model", "32"], "--model.d-model '32': --model.d_model '64' was given already"),
 ])
 def test_bad_overrides_name_the_key_and_value(args, message):
     with pytest.raises(ConfigError) as error:

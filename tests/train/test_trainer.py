@@ -1,6 +1,7 @@
 """The training loop on a toy model: learning, the non-finite guard, exact resume after SIGKILL, and DDP on
 2 gloo processes matching one process with the same global batch."""
 
+import contextlib
 import json
 import math
 import os
@@ -52,6 +53,11 @@ def test_toy_model_learns_and_the_run_directory_is_complete(tmp_path):
     assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl", "eval")] == [10, 20, 30]
     assert trainer.checkpoints.latest().name == "step-00000030.pt"
     assert load_checkpoint(trainer.checkpoints.best)["step"] == 30
+
+
+def test_without_validation_data_fit_returns_the_last_train_loss(tmp_path):
+    final = Trainer(ToyLM(), ToyBatches(), toy_config(max_steps=3), tmp_path).fit()
+    assert final == {"train_loss": train_losses(tmp_path)[-1][1]}
 
 
 def test_resuming_a_finished_run_trains_no_more_and_reports_its_evaluation(tmp_path):
@@ -180,7 +186,39 @@ def test_label_smoothing_reaches_the_training_steps_and_never_the_validation(tmp
 
 def run_toy(run_dir: Path, *args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     command = [sys.executable, *launcher, str(TOY_SCRIPT), str(run_dir), *args]
-    return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240, check=True)
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    finally:
+        stop_with_children(process)
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command, stdout, stderr)
+    return subprocess.CompletedProcess(command, 0, stdout, stderr)
+
+
+def stop_with_children(process: subprocess.Popen) -> None:
+    """SIGKILL `process` and its children if it still runs (a test that failed or timed out), so that no run is
+    left behind. torchrun starts each rank in a session of its own: killing the launcher's process group would
+    miss them, so they are found by their parent. A process that ended is left alone: its pid may be reused."""
+    if process.poll() is None:
+        for pid in children_of(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.kill()
+    process.communicate()
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            status = (entry / "status").read_text() if entry.name.isdigit() else ""
+        except OSError:  # a process that ended while we looked
+            continue
+        if f"\nPPid:\t{pid}\n" in status:
+            found.append(int(entry.name))
+    return found
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
