@@ -1,8 +1,11 @@
 """Batch sources: what the trainer iterates, one deterministic batch per (epoch, index).
 
 A batch is a pure function of (seed, epoch, index): resuming needs only the position, and DDP rank r of W takes
-the indices with `index % W == r`. Every sentence (or block, or pair) appears exactly once per epoch; the last batch
-of an epoch may be smaller. Batches are CPU int64 tensors whose keys are the models' forward arguments.
+the indices with `index % W == r`. Every sentence (or block, or pair) a source serves appears exactly once per
+epoch; the last batch of an epoch may be smaller. A source serves its whole corpus, or with `sample=N` a fixed
+random N of its items, drawn once from its seed (a validation subset: a prefix would be biased, by position in the
+corpus or, where batches are sorted by length, by length). Batches are CPU int64 tensors whose keys are the models'
+forward arguments.
 
 Markers: corpora store bare sentences (or <s> ... </s> when prepared with add_bos_eos; those markers are stripped
 here), and each source adds the markers its model expects:
@@ -33,6 +36,9 @@ PAD_MULTIPLE = 8
 # Translation pairs are sorted by length within chunks of this many pairs: batches of similar lengths (little
 # padding) while the chunks, and the batch order, still change every epoch.
 BUCKET_CHUNK = 1 << 14
+# The random stream of a source's `sample`, keyed (seed, SAMPLE_STREAM): an epoch number no epoch has, so the sample
+# is unrelated to every epoch's order.
+SAMPLE_STREAM = -1
 
 
 class BatchSource(Protocol):
@@ -42,19 +48,20 @@ class BatchSource(Protocol):
 
 
 class MaskedLMBatches:
-    """Masked-LM batches {"input_ids", "lengths", "labels", "target_positions"} of sentences in a new random order every epoch, with
-    masks (see MaskingPolicy) drawn anew for every (seed, epoch, index); target_positions are the flat indices of
-    the labelled positions, so the model runs its head on those rows only. bos/eos/pad ids default to the
-    tokenizer's, as recorded in the corpus."""
+    """Masked-LM batches {"input_ids", "lengths", "labels", "target_positions"} of sentences in a new random order
+    every epoch (without shuffle: corpus order), with masks (see MaskingPolicy) drawn anew for every (seed, epoch,
+    index); target_positions are the flat indices of the labelled positions, so the model runs its head on those
+    rows only. bos/eos/pad ids default to the tokenizer's, as recorded in the corpus. `sample`: see the module."""
 
     def __init__(self, corpus: TokenizedCorpus, *, batch_size: int, max_len: int, mask_id: int, vocab_size: int,
                  special_ids, mask_prob: float = 0.15, replace_mask: float = 0.8, replace_random: float = 0.1,
                  seed: int = 0, shuffle: bool = True, bos_id: int | None = None, eos_id: int | None = None,
-                 pad_id: int | None = None):
+                 pad_id: int | None = None, sample: int = 0):
         _check_at_least("batch_size", batch_size, 1)
         _check_at_least("max_len", max_len, 3)  # <s>, one token, </s>
         _check_vocab(corpus, vocab_size)
         self.corpus, self.batch_size, self.max_len, self.seed, self.shuffle = corpus, batch_size, max_len, seed, shuffle
+        self.items = _served_items(len(corpus), sample, seed)  # the sentences served
         self.bos_id = _special_id(corpus, "bos_id", bos_id, vocab_size)
         self.eos_id = _special_id(corpus, "eos_id", eos_id, vocab_size)
         self.pad_id = _special_id(corpus, "pad_id", pad_id, vocab_size)
@@ -62,14 +69,14 @@ class MaskedLMBatches:
                                     mask_prob=mask_prob, replace_mask=replace_mask, replace_random=replace_random)
 
     def num_batches(self, epoch: int) -> int:
-        return math.ceil(len(self.corpus) / self.batch_size)
+        return math.ceil(len(self.items) / self.batch_size)
 
     def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
         _check_index(index, self.num_batches(epoch))
-        order = _epoch_order(len(self.corpus), self.seed, epoch, self.shuffle)
+        order = _epoch_order(len(self.items), self.seed, epoch, self.shuffle)
         sentences = [
             _wrapped(_content(self.corpus, i)[:self.max_len - 2], self.bos_id, self.eos_id)
-            for i in order[index * self.batch_size:(index + 1) * self.batch_size]
+            for i in self.items[order[index * self.batch_size:(index + 1) * self.batch_size]]
         ]
         input_ids, lengths = _padded(sentences, self.pad_id, self.max_len)
         input_ids, labels = self.policy.apply(input_ids, lengths, torch_generator(self.seed, epoch, index))
@@ -79,13 +86,14 @@ class MaskedLMBatches:
 
 class CausalLMBatches:
     """Causal-LM batches {"input_ids", "labels" (= input_ids; the model shifts)} of fixed-length blocks cut from the
-    corpus read as one stream, `sentence </s> sentence </s> ...`; the block order changes every epoch. The stream's
-    last partial block (< block_len tokens) is left out. No row is padded, so the batch carries no "lengths": the
+    corpus read as one stream, `sentence </s> sentence </s> ...`; the block order changes every epoch (without
+    shuffle: stream order). The stream's last partial block (< block_len tokens) is left out; `sample` counts
+    blocks (see the module). No row is padded, so the batch carries no "lengths": the
     model then attends without a padding mask (causal SDPA can take its flash kernels), with no host sync to find
     out that nothing is padded."""
 
     def __init__(self, corpus: TokenizedCorpus, *, batch_size: int, block_len: int, eos_id: int, seed: int = 0,
-                 shuffle: bool = True):
+                 shuffle: bool = True, sample: int = 0):
         _check_at_least("batch_size", batch_size, 1)
         _check_at_least("block_len", block_len, 2)
         _check_id("eos_id", eos_id, corpus.vocab_size)
@@ -100,14 +108,15 @@ class CausalLMBatches:
         if self.num_blocks == 0:
             raise ValueError(f"block_len={block_len}: the corpus {corpus.path} has only {self._stream_starts[-1]} "
                              "tokens with separators, fewer than one block")
+        self.items = _served_items(self.num_blocks, sample, seed)  # the blocks served
 
     def num_batches(self, epoch: int) -> int:
-        return math.ceil(self.num_blocks / self.batch_size)
+        return math.ceil(len(self.items) / self.batch_size)
 
     def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
         _check_index(index, self.num_batches(epoch))
-        order = _epoch_order(self.num_blocks, self.seed, epoch, self.shuffle)
-        blocks = [self.block(b) for b in order[index * self.batch_size:(index + 1) * self.batch_size]]
+        order = _epoch_order(len(self.items), self.seed, epoch, self.shuffle)
+        blocks = [self.block(b) for b in self.items[order[index * self.batch_size:(index + 1) * self.batch_size]]]
         input_ids = torch.from_numpy(np.stack(blocks).astype(np.int64))
         return {"input_ids": input_ids, "labels": input_ids.clone()}
 
@@ -130,12 +139,14 @@ class TranslationBatches:
     """Translation batches {"src_ids", "src_lengths", "tgt_ids", "tgt_lengths", "labels"} (labels = tgt_ids with
     -100 at padding). Pairs are bucketed by length: each epoch shuffles them, sorts chunks of BUCKET_CHUNK pairs by
     padded length, cuts the chunks into batches of `batch_size` pairs or of at most `max_tokens` padded tokens
-    (pairs x longest side; exactly one of the two is given), then shuffles the batches. Without shuffle, chunks
-    and batches keep corpus order (for evaluation)."""
+    (pairs x longest side; exactly one of the two is given), then shuffles the batches. Without shuffle (for
+    evaluation) the pairs are still sorted by length within chunks of corpus order, and the batches keep that order,
+    shortest first: a prefix of them is the shortest pairs, so evaluate them all, or serve a `sample` (see the
+    module)."""
 
     def __init__(self, src_corpus: TokenizedCorpus, tgt_corpus: TokenizedCorpus, *, max_src_len: int,
                  max_tgt_len: int, bos_id: int, eos_id: int, pad_id: int, max_tokens: int | None = None,
-                 batch_size: int | None = None, seed: int = 0, shuffle: bool = True):
+                 batch_size: int | None = None, seed: int = 0, shuffle: bool = True, sample: int = 0):
         if len(src_corpus) != len(tgt_corpus):
             raise ValueError(f"src_corpus has {len(src_corpus)} sentences, tgt_corpus has {len(tgt_corpus)}: "
                              "expected a parallel corpus")
@@ -156,6 +167,7 @@ class TranslationBatches:
         src_lengths = np.minimum(_content_lengths(src_corpus) + 2, max_src_len)
         tgt_lengths = np.minimum(_content_lengths(tgt_corpus) + 1, max_tgt_len)
         self._sizes = np.maximum(src_lengths, tgt_lengths)  # what a pair costs in a padded batch, per pair
+        self.items = _served_items(len(src_corpus), sample, seed)  # the pairs served
         self._plan: tuple[int, list[np.ndarray]] | None = None
 
     def num_batches(self, epoch: int) -> int:
@@ -178,7 +190,7 @@ class TranslationBatches:
         """The pair indices of every batch of the epoch, in batch order (the last epoch's plan is kept)."""
         if self._plan is None or self._plan[0] != epoch:
             generator = numpy_generator(self.seed, epoch)
-            order = generator.permutation(len(self._sizes)) if self.shuffle else np.arange(len(self._sizes))
+            order = self.items[generator.permutation(len(self.items))] if self.shuffle else self.items
             batches = []
             for start in range(0, len(order), BUCKET_CHUNK):
                 chunk = order[start:start + BUCKET_CHUNK]
@@ -200,6 +212,15 @@ class TranslationBatches:
                 start = end
         batches.append(pairs[start:])
         return batches
+
+
+def _served_items(count: int, sample: int, seed: int) -> np.ndarray:
+    """The indices of the items a source serves, ascending: all `count`, or (0 < sample < count) a random `sample`
+    of them drawn from `seed` alone, the same however often the source is built."""
+    _check_at_least("sample", sample, 0)
+    if sample == 0 or sample >= count:
+        return np.arange(count)
+    return np.sort(numpy_generator(seed, SAMPLE_STREAM).choice(count, size=sample, replace=False))
 
 
 @lru_cache(maxsize=2)  # the training and the evaluation order
