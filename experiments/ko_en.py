@@ -7,7 +7,8 @@ drives `fastlm` commands alone (`python -m fastlm ...` in subprocesses):
 3. pretrain: an encoder (MLM on ko) and a decoder (causal on en) per tokenizer level;
 4. finetune: ko->en from Rnd2Rnd, Enc2Rnd, Rnd2Dec, Enc2Dec (x the three cross-attention inits), 2 seeds for the
    main comparison, same budget for all; each followed by its test scores (sacrebleu BLEU and chrF, detokenised,
-   on the raw test split, greedy and beam 4, via `fastlm translate --input`) and sample translations;
+   greedy and beam 4, via `fastlm translate --input`) on the raw news test split and on an in-domain held-out set
+   carved from train, its sample translations, and its source use (the valid loss with mispaired sources);
 5. sweep: weight decay x lr on the encoder.
 
     python experiments/ko_en.py                        # the whole grid, CPU scale (hours on 2 cores)
@@ -43,103 +44,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the fastlm next to this script, for the statistics and the report
+from grid import (BEAMS, DECODER_SETTINGS, ENCODER_SETTINGS, HELDOUT, HELDOUT_SEED, LEVELS, MISPAIRED,
+                  MODEL_SETTINGS, PLATEAU, PLATEAU_BASELINE, QUICK_LINES, QUICK_MODEL, QUICK_RECIPE, RECIPE, RECIPE_BASE,
+                  REPO, SAMPLES, SCALES, STAGES, STARTS, TEST_SETS, Grid, finetune_name, overrides, test_name, translation_path)
+from report import write_report
 
-STAGES = ("tokenizers", "plateau", "pretrain", "finetune", "sweep", "recipe")
-LEVELS = ("byte", "char")
-VOCAB_SIZES = (8000, 16000, 32000)
-TRAIN_VOCAB = 8000  # the vocabulary of every pre-training and translation run (the plateau stage also tries others)
-CROSS_ATTENTION_INITS = ("random", "copy-self", "zero-out")
-# The four starting points; the pre-trained sides come from the pretrain stage.
-STARTS = {"Rnd2Rnd": ("random", "random"), "Enc2Rnd": ("encoder", "random"), "Rnd2Dec": ("random", "decoder"),
-          "Enc2Dec": ("encoder", "decoder")}
-MISPAIRED = "valid-mispaired"  # the valid pairs with the Korean side shifted by one sentence (see Experiment.source)
-MAIN_SEEDS = (0, 1)  # seeds of the main comparison (the four starts, default cross-attention init)
-BEAMS = (1, 4)  # greedy and beam 4 on the test split
-SAMPLES = 3  # good and bad sample translations kept per test result
-
-# Steps and batch size of each stage per --preset (the TrainConfig preset; its model preset sizes the models).
-# tiny: sized for a 2-core CPU, where a tiny-model step on 32 sentences takes ~0.75 s (MLM, one thread, a busy box);
-# small/base: a GPU.
-# Every configuration compared within a stage gets the same steps and batch: the same token budget.
-# max_len: the longest MLM row, causal block and translation side, in tokens: 128 keeps whole all but a few of the
-# news sentences (char level 8k: 43 tokens on average), where the preset's 64 cut the longer ones.
-# tiny's pre-training runs 10000 steps (6.8 epochs of the Korean side for the encoder), five times the first study's
-# 2000 (1.4 epochs), after which both pre-trainings were still improving (docs/RESULTS.md).
-SCALES = {
-    "tiny": dict(batch_size=32, max_len=128, pretrain=10000, plateau=1000, finetune=1000, sweep=1000,
-                 recipe_epochs=3, eval_interval=500),
-    "small": dict(batch_size=64, max_len=128, pretrain=10000, plateau=3000, finetune=10000, sweep=3000,
-                  recipe_epochs=10, eval_interval=500),
-    "base": dict(batch_size=64, max_len=512, pretrain=20000, plateau=5000, finetune=20000, sweep=5000,
-                 recipe_epochs=10, eval_interval=1000),
-}
-# --quick: every stage in minutes, on a few hundred lines, a micro model and a handful of steps.
-QUICK_LINES = {"train": 300, "valid": 24, "test": 24}
-# The in-domain test: pairs drawn (seeded) from the train split and removed from it before any tokenizer,
-# pre-training or fine-tuning sees it, scored beside the news test so that "cannot translate" and "wrong domain"
-# can be told apart (65% of train is Bible, the news test none).
-HELDOUT = "heldout"
-HELDOUT_PAIRS = 1000
-QUICK_HELDOUT_PAIRS = 24
-HELDOUT_SEED = 0
-QUICK_VOCAB_SIZES = (1100,)  # above the char level's alphabet of a few hundred lines (~940)
-QUICK_STARTS = ("Rnd2Rnd", "Enc2Dec")  # a random and a pre-trained side each (the CLI tests cover the mixed ones)
-QUICK_MODEL = {"d_model": "32", "n_layers": "1", "n_heads": "2", "d_ff": "64"}
-QUICK_SCALE = dict(batch_size=8, max_len=64, pretrain=4, plateau=4, finetune=4, sweep=4, recipe_epochs=0.1,
-                   eval_interval=2)
-
-# Plateau variants: TrainConfig (--KEY) and ModelConfig (--model.KEY) overrides of the baseline, which is the
-# issue's stalled run (byte level 8k, lr 1e-3, warmup 30, mask 15%, pre-norm, learned positions); "vocab" picks
-# the tokenizer (byte level). The baseline's mask rate is given explicitly: this study made 40% the default.
-PLATEAU_BASELINE = {"mask_prob": "0.15"}
-PLATEAU = {
-    "baseline": {},
-    "lr3e-4": {"lr": "3e-4"},
-    "warmup300": {"warmup_steps": "300"},
-    "mask40": {"mask_prob": "0.4"},
-    "rope": {"model.positional": "rope"},
-    "post-norm": {"model.norm_position": "post"},
-    "dropout0": {"model.dropout": "0"},
-    "vocab2k": {"vocab": "2000"},
-    # The three changes that moved the loss fastest in the first 600 steps, together.
-    "combined": {"mask_prob": "0.4", "model.norm_position": "post", "model.positional": "rope"},
-    # The same without post-norm, with which a decoder stayed on its plateau (docs/RESULTS.md).
-    "mask40-rope": {"mask_prob": "0.4", "model.positional": "rope"},
-    "steps4000": {"max_steps": "4000"},  # the length of training: the baseline, four times longer
-}
-QUICK_PLATEAU = ("baseline", "mask40")
-# The encoder's settings in the pretrain and sweep stages (the plateau stage's finding; see docs/RESULTS.md).
-# One architecture (--model.KEY settings) for every model trained from scratch outside the plateau stage (both
-# pre-trainings, the sweep, Rnd2Rnd; Enc2Rnd and Rnd2Dec copy it from the pre-trained side), so that the four
-# starts differ in their initial weights only.
-# Rotary positions (pre-norm) and, for the encoder, 40% masking: the "mask40-rope" plateau variant. Post-norm
-# ("combined") moved the encoder further, but a post-norm decoder stayed on its own plateau (valid loss 7.21,
-# accuracy 2.3% at step 300, training loss flat at ~6.3 from step 50) where a pre-norm one learned at once: the
-# four starts need one architecture, so pre-norm it is (docs/RESULTS.md).
-MODEL_SETTINGS = {"model.positional": "rope"}
-ENCODER_SETTINGS = {"mask_prob": "0.4"}
-# The preset's lr 1e-3, with which the decoder learned in the issue (perplexity 205 after 1000 steps). 3e-3 was
-# better for the decoder alone at 400 steps (TrainConfig's comments) but is untried with rope.
-DECODER_SETTINGS: dict[str, str] = {}
-# The recipe stage: which of the low-resource settings of Sennrich & Zhang (2019, "Revisiting Low-Resource NMT")
-# help on this data: dropout in more places and higher, smaller batches, a smaller vocabulary, label smoothing.
-# Each is one change to the base (Rnd2Rnd, char level, the grid's architecture, batch 32, dropout 0.1), trained for
-# the same number of epochs and scored on the valid split (news dev; the test splits stay unseen). "vocab" picks
-# the tokenizer (char level). RECIPE_BASE pins the settings whose defaults the recipe itself may change.
-RECIPE_BASE = {"label_smoothing": "0"}
-RECIPE = {
-    "base": {},
-    "ls0.1": {"label_smoothing": "0.1"},
-    "dropout0.3": {"model.dropout": "0.3", "model.attn_dropout": "0.1"},
-    "batch16": {"batch_size": "16"},
-    "vocab4k": {"vocab": "4000"},
-}
-QUICK_RECIPE = ("base", "batch16")
-WEIGHT_DECAYS = ("0", "1e-4", "1e-3", "1e-2", "1e-1")
-SWEEP_LRS = ("3e-4", "1e-3", "3e-3")
-QUICK_SWEEP = (("0", "1e-3"),)
+sys.path.insert(0, str(REPO))  # the fastlm next to this script, for the statistics
 
 
 class JobFailed(Exception):
@@ -155,17 +65,12 @@ class Stopped(Exception):
 
 
 @dataclass
-class Experiment:
+class Experiment(Grid):
+    """The grid's jobs, run from the data in `data` into `out`."""
     data: Path
     out: Path
-    preset: str
-    quick: bool
     only: list[str] = field(default_factory=list)
-    scale: dict = field(init=False)
     child: subprocess.Popen | None = field(default=None, init=False)
-
-    def __post_init__(self) -> None:
-        self.scale = QUICK_SCALE if self.quick else SCALES[self.preset]
 
     # ----- bookkeeping -----
 
@@ -251,54 +156,67 @@ class Experiment:
 
     # ----- data -----
 
+    def source_path(self, split: str, lang: str) -> Path:
+        """Where the raw text of a split is, once `source` made it."""
+        if split in ("train", HELDOUT, MISPAIRED):
+            return self.out / "data" / f"{split}.{lang}"
+        return self.raw_path(split, lang)
+
+    def raw_path(self, split: str, lang: str) -> Path:
+        """Where a split is as --data gives it, or its --quick cut."""
+        return self.out / "data" / "quick" / f"{split}.{lang}" if self.quick else self.data / f"{split}.{lang}"
+
     def source(self, split: str, lang: str) -> Path:
-        """The raw text of a split (in --quick, its first lines, or the bundled sample's when --data is absent).
-        "train" is the train split without the HELDOUT pairs, which are their own split. MISPAIRED is the valid
-        split with every Korean sentence moved one line down (the last to the top)."""
+        """The raw text of a split, made if need be. "train" is the train split without the HELDOUT pairs, which
+        are their own split (carve_heldout). MISPAIRED is the valid split with every Korean sentence moved one line
+        down (the last to the top) and the English as it is, so that each English sentence has the Korean of the
+        pair before it."""
+        path = self.source_path(split, lang)
+        if path.is_file():
+            return path
         if split in ("train", HELDOUT):
-            path = self.out / "data" / f"{split}.{lang}"
-            if not path.is_file():
-                self.carve_heldout()
-            return path
-        if split == MISPAIRED:
-            path = self.out / "data" / f"{split}.{lang}"
-            if not path.is_file():
-                lines = self.source("valid", lang).read_text(encoding="utf-8").splitlines(True)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("".join(lines[-1:] + lines[:-1] if lang == "ko" else lines), encoding="utf-8")
-            return path
-        return self.raw_source(split, lang)
+            self.carve_heldout()
+        elif split == MISPAIRED:
+            lines = self.source("valid", lang).read_text(encoding="utf-8").splitlines()
+            write_lines(path, lines[-1:] + lines[:-1] if lang == "ko" else lines)
+        else:
+            self.raw_source(split, lang)
+        return path
 
     def raw_source(self, split: str, lang: str) -> Path:
-        """A split as given by --data (or its --quick cut)."""
-        if not self.quick:
-            return self.data / f"{split}.{lang}"
-        path = self.out / "data" / "quick" / f"{split}.{lang}"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(quick_lines(self.data, split, lang)), encoding="utf-8")
+        """A split as given by --data; in --quick, its first lines, or the bundled sample's where --data has no
+        train.ko (see quick_lines)."""
+        path = self.raw_path(split, lang)
+        if self.quick and not path.is_file():
+            write_lines(path, quick_lines(self.data, split, lang))
         return path
+
+    def data_name(self) -> str:
+        """The data the grid ran on, in words for the report."""
+        data = f"`{os.path.relpath(self.data, REPO)}`"
+        if not self.quick:
+            return data
+        counts = "/".join(str(QUICK_LINES[split]) for split in ("train", "valid", "test"))
+        if (self.data / "train.ko").is_file():
+            return f"the first {counts} lines of train/valid/test of {data}"
+        return f"fastlm's bundled sample (`fastlm/demo_data`), cut into {counts} train/valid/test lines ({data} " \
+               "has no train.ko)"
 
     def carve_heldout(self) -> None:
         """Split the train pairs into OUT/data/train.* and OUT/data/heldout.* (HELDOUT_PAIRS drawn with
         HELDOUT_SEED, kept in train order); the held-out files are written last, so a killed carve redoes itself."""
         import numpy as np
 
-        sides = {lang: self.raw_source("train", lang).read_text(encoding="utf-8").splitlines(True)
+        sides = {lang: self.raw_source("train", lang).read_text(encoding="utf-8").splitlines()
                  for lang in ("ko", "en")}
         if len(sides["ko"]) != len(sides["en"]):
             raise JobFailed(f"train.ko has {len(sides['ko'])} lines, train.en {len(sides['en'])}: expected pairs")
-        count = QUICK_HELDOUT_PAIRS if self.quick else HELDOUT_PAIRS
-        chosen = set(np.random.default_rng(HELDOUT_SEED).choice(len(sides["ko"]), size=count, replace=False).tolist())
-        folder = self.out / "data"
-        folder.mkdir(parents=True, exist_ok=True)
+        chosen = set(np.random.default_rng(HELDOUT_SEED).choice(len(sides["ko"]), size=self.heldout_pairs,
+                                                                replace=False).tolist())
         for split in ("train", HELDOUT):
             for lang, lines in sides.items():
-                kept = [line if line.endswith("\n") else line + "\n" for i, line in enumerate(lines)
-                        if (i in chosen) == (split == HELDOUT)]
-                partial = folder / f"{split}.{lang}.{os.getpid()}.tmp"  # two processes may carve at once
-                partial.write_text("".join(kept), encoding="utf-8")
-                os.replace(partial, folder / f"{split}.{lang}")
+                write_lines(self.source_path(split, lang),
+                            [line for i, line in enumerate(lines) if (i in chosen) == (split == HELDOUT)])
 
     def tokenizer(self, level: str, vocab_size: int) -> tuple[Path, str]:
         """The tokenizer file of a level and size (trained and measured by the tokenizers stage) and its key."""
@@ -340,10 +258,10 @@ class Experiment:
     def train_settings(self, stage: str, seed: int = 0) -> dict[str, str]:
         settings = {"preset": self.preset, "max_steps": self.scale[stage], "batch_size": self.scale["batch_size"],
                     "max_len": self.scale["max_len"], "eval_interval": self.scale["eval_interval"],
-                    "checkpoint_interval": self.scale["eval_interval"], "eval_batches": "20", "seed": seed,
+                    "checkpoint_interval": self.scale["eval_interval"], "eval_batches": "0", "seed": seed,
                     "progress": "false"}
         if self.quick:
-            settings.update(warmup_steps="1", eval_batches="2")
+            settings.update(warmup_steps="1")
         return settings
 
     def model_settings(self, settings: dict[str, str] = MODEL_SETTINGS) -> dict[str, str]:
@@ -399,10 +317,6 @@ class Experiment:
 
     # ----- stages -----
 
-    @property
-    def vocab_sizes(self) -> tuple[int, ...]:
-        return QUICK_VOCAB_SIZES if self.quick else VOCAB_SIZES
-
     def stage_tokenizers(self) -> None:
         for level in LEVELS:
             for vocab_size in self.vocab_sizes:
@@ -426,36 +340,6 @@ class Experiment:
             for arch in ("encoder", "decoder"):
                 if self.wanted(f"pretrain/{level}-{arch}"):
                     self.pretrain(arch, level)
-
-    @property
-    def levels(self) -> tuple[str, ...]:
-        return LEVELS[:1] if self.quick else LEVELS
-
-    @property
-    def train_vocab(self) -> int:
-        return self.vocab_sizes[0] if self.quick else TRAIN_VOCAB
-
-    @property
-    def plateau_names(self) -> tuple[str, ...]:
-        return QUICK_PLATEAU if self.quick else tuple(PLATEAU)
-
-    @property
-    def sweep_cells(self) -> list[tuple[str, str]]:
-        return list(QUICK_SWEEP) if self.quick else [(wd, lr) for lr in SWEEP_LRS for wd in WEIGHT_DECAYS]
-
-    def finetune_jobs(self) -> list[tuple[str, str, str, int]]:
-        """(level, start, cross-attention init, seed) of every translation run: level by level (a level's
-        pre-training is done before the next level's starts), within one the main comparison's first seed, the
-        cross-attention inits, then the second seed."""
-        seeds = MAIN_SEEDS[:1] if self.quick else MAIN_SEEDS
-        starts = QUICK_STARTS if self.quick else tuple(STARTS)
-        inits = () if self.quick else tuple(init for init in CROSS_ATTENTION_INITS if init != "random")
-        jobs = []
-        for level in self.levels:
-            jobs += [(level, start, "random", seeds[0]) for start in starts]
-            jobs += [(level, "Enc2Dec", init, seeds[0]) for init in inits]
-            jobs += [(level, start, "random", seed) for seed in seeds[1:] for start in starts]
-        return jobs
 
     def stage_finetune(self) -> None:
         for level, start, init, seed in self.finetune_jobs():
@@ -493,8 +377,8 @@ class Experiment:
         model = self.run_dir("finetune", name) / "model"
         corpora = {"paired": self.corpus(tokenizer, "valid", "ko-en"),
                    "mispaired": self.corpus(tokenizer, MISPAIRED, "ko-en")}
-        commands = {kind: ["eval", "--model", model, "--tokenizer", tokenizer, "--data", corpus, "--batch_size", "32"]
-                    for kind, corpus in corpora.items()}
+        commands = {kind: ["eval", "--model", model, "--tokenizer", tokenizer, "--data", corpus, "--batch_size", "32",
+                           "--eval_batches", "0", "--json"] for kind, corpus in corpora.items()}
         key = self.job_key([*commands["paired"], *commands["mispaired"]], model_key)
         if self.finished("source", name, key):
             return
@@ -512,30 +396,31 @@ class Experiment:
                                        **losses, "gap": losses["mispaired"] - losses["paired"]})
 
     def test(self, name: str, tokenizer: Path, model_key: str) -> None:
-        """Test-split scores of a translation model, greedy and beam 4, and its best and worst sentences."""
+        """A translation model's scores on each test set (the news test split, the held-out train pairs), greedy
+        and beam 4, with its best and worst sentences; its translations stay in OUT/translations, where the report
+        reads them for the paired bootstrap between starts."""
         model = self.run_dir("finetune", name) / "model"
-        references = self.source("test", "en").read_text(encoding="utf-8").splitlines()
-        sources = self.source("test", "ko").read_text(encoding="utf-8").splitlines()
-        for beam in BEAMS:
-            result_name = f"{name}-beam{beam}"
-            command = ["translate", "--model", model, "--tokenizer", tokenizer, "--input", self.source("test", "ko"),
-                       "--beam", beam]
-            key = self.job_key(command, model_key)
-            if self.finished("test", result_name, key):
-                continue
-            with self.claim("test", result_name) as mine:
-                if mine and not self.finished("test", result_name, key, quiet=True):
-                    self.translate_and_score(result_name, command, key, sources, references)
+        for test_set in TEST_SETS:
+            for beam in BEAMS:
+                result_name = test_name(name, test_set, beam)
+                command = ["translate", "--model", model, "--tokenizer", tokenizer,
+                           "--input", self.source(test_set, "ko"), "--beam", beam]
+                key = self.job_key(command, model_key)
+                if self.finished("test", result_name, key):
+                    continue
+                with self.claim("test", result_name) as mine:
+                    if mine and not self.finished("test", result_name, key, quiet=True):
+                        self.translate_and_score(result_name, command, key, test_set)
 
-    def translate_and_score(self, result_name: str, command: list, key: str, sources: list[str],
-                            references: list[str]) -> None:
-        output = self.out / "translations" / f"{result_name}.en"
+    def translate_and_score(self, result_name: str, command: list, key: str, test_set: str) -> None:
+        output = translation_path(self.out, result_name)
         output.parent.mkdir(parents=True, exist_ok=True)
         with open(output, "w", encoding="utf-8") as f:
             seconds = self.fastlm(*command, stdout=f)
+        texts = {lang: self.source(test_set, lang).read_text(encoding="utf-8").splitlines() for lang in ("ko", "en")}
         hypotheses = output.read_text(encoding="utf-8").splitlines()
         self.save("test", result_name, {"key": key, "command": list(map(str, command)), "seconds": seconds,
-                                        **test_scores(sources, hypotheses, references)})
+                                        **test_scores(texts["ko"], hypotheses, texts["en"])})
 
     def stage_sweep(self) -> None:
         for weight_decay, lr in self.sweep_cells:
@@ -561,8 +446,8 @@ class Experiment:
             command = ["finetune", "--encoder", "random", "--decoder", "random", "--tokenizer", tokenizer,
                        "--train", self.corpus(tokenizer, "train", "ko-en"),
                        "--valid", self.corpus(tokenizer, "valid", "ko-en"), "--bleu-sentences", "0",
-                       *self.train_options("recipe", steps=steps, batch_size=batch_size),
-                       *self.model_options(), *overrides(settings)]
+                       *overrides(self.train_settings("finetune"), {"max_steps": steps, "batch_size": batch_size},
+                                  self.model_settings(), settings)]
             if self.train("recipe", name, command, (tokenizer_key,)):
                 self.score_valid(name, tokenizer, self.job_key(command, tokenizer_key))
 
@@ -571,8 +456,7 @@ class Experiment:
         where the loss per token is not) and greedy BLEU and chrF."""
         model = self.run_dir("recipe", name) / "model"
         evaluation = ["eval", "--model", model, "--tokenizer", tokenizer,
-                      "--data", self.corpus(tokenizer, "valid", "ko-en"), "--batch_size", "32",
-                      "--max_len", str(self.scale["max_len"])]
+                      "--data", self.corpus(tokenizer, "valid", "ko-en"), "--json", "--eval_batches", "0"]
         translation = ["translate", "--model", model, "--tokenizer", tokenizer, "--input", self.source("valid", "ko"),
                        "--beam", "1", "--max-new-tokens", str(self.scale["max_len"])]
         key = self.job_key([*evaluation, *translation], model_key)
@@ -605,15 +489,13 @@ class Experiment:
 
 # ----- helpers -----
 
-def finetune_name(level: str, start: str, init: str, seed: int) -> str:
-    return f"{level}-{start}-{init}-seed{seed}"
-
-
-def overrides(*settings: dict) -> list[str]:
-    """--KEY VALUE options of the merged `settings`: a key of a later dict replaces an earlier one in place, as
-    fastlm refuses a setting given twice (a plateau variant's max_steps, --quick's eval_batches)."""
-    merged = {key: value for each in settings for key, value in each.items()}
-    return [arg for key, value in merged.items() for arg in (f"--{key}", str(value))]
+def write_lines(path: Path, lines: list[str]) -> None:
+    """`lines` (without line ends) as a text file, each ending in "\n"; whole or absent, whoever reads it (two
+    processes may make the same file at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(partial, path)
 
 
 def quick_lines(data: Path, split: str, lang: str) -> list[str]:
@@ -621,8 +503,8 @@ def quick_lines(data: Path, split: str, lang: str) -> list[str]:
     count = QUICK_LINES[split]
     if (data / f"{split}.{lang}").is_file():
         with open(data / f"{split}.{lang}", encoding="utf-8") as f:
-            return [line for _, line in zip(range(count), f)]
-    sample = (REPO / "fastlm" / "demo_data" / f"sample.{lang}").read_text(encoding="utf-8").splitlines(True)
+            return [line.rstrip("\n") for _, line in zip(range(count), f)]
+    sample = (REPO / "fastlm" / "demo_data" / f"sample.{lang}").read_text(encoding="utf-8").splitlines()
     held_out = QUICK_LINES["valid"] + QUICK_LINES["test"]
     parts = {"train": sample[:-held_out], "valid": sample[-held_out:-QUICK_LINES["test"]],
              "test": sample[-QUICK_LINES["test"]:]}
@@ -670,17 +552,24 @@ def run_metrics(run_dir: Path) -> dict:
 
 
 def test_scores(sources: list[str], hypotheses: list[str], references: list[str]) -> dict:
+    """Corpus BLEU and chrF, and the SAMPLES best and worst sentences by sentence chrF; "best" only among those
+    that score above 0 (an output of nothing is no one's best)."""
     import sacrebleu
 
     if len(hypotheses) != len(references):
         raise JobFailed(f"{len(hypotheses)} translations for {len(references)} test sentences")
-    by_sentence = sorted(range(len(references)),
-                         key=lambda i: sacrebleu.sentence_chrf(hypotheses[i], [references[i]]).score)
-    sample = lambda i: {"ko": sources[i], "output": hypotheses[i], "reference": references[i]}  # noqa: E731
+    chrf = [sacrebleu.sentence_chrf(hypothesis, [reference]).score
+            for hypothesis, reference in zip(hypotheses, references)]
+    by_sentence = sorted(range(len(references)), key=chrf.__getitem__)
+    best = [i for i in reversed(by_sentence) if chrf[i] > 0][:SAMPLES]
+    worst = [i for i in by_sentence if i not in best][:SAMPLES]
+
+    def sample(i: int) -> dict:
+        return {"ko": sources[i], "output": hypotheses[i], "reference": references[i]}
+
     return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
             "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
-            "best": [sample(i) for i in reversed(by_sentence[-SAMPLES:])],
-            "worst": [sample(i) for i in by_sentence[:SAMPLES]]}
+            "best": [sample(i) for i in best], "worst": [sample(i) for i in worst]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -707,12 +596,11 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO / "runs" / ("experiment-quick" if args.quick else "experiment")
     if not args.quick and not (args.data / "train.ko").is_file():
         parser.error(f"--data {args.data}: no train.ko there (expected train/valid/test .ko/.en files)")
-    experiment = Experiment(args.data.absolute(), out.absolute(), args.preset, args.quick, args.only)
+    experiment = Experiment(args.preset, args.quick, data=args.data.absolute(), out=out.absolute(), only=args.only)
     if args.report:
-        from report import write_report  # experiments/report.py, beside this script
-
         page = args.report_to or (out / "report" / "RESULTS.md" if args.quick else REPO / "docs" / "RESULTS.md")
-        print(write_report(experiment, page))
+        references = {test_set: experiment.source_path(test_set, "en") for test_set in TEST_SETS}
+        print(write_report(experiment, experiment.out, experiment.data_name(), references, page))
         return 0
     signal.signal(signal.SIGINT, experiment.forward_signal)
     signal.signal(signal.SIGTERM, experiment.forward_signal)

@@ -293,14 +293,50 @@ def cmd_translate(args) -> None:
 
 
 def cmd_eval(args, extra: list[str]) -> None:
-    from fastlm.train.tasks import evaluate
+    from fastlm.train.config import TrainConfig, typed_overrides
+    from fastlm.train.tasks import evaluate, run_train_config
 
-    config, model_overrides = _configs(args, extra)
-    if model_overrides:
+    overrides = parse_overrides(extra)
+    if any(key.startswith(MODEL_PREFIX) for key in overrides):
         raise UsageError("eval: --model.* overrides do not apply to a saved model")
-    metrics = evaluate(args.model, args.tokenizer, args.data, config, bleu_sentences=args.bleu_sentences,
-                       decoding=_decoding(args))
-    print(json.dumps(metrics))
+    # The run's own settings by default: then the loss is the one its last evaluation logged.
+    saved = run_train_config(args.model) if args.preset is None else None
+    if saved is not None:
+        config = TrainConfig.from_dict({**saved[0], **typed_overrides(TrainConfig, overrides)})
+        settings = f"the run's, from {saved[1]}"
+    else:
+        config = resolve(args.preset or "tiny", overrides)
+        settings = f"preset {args.preset or 'tiny'}"
+    settings += f" with {' '.join(extra)}" if extra else ""
+    result = evaluate(args.model, args.tokenizer, args.data, config, bleu_sentences=args.bleu_sentences,
+                      decoding=_decoding(args))
+    if args.json:
+        print(json.dumps({**result.metrics, "items": result.items, "total": result.total, "unit": result.unit,
+                          "bleu_pairs": result.bleu_pairs, "settings": settings}))
+    else:
+        print(_evaluation_summary(args, config, settings, result))
+
+
+def _evaluation_summary(args, config, settings: str, result) -> str:
+    """`fastlm eval`'s report for a reader: what was scored, with which settings, and the scores."""
+    if result.items == result.total:
+        scored = f"all {result.total} {result.unit}"
+    else:
+        scored = (f"a fixed random sample of {result.items} of {result.total} {result.unit} (eval_batches "
+                  f"{config.eval_batches} x batch_size {config.batch_size}; --eval_batches 0 scores them all)")
+    metrics = result.metrics
+    scores = [f"loss {_shown(metrics['loss'], '.4f')}", f"perplexity {_shown(metrics['perplexity'], '.4g')}",
+              f"accuracy {_shown(metrics['accuracy'], '.2%')}"]
+    if result.bleu_pairs:
+        scores.append(f"BLEU {_shown(metrics['bleu'], '.2f')} on the first {result.bleu_pairs} pairs "
+                      f"(beam {args.beam})")
+    return "\n".join([f"{args.model} on {args.data}: {scored}",
+                      f"settings: batch_size {config.batch_size}, max_len {config.max_len} ({settings})",
+                      ", ".join(scores)])
+
+
+def _shown(value: float | None, spec: str) -> str:
+    return "not finite" if value is None else format(value, spec)
 
 
 def cmd_export(args) -> None:
@@ -481,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "with a zero output projection (the merged decoder starts as the pre-trained LM)")
     finetune.add_argument("--share-embeddings", action="store_true",
                           help="one embedding table for encoder, decoder and output layer")
-    finetune.add_argument("--bleu-sentences", type=int, default=64, help="validation pairs translated for BLEU")
+    finetune.add_argument("--bleu-sentences", type=int, default=64,
+                          help="the first N validation pairs (corpus order) translated for BLEU at each evaluation")
     _add_decoding_options(finetune, "beam width of those translations")
     finetune.set_defaults(run=cmd_finetune, takes_overrides=True)
 
@@ -517,10 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="model (run or model directory)")
     evaluate.add_argument("--tokenizer", required=True, help="the tokenizer the model was trained with")
     evaluate.add_argument("--data", required=True, help="prepared corpus (parallel for a translation model)")
-    evaluate.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="batch shape preset")
+    evaluate.add_argument("--preset", choices=sorted(PRESETS),
+                          help="batch settings preset (default: the settings of the run that made --model, as its "
+                          "own evaluations used them; tiny for a model without its run)")
     evaluate.add_argument("--bleu-sentences", type=int, default=0,
-                          help="pairs translated for BLEU (translation models; 0: no BLEU)")
+                          help="the first N pairs (corpus order) translated for BLEU (translation models; 0: no BLEU)")
     _add_decoding_options(evaluate, "beam width of those translations")
+    evaluate.add_argument("--json", action="store_true", help="print the scores as one JSON object, for machines")
     evaluate.set_defaults(run=cmd_eval, takes_overrides=True)
 
     export = commands.add_parser("export", help="write a model as a Hugging Face transformers directory")

@@ -18,8 +18,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # A model small enough that each training command takes seconds on one core.
 MICRO_MODEL = ["--model.d_model", "32", "--model.n_layers", "1", "--model.n_heads", "2", "--model.d_ff", "64"]
+# --eval_batches 1: the runs evaluate a fixed sample of 8 of the 16 validation sentences (pairs, blocks).
 QUICK_RUN = ["--max_steps", "6", "--batch_size", "8", "--max_len", "32", "--eval_interval", "3",
-             "--eval_batches", "2", "--checkpoint_interval", "3", "--warmup_steps", "2", "--progress", "false"]
+             "--eval_batches", "1", "--checkpoint_interval", "3", "--warmup_steps", "2", "--progress", "false"]
 
 
 def with_options(args: list, **values) -> list:
@@ -308,11 +309,33 @@ def test_decoding_options_reach_generate(finetuned, command, monkeypatch, capsys
                                     max_len_b=4) for kwargs in received)
 
 
-def test_eval_prints_metrics_as_json(finetuned):
-    out = fastlm("eval", "--model", finetuned / "seq2seq", "--tokenizer", finetuned / "tok.json",
-                 "--data", finetuned / "valid-pairs", "--bleu-sentences", "2", "--beam", "1", "--max_len", "32").stdout
-    metrics = json.loads(out)
-    assert metrics["loss"] > 0 and metrics["perplexity"] > 1 and 0 <= metrics["bleu"] <= 100
+@pytest.mark.parametrize("run, data, bleu", [("encoder", "valid-ko", []), ("decoder", "valid-en", []),
+                                             ("seq2seq", "valid-pairs", ["--bleu-sentences", "4", "--beam", "2"])])
+def test_eval_of_a_run_on_its_valid_split_reproduces_its_last_evaluation(finetuned, run, data, bleu):
+    """The run's own settings by default: the same sample (and masks) as its evaluations, the same numbers."""
+    last = [json.loads(line) for line in (finetuned / run / "metrics.jsonl").read_text().splitlines()
+            if '"eval"' in line][-1]
+    metrics = json.loads(fastlm("eval", "--model", finetuned / run, "--tokenizer", finetuned / "tok.json",
+                                "--data", finetuned / data, *bleu, "--json").stdout)
+    assert metrics["items"] == 8 and metrics["settings"] == f"the run's, from {finetuned / run / 'config.json'}"
+    for key in ("loss", "perplexity", "accuracy", *(["bleu"] if bleu else [])):
+        assert metrics[key] == pytest.approx(last[key], rel=1e-5, abs=1e-6), key
+
+
+def test_eval_prints_a_summary_that_says_what_it_scored(finetuned):
+    common = ["eval", "--model", finetuned / "seq2seq", "--tokenizer", finetuned / "tok.json",
+              "--data", finetuned / "valid-pairs"]
+    sampled = fastlm(*common).stdout.splitlines()
+    assert sampled[0] == (f"{finetuned / 'seq2seq'} on {finetuned / 'valid-pairs'}: a fixed random sample of 8 of "
+                          "16 pairs (eval_batches 1 x batch_size 8; --eval_batches 0 scores them all)")
+    assert sampled[1] == (f"settings: batch_size 8, max_len 32 (the run's, from "
+                          f"{finetuned / 'seq2seq' / 'config.json'})")
+    assert re.fullmatch(r"loss \d+\.\d{4}, perplexity \S+, accuracy \d+\.\d\d%", sampled[2]), sampled
+    whole = fastlm(*common, "--eval_batches", "0", "--bleu-sentences", "2", "--beam", "1").stdout.splitlines()
+    assert whole[0].endswith(": all 16 pairs") and whole[1].endswith("with --eval_batches 0)"), whole
+    assert re.fullmatch(r"loss .*, BLEU \d+\.\d\d on the first 2 pairs \(beam 1\)", whole[2]), whole
+    metrics = json.loads(fastlm(*common, "--preset", "tiny", "--max_len", "32", "--json").stdout)
+    assert (metrics["items"], metrics["total"], metrics["settings"]) == (16, 16, "preset tiny with --max_len 32")
 
 
 def test_export_to_transformers_and_finetune_from_its_directories(finetuned, tmp_path):
@@ -704,7 +727,7 @@ def test_help_lists_every_training_setting_with_its_default():
     (["translate"], ["(default: 4)", "(default: 64)", "(default: 32)", "** P (0: by the sum, which favours short ones; "
                      "above 1: longer ones) (default: 1.0)", "(0: off) (default: 0)", "(default: 2.0)",
                      "(default: 10)"]),
-    (["eval"], ["(default: 0)", "(default: tiny)"]),
+    (["eval"], ["(default: 0)", "(default: the settings of the run that made --model"]),
     (["demo"], ["(default: 1.0)"]),
 ])
 def test_help_shows_defaults(command, shown):

@@ -1,14 +1,18 @@
 """experiments/ko_en.py --quick, run as a user would: every stage of the grid leaves its result files, a second run
-skips every finished job, and --report writes the results page and its plots from them."""
+skips every finished job, and --report writes the results page and its plots from them; and the files the
+experiment derives from its data, stated literally."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "ko_en.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import ko_en  # noqa: E402
 
 
 def experiment(*args) -> subprocess.CompletedProcess:
@@ -30,7 +34,9 @@ def test_quick_grid_runs_every_stage_then_skips_it_all(tmp_path, ko_en_dir):
         "pretrain": ["byte-decoder", "byte-encoder"],
         "finetune": ["byte-Enc2Dec-random-seed0", "byte-Rnd2Rnd-random-seed0"],
         "test": ["byte-Enc2Dec-random-seed0-beam1", "byte-Enc2Dec-random-seed0-beam4",
-                 "byte-Rnd2Rnd-random-seed0-beam1", "byte-Rnd2Rnd-random-seed0-beam4"],
+                 "byte-Enc2Dec-random-seed0-heldout-beam1", "byte-Enc2Dec-random-seed0-heldout-beam4",
+                 "byte-Rnd2Rnd-random-seed0-beam1", "byte-Rnd2Rnd-random-seed0-beam4",
+                 "byte-Rnd2Rnd-random-seed0-heldout-beam1", "byte-Rnd2Rnd-random-seed0-heldout-beam4"],
         "source": ["byte-Enc2Dec-random-seed0", "byte-Rnd2Rnd-random-seed0"],
         "sweep": ["wd0-lr1e-3"],
     }, first.stdout
@@ -40,8 +46,11 @@ def test_quick_grid_runs_every_stage_then_skips_it_all(tmp_path, ko_en_dir):
     assert source["gap"] == source["mispaired"] - source["paired"] and source["paired"] > 0
     test = json.loads((out / "results" / "test" / "byte-Enc2Dec-random-seed0-beam4.json").read_text())
     assert {"bleu", "chrf", "best", "worst"} <= set(test)
-    assert len((out / "translations" / "byte-Enc2Dec-random-seed0-beam4.en").read_text().splitlines()) == \
-        len((out / "data" / "quick" / "test.en").read_text().splitlines())
+    for result, references in (("beam4", out / "data" / "quick" / "test.en"), ("heldout-beam4", out / "data" /
+                                                                               "heldout.en")):
+        translations = out / "translations" / f"byte-Enc2Dec-random-seed0-{result}.en"
+        assert len(translations.read_text().splitlines()) == len(references.read_text().splitlines()), result
+    assert len((out / "data" / "heldout.en").read_text().splitlines()) == 24
 
     again = experiment("--data", ko_en_dir, "--out", out)
     assert "$ fastlm" not in again.stdout, again.stdout  # nothing ran: every job was finished
@@ -49,6 +58,11 @@ def test_quick_grid_runs_every_stage_then_skips_it_all(tmp_path, ko_en_dir):
     page = Path(experiment("--data", ko_en_dir, "--out", out, "--report").stdout.strip())
     text = page.read_text()
     assert "pending" not in text.split("## 1.")[1], text  # the quick grid is complete: no pending cell
+    # A quick page describes the quick run: no findings of the full grid, the data it was cut from.
+    assert "## Findings\n\nNone: a `--quick` run" in text and "**Status.**" not in text
+    assert f"Data: the first 300/24/24 lines of train/valid/test of `{os.path.relpath(ko_en_dir, REPO)}`" in text
+    assert re.search(r"\| byte \| 0 \| held-out \| Enc2Dec \| [+-][\d.e+-]+ \| (\*\*)?[\d.]+", text), text
+    assert not re.search(r"- \(best\) [^\n]*\n  - output: \*\(empty\)\*", text), text  # nothing is no one's best
     assert {p.name for p in (page.parent / "results").glob("*.png")} == {"plateau.png", "pretrain.png",
                                                                           "translation-byte.png", "bleu.png"}
 
@@ -84,3 +98,26 @@ def test_two_processes_share_the_grid_and_run_each_job_once(tmp_path, ko_en_dir)
     assert ran.count("$ fastlm tokenizer train") == 1 and ran.count("$ fastlm prepare") == 2, logs  # train, valid
     assert ran.count("$ fastlm pretrain") == 2, logs  # the two plateau jobs of --quick, once each
     assert sorted(p.stem for p in (out / "results" / "plateau").glob("*.json")) == ["baseline", "mask40"]
+
+
+def test_mispaired_valid_is_the_korean_shifted_one_line_down_and_the_english_unchanged(tmp_path):
+    """Each English sentence gets the Korean of the pair before it, the first the last one's; a last line without
+    its newline stays a line."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "valid.ko").write_text("가\n나\n다", encoding="utf-8")
+    (data / "valid.en").write_text("a\nb\nc\n", encoding="utf-8")
+    experiment = ko_en.Experiment("tiny", False, data=data, out=tmp_path / "out")
+    assert experiment.source(ko_en.MISPAIRED, "ko").read_text(encoding="utf-8") == "다\n가\n나\n"
+    assert experiment.source(ko_en.MISPAIRED, "en").read_text(encoding="utf-8") == "a\nb\nc\n"
+
+
+def test_a_quick_report_names_the_bundled_sample_it_ran_on(tmp_path):
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    page = tmp_path / "RESULTS.md"
+    assert ko_en.main(["--quick", "--data", str(empty), "--out", str(tmp_path / "out"), "--report", "--report-to",
+                       str(page)]) == 0
+    text = page.read_text(encoding="utf-8")
+    assert "Data: fastlm's bundled sample (`fastlm/demo_data`), cut into 300/24/24 train/valid/test lines" in text
+    assert "shared/data" not in text and "None: a `--quick` run" in text

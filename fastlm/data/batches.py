@@ -1,11 +1,11 @@
 """Batch sources: what the trainer iterates, one deterministic batch per (epoch, index).
 
 A batch is a pure function of (seed, epoch, index): resuming needs only the position, and DDP rank r of W takes
-the indices with `index % W == r`. Every sentence (or block, or pair) appears exactly once per epoch; the last batch
-of an epoch may be smaller. Batches are CPU int64 tensors whose keys are the models' forward arguments.
-
-A batch holds `batch_size` items, or (masked LM and translation) as many items of similar lengths as fit in
-`max_tokens` padded tokens (LengthBuckets): exactly one of the two is given.
+the indices with `index % W == r`. Every sentence (or block, or pair) a source serves appears exactly once per
+epoch; the last batch of an epoch may be smaller. A source serves its whole corpus, or with `sample=N` a fixed
+random N of its items, drawn once from its seed (a validation subset: a prefix would be biased, by position in the
+corpus or, where batches are sorted by length, by length). Batches are CPU int64 tensors whose keys are the models'
+forward arguments.
 
 Markers: corpora store bare sentences (or <s> ... </s> when prepared with add_bos_eos; those markers are stripped
 here), and each source adds the markers its model expects:
@@ -36,6 +36,9 @@ PAD_MULTIPLE = 8
 # Bucketed items are sorted by length within chunks of this many items: batches of similar lengths (little padding)
 # while the chunks, and the batch order, still change every epoch.
 BUCKET_CHUNK = 1 << 14
+# The random stream of a source's `sample`, keyed (seed, SAMPLE_STREAM): an epoch number no epoch has, so the sample
+# is unrelated to every epoch's order.
+SAMPLE_STREAM = -1
 
 
 class BatchSource(Protocol):
@@ -48,22 +51,23 @@ class LengthBuckets:
     """The batches of every epoch, as item indices in batch order, for items of known lengths: the items shuffled
     by a permutation drawn from (seed, epoch), each chunk of BUCKET_CHUNK items sorted by `sort_keys` and cut into
     consecutive batches of `batch_size` items or of at most `max_tokens` padded tokens (items x the largest of their
-    `widths`), exactly one of the two given; then the batches shuffled by the same generator. An item wider than
+    `widths`), exactly one of the two given; then the batches shuffled by the same generator. `items` are the
+    indices served (all, or a source's `sample`); sort_keys and widths are indexed by item. An item wider than
     max_tokens makes a batch of its own: nothing is dropped or truncated further. Without shuffle, chunks and
     batches keep corpus order (evaluation)."""
 
-    def __init__(self, sort_keys: np.ndarray, widths: np.ndarray, *, batch_size: int | None, max_tokens: int | None,
-                 seed: int, shuffle: bool):
+    def __init__(self, sort_keys: np.ndarray, widths: np.ndarray, items: np.ndarray, *, batch_size: int | None,
+                 max_tokens: int | None, seed: int, shuffle: bool):
         _check_batch_shape(batch_size, max_tokens)
-        self.sort_keys, self.widths = sort_keys, widths
+        self.sort_keys, self.widths, self.items = sort_keys, widths, items
         self.batch_size, self.max_tokens, self.seed, self.shuffle = batch_size, max_tokens, seed, shuffle
         # Two epochs: the prefetcher builds the next epoch's first batches while the trainer ends this one.
         self.plan = lru_cache(maxsize=2)(self._plan)
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
         generator = numpy_generator(self.seed, epoch)
-        count = len(self.sort_keys)
-        order = generator.permutation(count) if self.shuffle else np.arange(count)
+        count = len(self.items)
+        order = self.items[generator.permutation(count)] if self.shuffle else self.items
         batches = []
         for start in range(0, count, BUCKET_CHUNK):
             chunk = order[start:start + BUCKET_CHUNK]
@@ -111,16 +115,18 @@ class MaskedLMBatches:
     drawn anew for every (seed, epoch, index); target_positions are the flat indices of the labelled positions, so
     the model runs its head on those rows only. With batch_size, batches of sentences in a new random order every
     epoch (the order MLM runs have always had); with max_tokens, length-bucketed batches (LengthBuckets) of
-    sentences of similar lengths. bos/eos/pad ids default to the tokenizer's, as recorded in the corpus."""
+    sentences of similar lengths. Without shuffle: corpus order (or length order within chunks, with max_tokens).
+    bos/eos/pad ids default to the tokenizer's, as recorded in the corpus. `sample`: see the module."""
 
     def __init__(self, corpus: TokenizedCorpus, *, max_len: int, mask_id: int, vocab_size: int, special_ids,
                  batch_size: int | None = None, max_tokens: int | None = None, mask_prob: float = 0.15,
                  replace_mask: float = 0.8, replace_random: float = 0.1, seed: int = 0, shuffle: bool = True,
-                 bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None):
+                 bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None, sample: int = 0):
         _check_batch_shape(batch_size, max_tokens)
         _check_at_least("max_len", max_len, 3)  # <s>, one token, </s>
         _check_vocab(corpus, vocab_size)
         self.corpus, self.batch_size, self.max_len, self.seed, self.shuffle = corpus, batch_size, max_len, seed, shuffle
+        self.items = _served_items(len(corpus), sample, seed)  # the sentences served
         self.bos_id = _special_id(corpus, "bos_id", bos_id, vocab_size)
         self.eos_id = _special_id(corpus, "eos_id", eos_id, vocab_size)
         self.pad_id = _special_id(corpus, "pad_id", pad_id, vocab_size)
@@ -128,12 +134,12 @@ class MaskedLMBatches:
                                     mask_prob=mask_prob, replace_mask=replace_mask, replace_random=replace_random)
         self._lengths = np.minimum(_content_lengths(corpus) + 2, max_len)  # <s> sentence </s>, truncated
         self._buckets = None if max_tokens is None else LengthBuckets(
-            self._lengths, padded_width(self._lengths, max_len), batch_size=None, max_tokens=max_tokens, seed=seed,
-            shuffle=shuffle)
+            self._lengths, padded_width(self._lengths, max_len), self.items, batch_size=None, max_tokens=max_tokens,
+            seed=seed, shuffle=shuffle)
 
     def num_batches(self, epoch: int) -> int:
         if self._buckets is None:
-            return math.ceil(len(self.corpus) / self.batch_size)
+            return math.ceil(len(self.items) / self.batch_size)
         return len(self._buckets.plan(epoch))
 
     def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
@@ -156,19 +162,20 @@ class MaskedLMBatches:
     def _sentences(self, epoch: int, index: int) -> np.ndarray:
         if self._buckets is not None:
             return self._buckets.plan(epoch)[index]
-        order = _epoch_order(len(self.corpus), self.seed, epoch, self.shuffle)
-        return order[index * self.batch_size:(index + 1) * self.batch_size]
+        order = _epoch_order(len(self.items), self.seed, epoch, self.shuffle)
+        return self.items[order[index * self.batch_size:(index + 1) * self.batch_size]]
 
 
 class CausalLMBatches:
     """Causal-LM batches {"input_ids", "labels" (= input_ids; the model shifts)} of fixed-length blocks cut from the
-    corpus read as one stream, `sentence </s> sentence </s> ...`; the block order changes every epoch. The stream's
-    last partial block (< block_len tokens) is left out. No row is padded, so the batch carries no "lengths": the
+    corpus read as one stream, `sentence </s> sentence </s> ...`; the block order changes every epoch (without
+    shuffle: stream order). The stream's last partial block (< block_len tokens) is left out; `sample` counts
+    blocks (see the module). No row is padded, so the batch carries no "lengths": the
     model then attends without a padding mask (causal SDPA can take its flash kernels), with no host sync to find
     out that nothing is padded."""
 
     def __init__(self, corpus: TokenizedCorpus, *, batch_size: int, block_len: int, eos_id: int, seed: int = 0,
-                 shuffle: bool = True):
+                 shuffle: bool = True, sample: int = 0):
         _check_at_least("batch_size", batch_size, 1)
         _check_at_least("block_len", block_len, 2)
         _check_id("eos_id", eos_id, corpus.vocab_size)
@@ -183,14 +190,15 @@ class CausalLMBatches:
         if self.num_blocks == 0:
             raise ValueError(f"block_len={block_len}: the corpus {corpus.path} has only {self._stream_starts[-1]} "
                              "tokens with separators, fewer than one block")
+        self.items = _served_items(self.num_blocks, sample, seed)  # the blocks served
 
     def num_batches(self, epoch: int) -> int:
-        return math.ceil(self.num_blocks / self.batch_size)
+        return math.ceil(len(self.items) / self.batch_size)
 
     def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
         _check_index(index, self.num_batches(epoch))
-        order = _epoch_order(self.num_blocks, self.seed, epoch, self.shuffle)
-        blocks = [self.block(b) for b in order[index * self.batch_size:(index + 1) * self.batch_size]]
+        order = _epoch_order(len(self.items), self.seed, epoch, self.shuffle)
+        blocks = [self.block(b) for b in self.items[order[index * self.batch_size:(index + 1) * self.batch_size]]]
         input_ids = torch.from_numpy(np.stack(blocks).astype(np.int64))
         return {"input_ids": input_ids, "labels": input_ids.clone()}
 
@@ -213,11 +221,13 @@ class TranslationBatches:
     """Translation batches {"src_ids", "src_lengths", "tgt_ids", "tgt_lengths", "labels"} (labels = tgt_ids with
     -100 at padding). Pairs are bucketed by length (LengthBuckets, by the longer side): batches of `batch_size`
     pairs or of at most `max_tokens` padded tokens (pairs x the wider padded side; exactly one of the two is
-    given). Without shuffle, chunks and batches keep corpus order (for evaluation)."""
+    given). Without shuffle (for evaluation) the pairs are still sorted by length within chunks of corpus order, and
+    the batches keep that order, shortest first: a prefix of them is the shortest pairs, so evaluate them all, or
+    serve a `sample` (see the module)."""
 
     def __init__(self, src_corpus: TokenizedCorpus, tgt_corpus: TokenizedCorpus, *, max_src_len: int,
                  max_tgt_len: int, bos_id: int, eos_id: int, pad_id: int, max_tokens: int | None = None,
-                 batch_size: int | None = None, seed: int = 0, shuffle: bool = True):
+                 batch_size: int | None = None, seed: int = 0, shuffle: bool = True, sample: int = 0):
         if len(src_corpus) != len(tgt_corpus):
             raise ValueError(f"src_corpus has {len(src_corpus)} sentences, tgt_corpus has {len(tgt_corpus)}: "
                              "expected a parallel corpus")
@@ -234,7 +244,8 @@ class TranslationBatches:
         self._tgt_lengths = np.minimum(_content_lengths(tgt_corpus) + 1, max_tgt_len)
         # What a pair costs in a padded batch: the wider of its two padded sides.
         widths = np.maximum(padded_width(self._src_lengths, max_src_len), padded_width(self._tgt_lengths, max_tgt_len))
-        self._buckets = LengthBuckets(np.maximum(self._src_lengths, self._tgt_lengths), widths,
+        self.items = _served_items(len(src_corpus), sample, seed)  # the pairs served
+        self._buckets = LengthBuckets(np.maximum(self._src_lengths, self._tgt_lengths), widths, self.items,
                                       batch_size=batch_size, max_tokens=max_tokens, seed=seed, shuffle=shuffle)
 
     def num_batches(self, epoch: int) -> int:
@@ -261,6 +272,15 @@ class TranslationBatches:
         """(every pair's length in src_ids, max_src_len) and (in tgt_ids, max_tgt_len): what padding_fraction
         needs."""
         return [(self._src_lengths, self.max_src_len), (self._tgt_lengths, self.max_tgt_len)]
+
+
+def _served_items(count: int, sample: int, seed: int) -> np.ndarray:
+    """The indices of the items a source serves, ascending: all `count`, or (0 < sample < count) a random `sample`
+    of them drawn from `seed` alone, the same however often the source is built."""
+    _check_at_least("sample", sample, 0)
+    if sample == 0 or sample >= count:
+        return np.arange(count)
+    return np.sort(numpy_generator(seed, SAMPLE_STREAM).choice(count, size=sample, replace=False))
 
 
 @lru_cache(maxsize=2)  # the training and the evaluation order

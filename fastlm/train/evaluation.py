@@ -16,10 +16,19 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast of training and evaluation alike, so that `fastlm eval` computes what the run logged: bf16
+    only where it pays off and is exact enough to train (CUDA); the CPU stays fp32."""
+    enabled = device.type == "cuda" and precision == "bf16"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, batches, *, world: World, max_batches: int,
+def evaluate_loss(model: nn.Module, batches, *, world: World,
                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict:
-    """Token-weighted loss, perplexity and accuracy over the first `max_batches` batches of epoch 0.
+    """Token-weighted loss, perplexity and accuracy over every batch of epoch 0 of `batches`: what is evaluated
+    (the whole validation split, or a fixed sample of it) is the batch source's choice, never a prefix of its
+    batches, which may be ordered by length.
 
     Rank r evaluates batches r, r + W, ...; the sums are all-reduced, so every rank returns the same numbers.
     Every rank runs the same number of forwards (FSDP gathers parameters collectively in each one): a rank whose
@@ -28,7 +37,7 @@ def evaluate_loss(model: nn.Module, batches, *, world: World, max_batches: int,
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=world.device)  # loss * n, correct, n
-    count = min(max_batches, batches.num_batches(0))
+    count = batches.num_batches(0)
     rounds = math.ceil(count / world.world_size)
     for index in range(world.rank, rounds * world.world_size, world.world_size):
         with autocast():
@@ -41,7 +50,7 @@ def evaluate_loss(model: nn.Module, batches, *, world: World, max_batches: int,
     model.train(was_training)
     loss_sum, correct, n = sums.tolist()
     if n == 0:
-        raise ValueError("the validation batches hold no targets: check eval_batches and the validation corpus")
+        raise ValueError("the validation batches hold no targets: check the validation corpus")
     loss = loss_sum / n
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / n}
 

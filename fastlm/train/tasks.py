@@ -3,6 +3,7 @@ tokenizer, prepared corpora, batch sources, model, Trainer. The command line and
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -22,7 +23,7 @@ from fastlm.tokenizer import Tokenizer
 from fastlm.train.averaging import average_checkpoints
 from fastlm.train.config import TrainConfig, typed_overrides
 from fastlm.train.distributed import World
-from fastlm.train.evaluation import corpus_bleu, evaluate_loss
+from fastlm.train.evaluation import autocast_for, corpus_bleu, evaluate_loss
 from fastlm.train.plot import plot_runs
 from fastlm.train.trainer import Trainer
 from fastlm.translation import DecodingSettings, translate_texts
@@ -30,6 +31,9 @@ from fastlm.translation import DecodingSettings, translate_texts
 MODEL_CLASSES = {cls.__name__: cls for cls in (EncoderLM, DecoderLM, Seq2SeqLM)}
 ARCHS = {"encoder": EncoderLM, "decoder": DecoderLM}
 RANDOM = "random"  # finetune's --encoder/--decoder value for a randomly initialised side instead of a directory
+# Validation sources draw their sample (and the encoder's masks) from this seed, not the run's: every run evaluated on
+# a validation corpus is scored on the same items, whatever its training seed.
+VALIDATION_SEED = 0
 
 
 @dataclass
@@ -41,6 +45,16 @@ class RunResult:
     model_weights: str  # which weights model_dir holds, in words: "best validation loss, step 400"
     stopped_early: bool  # ended before max_steps for want of a better select_by in `patience` evaluations
     step: int  # the last step trained
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate` measured, and on what."""
+    metrics: dict  # loss, perplexity, accuracy (and bleu); None where not finite
+    items: int  # the sentences (pairs, blocks) scored for the loss
+    total: int  # those the corpus holds
+    unit: str  # "pairs", "sentences" or "blocks of N tokens"
+    bleu_pairs: int  # the first pairs translated for BLEU (0: no BLEU)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -133,22 +147,31 @@ def batch_shape(config: TrainConfig) -> dict[str, int]:
     return {"max_tokens": config.max_tokens} if config.max_tokens else {"batch_size": config.batch_size}
 
 
-def lm_batches(arch: str, corpus: TokenizedCorpus, tokenizer: Tokenizer, config: TrainConfig, *, shuffle: bool):
+def _ordering(config: TrainConfig, validation: bool) -> dict:
+    """Training batches: a new order every epoch, from the run's seed. Validation batches: the items of
+    config.eval_batches (0: all; N: a fixed sample of N * batch_size, drawn from VALIDATION_SEED), in corpus order;
+    the in-training evaluation and `fastlm eval` both build them here."""
+    if validation:
+        return {"seed": VALIDATION_SEED, "shuffle": False, "sample": config.eval_batches * config.batch_size}
+    return {"seed": config.seed, "shuffle": True}
+
+
+def lm_batches(arch: str, corpus: TokenizedCorpus, tokenizer: Tokenizer, config: TrainConfig, *, validation: bool):
     if arch == "encoder":
         return MaskedLMBatches(corpus, **batch_shape(config), max_len=config.max_len,
                                mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
-                               special_ids=tokenizer.special_ids, mask_prob=config.mask_prob, seed=config.seed,
-                               shuffle=shuffle)
+                               special_ids=tokenizer.special_ids, mask_prob=config.mask_prob,
+                               **_ordering(config, validation))
     # Every causal block holds max_len tokens: a budget is a number of blocks (one at least, as a too-long item is).
     blocks = max(1, config.max_tokens // config.max_len) if config.max_tokens else config.batch_size
     return CausalLMBatches(corpus, batch_size=blocks, block_len=config.max_len, eos_id=tokenizer.eos_id,
-                           seed=config.seed, shuffle=shuffle)
+                           **_ordering(config, validation))
 
 
-def translation_batches(corpus: ParallelCorpus, tokenizer: Tokenizer, config: TrainConfig, *, shuffle: bool):
+def translation_batches(corpus: ParallelCorpus, tokenizer: Tokenizer, config: TrainConfig, *, validation: bool):
     return TranslationBatches(corpus.src, corpus.tgt, **batch_shape(config), max_src_len=config.max_len,
                               max_tgt_len=config.max_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                              pad_id=tokenizer.pad_id, seed=config.seed, shuffle=shuffle)
+                              pad_id=tokenizer.pad_id, **_ordering(config, validation))
 
 
 def _train(model, train_batches, valid_batches, config: TrainConfig, run_dir: Path, *, world: World | None,
@@ -181,8 +204,10 @@ def pretrain(arch: str, tokenizer_path: str | Path, train_dir: str | Path, valid
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r}: expected one of {', '.join(ARCHS)}")
     tokenizer = load_tokenizer(tokenizer_path)
-    train = lm_batches(arch, open_corpus(train_dir, tokenizer), tokenizer, config, shuffle=True)
-    valid = lm_batches(arch, open_corpus(valid_dir, tokenizer), tokenizer, config, shuffle=False) if valid_dir else None
+    train = lm_batches(arch, open_corpus(train_dir, tokenizer), tokenizer, config, validation=False)
+    valid = None
+    if valid_dir:
+        valid = lm_batches(arch, open_corpus(valid_dir, tokenizer), tokenizer, config, validation=True)
     architecture = model_config(config, tokenizer, model_overrides or {})
     torch.manual_seed(config.seed)  # the same initial weights on every rank and in every run with this seed
     model = ARCHS[arch](architecture)
@@ -232,16 +257,16 @@ def finetune(encoder: str | Path, decoder: str | Path, tokenizer_path: str | Pat
              world: World | None = None) -> RunResult:
     """Merge an encoder and a decoder (pre-trained directories, or RANDOM for a fresh one: Rnd2Rnd, Enc2Rnd,
     Rnd2Dec) into a Seq2SeqLM and train it on prepared sentence pairs; BLEU and sample translations on the first
-    `bleu_sentences` validation pairs (translated with `decoding`) at every evaluation."""
+    `bleu_sentences` validation pairs (translated with `decoding`) at every evaluation (see bleu_on_pairs)."""
     tokenizer = load_tokenizer(tokenizer_path)
     encoder_model, decoder_model = starting_models(encoder, decoder, tokenizer, config, model_overrides or {})
     model = Seq2SeqLM.from_pretrained(encoder_model, decoder_model, cross_attention_init=cross_attention_init,
                                       share_embeddings=share_embeddings)
-    train = translation_batches(open_parallel(train_dir, tokenizer), tokenizer, config, shuffle=True)
+    train = translation_batches(open_parallel(train_dir, tokenizer), tokenizer, config, validation=False)
     valid, extra_eval = None, None
     if valid_dir:
         pairs = open_parallel(valid_dir, tokenizer)
-        valid = translation_batches(pairs, tokenizer, config, shuffle=False)
+        valid = translation_batches(pairs, tokenizer, config, validation=True)
         if bleu_sentences:
             def extra_eval(seq2seq) -> dict:
                 return bleu_on_pairs(seq2seq, tokenizer, pairs, bleu_sentences, decoding,
@@ -282,7 +307,10 @@ def average(checkpoints: list[str | Path], output: str | Path, *, overwrite: boo
 
 def bleu_on_pairs(model: Seq2SeqLM, tokenizer: Tokenizer, pairs: ParallelCorpus, count: int,
                   decoding: DecodingSettings, *, max_new_tokens: int, shown: int = 3) -> dict:
-    """BLEU of the model's translations of the first `count` pairs, and `shown` of them as "source => output"."""
+    """BLEU of the model's translations of the first `count` pairs, and `shown` of them as "source => output".
+
+    The first pairs in corpus order, not a random sample: the same sentences for every run and seed on a corpus,
+    whatever its batching, and no length bias where the corpus is not sorted by length (a news dev set is not)."""
     count = min(count, len(pairs))
     sources = [tokenizer.decode(pairs.src[i]) for i in range(count)]
     references = [tokenizer.decode(pairs.tgt[i]) for i in range(count)]
@@ -291,24 +319,45 @@ def bleu_on_pairs(model: Seq2SeqLM, tokenizer: Tokenizer, pairs: ParallelCorpus,
     return {"bleu": corpus_bleu(hypotheses, references), "samples": samples}
 
 
+def run_train_config(model_path: str | Path) -> tuple[dict, Path] | None:
+    """The training settings saved by the run that made a model (`model_path`: the run directory, or the model
+    directory inside it) and the file they are in; None for a model kept without its run."""
+    path = model_dir_of(model_path).parent / "config.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return (saved["train"], path) if isinstance(saved, dict) and "train" in saved else None
+
+
 def evaluate(model_path: str | Path, tokenizer_path: str | Path, data_dir: str | Path, config: TrainConfig, *,
-             bleu_sentences: int = 0, decoding: DecodingSettings = DecodingSettings()) -> dict:
+             bleu_sentences: int = 0, decoding: DecodingSettings = DecodingSettings()) -> Evaluation:
     """Loss, perplexity and accuracy of a saved model on a prepared corpus (parallel for a Seq2SeqLM, which also
-    gets BLEU on its first `bleu_sentences` pairs)."""
+    gets BLEU on its first `bleu_sentences` pairs), computed as the in-training evaluation computes them: the same
+    validation batches (config.eval_batches: the whole corpus, or the same fixed sample), the same autocast. Given
+    the run's own config, it reproduces the run's last evaluation."""
     tokenizer = load_tokenizer(tokenizer_path)
     model = load_model(model_path)
     check_vocab(model, tokenizer, f"eval --model {model_path}")
     check_tokenizer(model_path, tokenizer)
     world = World(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(world.device)
+    autocast = functools.partial(autocast_for, world.device, config.precision)
+    bleu_pairs = 0
     if isinstance(model, Seq2SeqLM):
         pairs = open_parallel(data_dir, tokenizer)
-        batches = translation_batches(pairs, tokenizer, config, shuffle=False)
+        batches = translation_batches(pairs, tokenizer, config, validation=True)
+        unit, total = "pairs", len(pairs)
+        bleu_pairs = min(bleu_sentences, total)
     else:
         arch = "encoder" if isinstance(model, EncoderLM) else "decoder"
-        batches = lm_batches(arch, open_corpus(data_dir, tokenizer), tokenizer, config, shuffle=False)
-    metrics = evaluate_loss(model, batches, world=world, max_batches=batches.num_batches(0))
-    if isinstance(model, Seq2SeqLM) and bleu_sentences:
-        metrics["bleu"] = bleu_on_pairs(model, tokenizer, pairs, bleu_sentences, decoding,
-                                        max_new_tokens=config.max_len)["bleu"]
-    return {key: (value if math.isfinite(value) else None) for key, value in metrics.items()}
+        corpus = open_corpus(data_dir, tokenizer)
+        batches = lm_batches(arch, corpus, tokenizer, config, validation=True)
+        unit, total = ("sentences", len(corpus)) if arch == "encoder" else \
+            (f"blocks of {config.max_len} tokens", batches.num_blocks)
+    metrics = evaluate_loss(model, batches, world=world, autocast=autocast)
+    if bleu_pairs:
+        with torch.no_grad(), autocast():
+            metrics["bleu"] = bleu_on_pairs(model, tokenizer, pairs, bleu_pairs, decoding,
+                                            max_new_tokens=config.max_len)["bleu"]
+    return Evaluation({key: (value if math.isfinite(value) else None) for key, value in metrics.items()},
+                      items=len(batches.items), total=total, unit=unit, bleu_pairs=bleu_pairs)

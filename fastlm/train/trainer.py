@@ -35,7 +35,7 @@ from fastlm.train.checkpoint import (
 )
 from fastlm.train.config import TrainConfig
 from fastlm.train.distributed import World
-from fastlm.train.evaluation import evaluate_loss, to_device
+from fastlm.train.evaluation import autocast_for, evaluate_loss, to_device
 from fastlm.train.metrics import MetricsLog, ProgressBar, TensorBoardLog
 from fastlm.train.optim import build_optimizer, build_scheduler
 from fastlm.train.run_dir import refuse_or_clear
@@ -71,8 +71,9 @@ class Trainer:
     `model(**batch, label_smoothing=config.label_smoothing)` (training steps: the objective, logged as "loss" of the
     train records), and offer
     `configure_optimizers(weight_decay, lr, betas, fused)`. `extra_eval(model) -> dict` adds metrics at each
-    evaluation (BLEU for translation; run on rank 0 only, so not with FSDP). `run_info` (e.g. the model config) is
-    stored with the config in `config.json` and in every checkpoint.
+    evaluation (BLEU for translation; run on rank 0 only, so not with FSDP). Each evaluation covers every batch of
+    `valid_batches`: the source serves what is to be evaluated (the whole split, or a fixed sample). `run_info`
+    (e.g. the model config) is stored with the config in `config.json` and in every checkpoint.
 
     best.pt is the checkpoint of the best evaluation by `config.select_by` (the last one without validation data),
     and `export_model` writes its weights; `config.patience` evaluations without a better value end `fit` early.
@@ -145,9 +146,7 @@ class Trainer:
         self.curves.config = record
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        # bf16 autocast only where it pays off and is exact enough to train: CUDA. CPU stays fp32.
-        enabled = self.world.device.type == "cuda" and self.config.precision == "bf16"
-        return torch.autocast(device_type=self.world.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return autocast_for(self.world.device, self.config.precision)
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -302,8 +301,7 @@ class Trainer:
     def evaluate(self) -> dict:
         metrics = {}
         if self.valid_batches is not None:
-            metrics = evaluate_loss(self.wrapped, self.valid_batches, world=self.world,
-                                    max_batches=self.config.eval_batches, autocast=self.autocast)
+            metrics = evaluate_loss(self.wrapped, self.valid_batches, world=self.world, autocast=self.autocast)
         if self.extra_eval is not None and self.world.is_main:
             was_training = self.model.training
             self.model.eval()

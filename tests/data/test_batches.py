@@ -144,11 +144,11 @@ def bucket_cases(draw):
 def test_length_buckets_cover_every_item_once_within_the_budget(case, shuffle):
     lengths, widths, seed, epoch = case["lengths"], case["widths"], case["seed"], case["epoch"]
     shape = {key: case.get(key) for key in ("batch_size", "max_tokens")}
-    buckets = LengthBuckets(lengths, widths, seed=seed, shuffle=shuffle, **shape)
+    buckets = LengthBuckets(lengths, widths, np.arange(len(lengths)), seed=seed, shuffle=shuffle, **shape)
     plan = buckets.plan(epoch)
     assert sorted(np.concatenate([[], *plan]).astype(int).tolist()) == list(range(len(lengths)))
     assert all(len(batch) > 0 for batch in plan)
-    again = LengthBuckets(lengths, widths, seed=seed, shuffle=shuffle, **shape).plan(epoch)
+    again = LengthBuckets(lengths, widths, np.arange(len(lengths)), seed=seed, shuffle=shuffle, **shape).plan(epoch)
     assert [b.tolist() for b in again] == [b.tolist() for b in plan], "a pure function of (seed, epoch)"
     if shape["batch_size"]:
         assert all(len(batch) <= shape["batch_size"] for batch in plan)
@@ -255,6 +255,51 @@ def test_translation_buckets_by_length_and_shuffles_batches_per_epoch(corpora):
                                                  translation(corpora, batch_size=5).batch(1, 2).values()))
 
 
+def served(source, epoch: int = 0) -> list[int]:
+    """The indices of the items (sentences, blocks or pairs) in an epoch's batches, in batch order."""
+    if isinstance(source, TranslationBatches):
+        return np.concatenate(source.epoch_plan(epoch)).tolist()
+    if isinstance(source, CausalLMBatches):
+        source.block = lambda b: np.full(source.block_len, b)  # a block's ids name it (streams repeat windows)
+        return [int(row[0]) for batch in all_batches(source, epoch) for row in batch["input_ids"]]
+    index = {tuple(TOKENIZER.encode(sentence)[:source.max_len - 2]): i for i, sentence in enumerate(KO)}
+    unmasked = [rows(torch.where(b["labels"] == IGNORE_INDEX, b["input_ids"], b["labels"]), b["lengths"], 1, 1)
+                for b in all_batches(source, epoch)]
+    return [index[row] for batch in unmasked for row in batch]
+
+
+SOURCES = {
+    "masked": lambda c, **kw: mlm(c.src, **kw),
+    "causal": lambda c, **kw: CausalLMBatches(c.tgt, batch_size=4, block_len=16, eos_id=EOS, **kw),
+    "translation": lambda c, **kw: translation(c, batch_size=5, **kw),
+}
+
+
+@pytest.mark.parametrize("kind", SOURCES)
+def test_an_evaluation_source_serves_everything_once_or_a_fixed_random_sample(corpora, kind):
+    make = SOURCES[kind]
+    everything = make(corpora, shuffle=False)
+    count = len(everything.items)
+    assert sorted(served(everything)) == list(range(count)), "the whole split, each item once"
+    sampled = make(corpora, shuffle=False, sample=10, seed=5)
+    items = served(sampled)
+    assert len(items) == len(set(items)) == 10 and set(items) <= set(range(count))
+    assert served(make(corpora, shuffle=False, sample=10, seed=5), epoch=3) == items, "the same at every evaluation"
+    assert set(served(make(corpora, shuffle=False, sample=10, seed=6))) != set(items), "drawn from the seed"
+    assert set(items) != set(served(everything)[:10]), "not a prefix of the evaluation batches"
+    assert sorted(served(make(corpora, shuffle=False, sample=count + 5))) == list(range(count))
+
+
+def test_a_translation_sample_is_not_the_shortest_pairs(corpora):
+    """Without shuffle the batches run shortest first: the first two hold the 10 shortest pairs, a sample of 10
+    does not."""
+    ordered = translation(corpora, batch_size=5, shuffle=False)
+    shortest = set(np.concatenate(ordered.epoch_plan(0)[:2]).tolist())
+    sizes = ordered._sizes
+    assert max(sizes[list(shortest)]) <= min(np.delete(sizes, list(shortest)))
+    assert set(served(translation(corpora, batch_size=5, shuffle=False, sample=10))) != shortest
+
+
 def test_translation_settings_are_checked(corpora):
     with pytest.raises(ValueError, match="expected exactly one of them"):
         translation(corpora, batch_size=4, max_tokens=100)
@@ -273,8 +318,10 @@ def test_translation_settings_are_checked(corpora):
     (lambda c: CausalLMBatches(c.src, batch_size=2, block_len=8, eos_id=-1), "eos_id=-1"),
     (lambda c: translation(c, batch_size=2, bos_id=None), "bos_id=None"),
     (lambda c: mlm(c.src).batch(0, 1.5), "batch index=1.5"),
+    (lambda c: translation(c, batch_size=2, sample=-1), "sample=-1: expected an integer >= 0"),
     (lambda c: mlm(c.src).batch(0.5, 0), "random stream keys \\(3, 0.5\\): expected integers"),
-], ids=["batch-size-0", "batch-size-bool", "pad-id", "eos-id", "bos-id-none", "float-index", "float-epoch"])
+], ids=["batch-size-0", "batch-size-bool", "pad-id", "eos-id", "bos-id-none", "float-index", "negative-sample",
+        "float-epoch"])
 def test_bad_batch_settings_name_the_argument(corpora, make, message):
     with pytest.raises((ValueError, IndexError), match=message):
         make(corpora)

@@ -15,6 +15,7 @@ def test_overrides_are_typed_and_applied_over_the_preset():
                                               "--schedule", "linear"]))
     assert config.lr == 3e-4 and config.compile is True and config.max_steps == 7 and config.schedule == "linear"
     assert config.batch_size == PRESETS["tiny"]["batch_size"]
+    assert config.eval_batches == 0, "evaluation covers the whole validation split unless asked otherwise"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -27,6 +28,7 @@ def test_overrides_are_typed_and_applied_over_the_preset():
     (["--beta2", "1.5"], "beta2=1.5: expected a value in [0, 1]"),
     (["--label_smoothing", "1.5"], "label_smoothing=1.5: expected a value in [0, 1]"),
     (["--max_tokens", "-1"], "max_tokens=-1: expected a value >= 0"),
+    (["--eval_batches", "-1"], "eval_batches=-1: expected a value >= 0"),
     (["--lr"], "--lr: missing value"),
     (["lr", "1"], "unexpected argument 'lr'"),
     (["--max_steps", "2", "--max-steps", "3"], "--max-steps '3': --max_steps '2' was given already"),

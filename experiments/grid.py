@@ -1,0 +1,176 @@
+"""The ko->en experiment's grid: its stages, scales, settings and jobs, defined once for the script that runs them
+(experiments/ko_en.py) and the page that reports them (experiments/report.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+STAGES = ("tokenizers", "plateau", "pretrain", "finetune", "sweep", "recipe")
+LEVELS = ("byte", "char")
+VOCAB_SIZES = (8000, 16000, 32000)
+TRAIN_VOCAB = 8000  # the vocabulary of every pre-training and translation run (the plateau stage also tries others)
+CROSS_ATTENTION_INITS = ("random", "copy-self", "zero-out")
+# The four starting points; the pre-trained sides come from the pretrain stage.
+STARTS = {"Rnd2Rnd": ("random", "random"), "Enc2Rnd": ("encoder", "random"), "Rnd2Dec": ("random", "decoder"),
+          "Enc2Dec": ("encoder", "decoder")}
+MISPAIRED = "valid-mispaired"  # the valid pairs with the Korean side shifted by one sentence (see Experiment.source)
+MAIN_SEEDS = (0, 1)  # seeds of the main comparison (the four starts, default cross-attention init)
+BEAMS = (1, 4)  # greedy and beam 4 on each test set
+SAMPLES = 3  # good and bad sample translations kept per test result
+
+# Steps and batch size of each stage per --preset (the TrainConfig preset; its model preset sizes the models).
+# tiny: sized for a 2-core CPU, where a tiny-model step on 32 sentences takes ~0.75 s (MLM, one thread, a busy box);
+# small/base: a GPU.
+# Every configuration compared within a stage gets the same steps and batch: the same token budget.
+# max_len: the longest MLM row, causal block and translation side, in tokens: 128 keeps whole all but a few of the
+# news sentences (char level 8k: 43 tokens on average), where the preset's 64 cut the longer ones.
+# tiny's pre-training runs 10000 steps (6.8 epochs of the Korean side for the encoder), five times the first study's
+# 2000 (1.4 epochs), after which both pre-trainings were still improving (docs/RESULTS.md).
+SCALES = {
+    "tiny": dict(batch_size=32, max_len=128, pretrain=10000, plateau=1000, finetune=1000, sweep=1000,
+                 recipe_epochs=3, eval_interval=500),
+    "small": dict(batch_size=64, max_len=128, pretrain=10000, plateau=3000, finetune=10000, sweep=3000,
+                  recipe_epochs=10, eval_interval=500),
+    "base": dict(batch_size=64, max_len=512, pretrain=20000, plateau=5000, finetune=20000, sweep=5000,
+                 recipe_epochs=10, eval_interval=1000),
+}
+# --quick: every stage in minutes, on a few hundred lines, a micro model and a handful of steps.
+QUICK_LINES = {"train": 300, "valid": 24, "test": 24}
+# The in-domain test: pairs drawn (seeded) from the train split and removed from it before any tokenizer,
+# pre-training or fine-tuning sees it, scored beside the news test so that "cannot translate" and "wrong domain"
+# can be told apart (65% of train is Bible, the news test none).
+HELDOUT = "heldout"
+HELDOUT_PAIRS = 1000
+QUICK_HELDOUT_PAIRS = 24
+HELDOUT_SEED = 0
+TEST_SETS = ("test", HELDOUT)  # what every translation model is scored on: the news test split, the held-out pairs
+QUICK_VOCAB_SIZES = (1100,)  # above the char level's alphabet of a few hundred lines (~940)
+QUICK_STARTS = ("Rnd2Rnd", "Enc2Dec")  # a random and a pre-trained side each (the CLI tests cover the mixed ones)
+QUICK_MODEL = {"d_model": "32", "n_layers": "1", "n_heads": "2", "d_ff": "64"}
+QUICK_SCALE = dict(batch_size=8, max_len=64, pretrain=4, plateau=4, finetune=4, sweep=4, recipe_epochs=0.1,
+                   eval_interval=2)
+
+# Plateau variants: TrainConfig (--KEY) and ModelConfig (--model.KEY) overrides of the baseline, which is the
+# issue's stalled run (byte level 8k, lr 1e-3, warmup 30, mask 15%, pre-norm, learned positions); "vocab" picks
+# the tokenizer (byte level). The baseline's mask rate is given explicitly: this study made 40% the default.
+PLATEAU_BASELINE = {"mask_prob": "0.15"}
+PLATEAU = {
+    "baseline": {},
+    "lr3e-4": {"lr": "3e-4"},
+    "warmup300": {"warmup_steps": "300"},
+    "mask40": {"mask_prob": "0.4"},
+    "rope": {"model.positional": "rope"},
+    "post-norm": {"model.norm_position": "post"},
+    "dropout0": {"model.dropout": "0"},
+    "vocab2k": {"vocab": "2000"},
+    # The three changes that moved the loss fastest in the first 600 steps, together.
+    "combined": {"mask_prob": "0.4", "model.norm_position": "post", "model.positional": "rope"},
+    # The same without post-norm, with which a decoder stayed on its plateau (docs/RESULTS.md).
+    "mask40-rope": {"mask_prob": "0.4", "model.positional": "rope"},
+    "steps4000": {"max_steps": "4000"},  # the length of training: the baseline, four times longer
+}
+QUICK_PLATEAU = ("baseline", "mask40")
+# The encoder's settings in the pretrain and sweep stages (the plateau stage's finding; see docs/RESULTS.md).
+# One architecture (--model.KEY settings) for every model trained from scratch outside the plateau stage (both
+# pre-trainings, the sweep, Rnd2Rnd; Enc2Rnd and Rnd2Dec copy it from the pre-trained side), so that the four
+# starts differ in their initial weights only.
+# Rotary positions (pre-norm) and, for the encoder, 40% masking: the "mask40-rope" plateau variant. Post-norm
+# ("combined") moved the encoder further, but a post-norm decoder stayed on its own plateau (valid loss 7.21,
+# accuracy 2.3% at step 300, training loss flat at ~6.3 from step 50) where a pre-norm one learned at once: the
+# four starts need one architecture, so pre-norm it is (docs/RESULTS.md).
+MODEL_SETTINGS = {"model.positional": "rope"}
+ENCODER_SETTINGS = {"mask_prob": "0.4"}
+# The preset's lr 1e-3, with which the decoder learned in the issue (perplexity 205 after 1000 steps). 3e-3 was
+# better for the decoder alone at 400 steps (TrainConfig's comments) but is untried with rope.
+DECODER_SETTINGS: dict[str, str] = {}
+# The recipe stage: which of the low-resource settings of Sennrich & Zhang (2019, "Revisiting Low-Resource NMT")
+# help on this data: dropout in more places and higher, smaller batches, a smaller vocabulary, label smoothing.
+# Each is one change to the base (Rnd2Rnd, char level, the grid's architecture, batch 32, dropout 0.1), trained for
+# the same number of epochs and scored on the valid split (news dev; the test splits stay unseen). "vocab" picks
+# the tokenizer (char level). RECIPE_BASE pins the settings whose defaults the recipe itself may change.
+RECIPE_BASE = {"label_smoothing": "0"}
+RECIPE = {
+    "base": {},
+    "ls0.1": {"label_smoothing": "0.1"},
+    "dropout0.3": {"model.dropout": "0.3", "model.attn_dropout": "0.1"},
+    "batch16": {"batch_size": "16"},
+    "vocab4k": {"vocab": "4000"},
+}
+QUICK_RECIPE = ("base", "batch16")
+WEIGHT_DECAYS = ("0", "1e-4", "1e-3", "1e-2", "1e-1")
+SWEEP_LRS = ("3e-4", "1e-3", "3e-3")
+QUICK_SWEEP = (("0", "1e-3"),)
+
+
+@dataclass
+class Grid:
+    """The jobs of the grid at a preset, or of its --quick smoke version."""
+    preset: str
+    quick: bool
+
+    @property
+    def scale(self) -> dict:
+        return QUICK_SCALE if self.quick else SCALES[self.preset]
+
+    @property
+    def heldout_pairs(self) -> int:
+        return QUICK_HELDOUT_PAIRS if self.quick else HELDOUT_PAIRS
+
+    @property
+    def vocab_sizes(self) -> tuple[int, ...]:
+        return QUICK_VOCAB_SIZES if self.quick else VOCAB_SIZES
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return LEVELS[:1] if self.quick else LEVELS
+
+    @property
+    def train_vocab(self) -> int:
+        return self.vocab_sizes[0] if self.quick else TRAIN_VOCAB
+
+    @property
+    def plateau_names(self) -> tuple[str, ...]:
+        return QUICK_PLATEAU if self.quick else tuple(PLATEAU)
+
+    @property
+    def sweep_cells(self) -> list[tuple[str, str]]:
+        return list(QUICK_SWEEP) if self.quick else [(wd, lr) for lr in SWEEP_LRS for wd in WEIGHT_DECAYS]
+
+    def finetune_jobs(self) -> list[tuple[str, str, str, int]]:
+        """(level, start, cross-attention init, seed) of every translation run: level by level (a level's
+        pre-training is done before the next level's starts), within one the main comparison's first seed, the
+        cross-attention inits, then the second seed."""
+        seeds = MAIN_SEEDS[:1] if self.quick else MAIN_SEEDS
+        starts = QUICK_STARTS if self.quick else tuple(STARTS)
+        inits = () if self.quick else tuple(init for init in CROSS_ATTENTION_INITS if init != "random")
+        jobs = []
+        for level in self.levels:
+            jobs += [(level, start, "random", seeds[0]) for start in starts]
+            jobs += [(level, "Enc2Dec", init, seeds[0]) for init in inits]
+            jobs += [(level, start, "random", seed) for seed in seeds[1:] for start in starts]
+        return jobs
+
+
+def finetune_name(level: str, start: str, init: str, seed: int) -> str:
+    return f"{level}-{start}-{init}-seed{seed}"
+
+
+def overrides(*settings: dict) -> list[str]:
+    """--KEY VALUE options of the merged `settings`: a key of a later dict replaces an earlier one in place, as
+    fastlm refuses a setting given twice (a plateau variant's max_steps, a recipe's batch_size)."""
+    merged = {key: value for each in settings for key, value in each.items()}
+    return [arg for key, value in merged.items() for arg in (f"--{key}", str(value))]
+
+
+def test_name(name: str, test_set: str, beam: int) -> str:
+    """The test result of translation run `name` on a test set at a beam width (the news test's kept the name it
+    had before the held-out set was scored too, so its finished results stay valid)."""
+    return f"{name}-beam{beam}" if test_set == "test" else f"{name}-{test_set}-beam{beam}"
+
+
+def translation_path(out: Path, result_name: str) -> Path:
+    """Where the translations of a test result are kept, one line per source sentence."""
+    return out / "translations" / f"{result_name}.en"
