@@ -68,7 +68,7 @@ def test_moved_data_does_not_stop_a_resume(finished_run):
 def test_resuming_with_other_settings_is_refused_naming_each(finished_run):
     with pytest.raises(ValueError, match=r"step-00000004.pt was trained with other settings \(batch_size: checkpoint "
                                          r"has 4, this run 8; lr: checkpoint has 0.03, this run 0.0005\): resume with "
-                                         "the settings the run was started with .*only max_steps, eval_interval"):
+                                         "the settings the run was started with .*only max_steps, patience, eval_interval"):
         trainer(finished_run, lr=5e-4, batch_size=8).resume()
     # Another layout is no other run (a checkpoint fits any), as long as a step takes the same micro-batches.
     with pytest.raises(ValueError, match=r"\(grad_accum \* world_size: checkpoint has 1, this run 2\)"):

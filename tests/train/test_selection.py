@@ -156,7 +156,7 @@ def test_a_checkpoint_written_before_selections_were_saved_still_resumes(tmp_pat
     resumed = scripted_trainer(tmp_path, max_steps=4, eval_interval=2, checkpoint_interval=2)
     assert resumed.resume()
     assert resumed.selection == Selection("loss", best=expected)
-    with pytest.raises(ValueError, match="selected its best by loss, this run has select_by='bleu'"):
+    with pytest.raises(ValueError, match="select_by: checkpoint has 'loss', this run 'bleu'"):
         scripted_trainer(tmp_path, bleu=BLEU, max_steps=4, select_by="bleu").resume()
 
 

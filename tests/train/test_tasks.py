@@ -28,9 +28,9 @@ def pairs(tmp_path_factory):
 @pytest.mark.parametrize("max_tokens", [0, 96])
 def test_the_config_decides_the_batches_of_every_task(pairs, max_tokens):
     config = TrainConfig(batch_size=4, max_len=32, max_tokens=max_tokens)
-    sources = {"encoder": lm_batches("encoder", pairs.src, TOKENIZER, config, shuffle=True),
-               "decoder": lm_batches("decoder", pairs.tgt, TOKENIZER, config, shuffle=True),
-               "translation": translation_batches(pairs, TOKENIZER, config, shuffle=True)}
+    sources = {"encoder": lm_batches("encoder", pairs.src, TOKENIZER, config, validation=False),
+               "decoder": lm_batches("decoder", pairs.tgt, TOKENIZER, config, validation=False),
+               "translation": translation_batches(pairs, TOKENIZER, config, validation=False)}
     for name, source in sources.items():
         batches = [source.batch(0, index) for index in range(source.num_batches(0))]
         rows = [len(next(iter(batch.values()))) for batch in batches]
