@@ -99,7 +99,7 @@ RECIPE = {
     "batch16": {"batch_size": "16"},
     "vocab4k": {"vocab": "4000"},
 }
-QUICK_RECIPE = ("base", "batch16")
+QUICK_RECIPE = ("base", "ls0.1")
 WEIGHT_DECAYS = ("0", "1e-4", "1e-3", "1e-2", "1e-1")
 SWEEP_LRS = ("3e-4", "1e-3", "3e-3")
 QUICK_SWEEP = (("0", "1e-3"),)

@@ -45,8 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grid import (BEAMS, DECODER_SETTINGS, ENCODER_SETTINGS, HELDOUT, HELDOUT_SEED, LEVELS, MISPAIRED,
-                  MODEL_SETTINGS, PLATEAU, PLATEAU_BASELINE, QUICK_LINES, QUICK_MODEL, QUICK_RECIPE, RECIPE, RECIPE_BASE,
-                  REPO, SAMPLES, SCALES, STAGES, STARTS, TEST_SETS, Grid, finetune_name, overrides, test_name, translation_path)
+                  MODEL_SETTINGS, PLATEAU, PLATEAU_BASELINE, QUICK_LINES, QUICK_MODEL, QUICK_RECIPE, RECIPE,
+                  RECIPE_BASE, REPO, SAMPLES, SCALES, STAGES, STARTS, TEST_SETS, Grid, finetune_name, overrides,
+                  test_name, translation_path)
 from report import write_report
 
 sys.path.insert(0, str(REPO))  # the fastlm next to this script, for the statistics
@@ -599,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     experiment = Experiment(args.preset, args.quick, data=args.data.absolute(), out=out.absolute(), only=args.only)
     if args.report:
         page = args.report_to or (out / "report" / "RESULTS.md" if args.quick else REPO / "docs" / "RESULTS.md")
-        references = {test_set: experiment.source_path(test_set, "en") for test_set in TEST_SETS}
+        references = {split: experiment.source_path(split, "en") for split in (*TEST_SETS, "valid")}
         print(write_report(experiment, experiment.out, experiment.data_name(), references, page))
         return 0
     signal.signal(signal.SIGINT, experiment.forward_signal)

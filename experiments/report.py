@@ -11,8 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from grid import (BEAMS, DECODER_SETTINGS, ENCODER_SETTINGS, HELDOUT, MODEL_SETTINGS, PLATEAU, REPO, STARTS,
-                  TEST_SETS, Grid, finetune_name, overrides, test_name, translation_path)
+from grid import (BEAMS, DECODER_SETTINGS, ENCODER_SETTINGS, HELDOUT, MODEL_SETTINGS, PLATEAU, QUICK_RECIPE, RECIPE,
+                  RECIPE_BASE, REPO, STARTS, TEST_SETS, Grid, finetune_name, overrides, test_name, translation_path)
 
 PENDING = "pending"
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
@@ -22,7 +22,7 @@ SIGNIFICANT = 0.05  # p-values below this are marked
 
 def write_report(grid: Grid, out: Path, data: str, references: dict[str, Path], page: Path) -> Path:
     """Write `page` and its plots (in `page.parent/results/`) from the results in `out` of the grid's jobs, run on
-    `data` (in words); `references`: each test set's English file. Returns the page."""
+    `data` (in words); `references`: the English file of each test set and of "valid". Returns the page."""
     results = load_results(out / "results")
     figures = page.parent / "results"
     figures.mkdir(parents=True, exist_ok=True)
@@ -30,7 +30,7 @@ def write_report(grid: Grid, out: Path, data: str, references: dict[str, Path], 
                 tokenizer_section(grid, results), plateau_section(grid, results, figures, page.parent),
                 pretrain_section(grid, results, figures, page.parent),
                 translation_section(grid, results, figures, page.parent, out, references),
-                sweep_section(grid, results)]
+                sweep_section(grid, results), recipe_section(grid, results, out, references["valid"])]
     page.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return page
 
@@ -354,6 +354,39 @@ def sweep_section(grid: Grid, results: dict) -> str:
     return "## 5. Weight decay x learning rate (encoder MLM)\n\nFinal validation loss (masked-token accuracy) after " \
            f"{grid.scale['sweep']} steps; a loss at the unigram level (section 2) is a stall.\n\n" + \
            table(["weight decay", *[f"lr {lr}" for lr in lrs]], rows)
+
+
+def recipe_section(grid: Grid, results: dict, out: Path, references: Path) -> str:
+    """The low-resource settings, each one change to the base, on the whole valid split: loss (per token, and per
+    character, which compares vocabularies), greedy BLEU and chrF, and each against the base by paired bootstrap."""
+    names = list(QUICK_RECIPE if grid.quick else RECIPE)
+    translations = {name: translation_path(out, f"valid-{name}") for name in names
+                    if f"valid/{name}" in results and translation_path(out, f"valid-{name}").is_file()}
+    tested = {}
+    if "base" in translations and references.is_file():
+        tested = paired_bootstrap(read_lines(translations["base"]),
+                                  {name: read_lines(path) for name, path in translations.items() if name != "base"},
+                                  read_lines(references))
+    rows = []
+    for name in names:
+        trained, scored = results.get(f"recipe/{name}"), results.get(f"valid/{name}") or {}
+        change = " ".join(overrides(RECIPE[name])) or "(the base)"
+        cells = [cell for metric in ("BLEU", "chrF") for cell in shown_test(tested.get(name), metric)] \
+            if name != "base" else ["", "", "", ""]
+        rows.append([name, f"`{change}`", trained["final"]["step"] if trained and trained["final"] else None,
+                     trained["seconds"] / 3600 if trained and trained.get("seconds") else None,
+                     scored.get("loss"), scored.get("loss_per_char"), scored.get("bleu"), scored.get("chrf"),
+                     *cells])
+    return (f"## 6. The fine-tuning recipe (low-resource settings)\n\nOne change each to the base: Rnd2Rnd at char "
+            f"level {grid.train_vocab}, the grid's architecture, batch {grid.scale['batch_size']} pairs, model "
+            f"dropout 0.1, `{' '.join(overrides(RECIPE_BASE))}`; every run {grid.scale['recipe_epochs']} epochs of "
+            "the training pairs (a smaller batch takes more steps). Scored on the whole valid split (news dev): "
+            "cross-entropy per target token and per character of the reference (what compares vocabularies), and "
+            "greedy BLEU and chrF; each against the base by paired bootstrap (p < "
+            f"{SIGNIFICANT} in **bold**). Hours: the training command's wall time on one thread (on a box shared "
+            "with other jobs: an upper bound of its CPU time).\n\n"
+            + table(["name", "change", "steps", "hours", "valid loss", "loss / char", "BLEU", "chrF",
+                     "BLEU vs base", "p", "chrF vs base", "p"], rows))
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path, title: str, reference: float | None = None,
