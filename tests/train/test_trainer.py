@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fastlm.train import TrainConfig, Trainer, TrainingDiverged, load_checkpoint
+from fastlm.train import trainer as trainer_module
 from fastlm.train.metrics import read_records
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -52,6 +53,16 @@ def test_toy_model_learns_and_the_run_directory_is_complete(tmp_path):
     assert [r["step"] for r in read_records(tmp_path / "metrics.jsonl", "eval")] == [10, 20, 30]
     assert trainer.checkpoints.latest().name == "step-00000030.pt"
     assert load_checkpoint(trainer.checkpoints.best)["step"] == 30
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_precision_auto_trains_in_bf16_where_the_hardware_has_it(tmp_path, monkeypatch, native_bf16):
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: native_bf16)
+    for precision, bf16 in (("auto", native_bf16), ("bf16", True), ("fp32", False)):
+        trainer = Trainer(ToyLM(), ToyBatches(), toy_config(precision=precision), tmp_path / precision)
+        with trainer.autocast():
+            assert torch.is_autocast_enabled("cpu") is bf16 and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert trainer_module.trains_in_bf16("auto", torch.device("cuda"))
 
 
 def test_resuming_a_finished_run_trains_no_more_and_reports_its_evaluation(tmp_path):
