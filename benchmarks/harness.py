@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -185,27 +186,29 @@ def format_table(title: str, rows: list[Row], ours: str = "fastlm", compare: boo
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if compare:
-        lines.append("Ratios are oriented so that > 1 means fastlm is better; memory in parentheses is extra peak "
+        lines.append(f"Ratios are oriented so that > 1 means {ours} is better; memory in parentheses is extra peak "
                      "memory.")
     elif show_memory:
         lines.append("Memory in parentheses is extra peak memory.")
     return "\n".join(lines)
 
 
-def report(title: str, rows: list[Row], *, json_path: str | None = None, notes: str = "", compare: bool = True) -> str:
+def report(title: str, rows: list[Row], *, json_path: str | None = None, notes: str = "", compare: bool = True,
+           ours: str = "fastlm") -> str:
     """Print the table with the date, machine and command line; optionally write the JSON record. `compare=False`
-    leaves out the ratio columns, for tables whose columns are not providers (sizes, say)."""
+    leaves out the ratio columns, for tables whose columns are not providers (sizes, say); `ours` is the provider
+    the ratios compare the others with."""
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = " ".join(["python"] + sys.argv)
+    command = shlex.join(["python"] + sys.argv)
     text = "\n".join([
-        format_table(title, rows, compare=compare),
+        format_table(title, rows, ours=ours, compare=compare),
         "",
         f"Date: {when}. Machine: {device_name()}. {versions()}. Command: `{command}`",
     ] + ([notes] if notes else []))
     print(text, flush=True)
     if json_path:
         record = {"title": title, "date": when, "machine": device_name(), "versions": versions(), "command": command,
-                  "rows": [asdict(r) | {"ratios": r.ratio()} for r in rows]}
+                  "rows": [asdict(r) | {"ratios": r.ratio(ours)} for r in rows]}
         with open(json_path, "w") as f:
             json.dump(record, f, indent=2)
     return text

@@ -1,20 +1,24 @@
-"""Training throughput: EncoderLM (masked LM) and DecoderLM (causal LM) with fastlm's kernels against the same
-model in the best plain torch a user would write ("torch"), side by side, eager and torch.compile'd.
+"""Training throughput: EncoderLM (masked LM), DecoderLM (causal LM) and Seq2SeqLM (translation) with fastlm's
+kernels against the same model in the best plain torch a user would write ("torch"), side by side, eager and
+torch.compile'd.
 
 fastlm = attn_impl="fastlm" (the Triton kernel on CUDA, torch's SDPA elsewhere) + linear_cross_entropy.
 torch = attn_impl="sdpa" + full logits + F.cross_entropy: packed decoder blocks carry no lengths, so SDPA gets
-is_causal=True and no mask; padded MLM batches pass their padding mask, with the fastest SDPA backend that takes it
-(each one that accepts the call timed first on the batch's attention shapes). Each row names the attention backend
-that ran for each provider, read from the profiler.
+is_causal=True and no mask; padded MLM and translation batches pass their padding masks, with the fastest SDPA
+backend that takes them (each one that accepts the call timed first on the batch's attention shapes). Each row names
+the attention backend that ran for each provider, read from the profiler. Translation rows count target tokens.
 
-One training step = bf16 autocast forward (CUDA; fp32 on CPU), backward, AdamW step: what the Trainer runs.
+One training step = forward under the Trainer's default precision (bf16 autocast on CUDA and on a CPU with native
+bf16, fp32 elsewhere; --precision picks one), backward, AdamW step: what the Trainer runs.
 Steps of the two providers are timed in turns and the medians reported. Reports tokens/s, extra peak memory (CUDA:
 the allocator's peak over what was allocated before the step; CPU: the process's peak RSS, sampled every
 millisecond, over its RSS before the step) and, on a known GPU, model FLOPs utilisation with attention FLOPs at the
 batch's real lengths.
 
-    python benchmarks/train.py            # CUDA: base preset, decoder 16x1024, MLM encoder 32x512 with padding
+    python benchmarks/train.py            # CUDA: base preset, decoder 16x1024, MLM encoder 32x512 with padding,
+                                          # translation 64x128
     python benchmarks/train.py --quick    # CPU: tiny preset, small batches, eager only
+    python benchmarks/train.py --archs seq2seq --shapes 32x48 --threads 1   # CPU: the tiny translation row alone
     python benchmarks/train.py --modes compiled --budget 60   # only the compiled runs, no new case after 60 s
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,12 +40,15 @@ from harness import (  # noqa: E402
 )
 
 from fastlm.data import target_positions  # noqa: E402
-from fastlm.models import DecoderLM, EncoderLM, ModelConfig  # noqa: E402
+from fastlm.models import DecoderLM, EncoderLM, ModelConfig, Seq2SeqLM  # noqa: E402
 from fastlm.models.blocks import attention_mask  # noqa: E402
+from fastlm.train.config import PRECISIONS  # noqa: E402
+from fastlm.train.precision import trains_in_bf16  # noqa: E402
 
-VOCAB = 32000
 MASK_PROB = 0.15
 PROVIDERS = ("fastlm", "torch")
+ARCHS = ("decoder", "encoder", "seq2seq")
+KINDS = {"decoder": "decoder", "encoder": "MLM encoder", "seq2seq": "translation"}
 # Dense bf16 peak TFLOP/s (no sparsity) of the devices we know; MFU is left out elsewhere.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
                "RTX 4090": 165.0}
@@ -57,6 +65,16 @@ SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBack
                  SDPBackend.MATH)
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What every row of one run shares."""
+    preset: str
+    vocab: int
+    device: torch.device
+    use_bf16: bool        # bf16 autocast (fp32 master weights), as the Trainer's precision
+    repeat: int           # timed steps per provider
+
+
 def device_peak_tflops() -> float | None:
     if not torch.cuda.is_available():
         return None
@@ -64,14 +82,23 @@ def device_peak_tflops() -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
-def make_batch(arch: str, batch: int, length: int, device: torch.device, generator: torch.Generator) -> dict:
+def make_batch(arch: str, batch: int, length: int, vocab: int, device: torch.device,
+               generator: torch.Generator) -> dict:
     """Random ids; the decoder gets full packed blocks (no lengths: nothing is padded), the encoder lengths in
     [length/2, length] (padding), 15% of its real tokens as targets and their target_positions, as MaskedLMBatches
-    delivers them (fastlm's head runs on those rows only; the torch baseline ignores them)."""
-    ids = torch.randint(4, VOCAB, (batch, length), generator=generator)
+    delivers them (fastlm's head runs on those rows only; the torch baseline ignores them); translation gets a
+    source and a target of `length` columns, each padded that way, labels -100 at the target's padding, as
+    TranslationBatches delivers them."""
+    ids = torch.randint(4, vocab, (batch, length), generator=generator)
     if arch == "decoder":
         return {"input_ids": ids.to(device), "labels": ids.to(device)}
     lengths = torch.randint(length // 2, length + 1, (batch,), generator=generator)
+    if arch == "seq2seq":
+        tgt_ids = torch.randint(4, vocab, (batch, length), generator=generator)
+        tgt_lengths = torch.randint(length // 2, length + 1, (batch,), generator=generator)
+        labels = tgt_ids.masked_fill(torch.arange(length)[None, :] >= tgt_lengths[:, None], -100)
+        return {key: value.to(device) for key, value in (("src_ids", ids), ("src_lengths", lengths),
+                ("tgt_ids", tgt_ids), ("tgt_lengths", tgt_lengths), ("labels", labels))}
     real = torch.arange(length)[None, :] < lengths[:, None]
     chosen = (torch.rand(batch, length, generator=generator) < MASK_PROB) & real
     labels = ids.masked_fill(~chosen, -100)
@@ -79,9 +106,20 @@ def make_batch(arch: str, batch: int, length: int, device: torch.device, generat
             "target_positions": target_positions(labels).to(device)}
 
 
+def padding_lengths(batch: dict) -> torch.Tensor | None:
+    """The lengths that pad the batch's (first) attended sequence: the MLM rows, the translation source."""
+    return batch.get("lengths", batch.get("src_lengths"))
+
+
+def scored_tokens(batch: dict) -> int:
+    """Tokens a step trains on: the target side of a translation batch, else every real token."""
+    lengths = batch.get("tgt_lengths", batch.get("lengths"))
+    return int(lengths.sum()) if lengths is not None else batch["input_ids"].numel()
+
+
 def real_length(batch: dict) -> float:
     """Keys attended per token: the block length, or for padded rows sum(lengths**2) / sum(lengths)."""
-    lengths = batch.get("lengths")
+    lengths = padding_lengths(batch)
     if lengths is None:
         return float(batch["input_ids"].shape[1])
     lengths = lengths.double()
@@ -90,23 +128,28 @@ def real_length(batch: dict) -> float:
 
 def torch_loss(model, arch: str, batch: dict) -> torch.Tensor:
     """The plain-torch objective: full logits, then F.cross_entropy (decoder targets shifted by one)."""
-    logits = model(batch["input_ids"], batch.get("lengths"), return_logits=True).logits
+    if arch == "seq2seq":
+        logits = model(batch["src_ids"], batch["tgt_ids"], batch["src_lengths"], batch["tgt_lengths"],
+                       return_logits=True).logits
+    else:
+        logits = model(batch["input_ids"], batch.get("lengths"), return_logits=True).logits
     labels = batch["labels"]
     if arch == "decoder":   # packed blocks: position t is scored against token t + 1
         logits, labels = logits[:, :-1], labels[:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
 
 
-def fastest_sdpa_backend(arch: str, config: ModelConfig, batch: dict, device: torch.device) -> SDPBackend:
+def fastest_sdpa_backend(arch: str, config: ModelConfig, batch: dict, device: torch.device, dtype: torch.dtype
+                         ) -> SDPBackend:
     """The SDPA backend a careful torch user would pin for this batch: each one that accepts the model's attention
-    call (is_causal for packed blocks, the padding mask otherwise) timed on a forward and backward at its shapes."""
-    size, length = batch["input_ids"].shape
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    call (is_causal for packed blocks, the padding mask otherwise: the MLM rows, the translation source) timed on a
+    forward and backward at its shapes, in the dtype the model attends in."""
+    size, length = next(iter(batch.values())).shape
     q, k, v = (torch.randn(size, heads, length, config.head_dim, device=device, dtype=dtype, requires_grad=True)
                for heads in (config.n_heads, config.kv_heads, config.kv_heads))
     is_causal = arch == "decoder" and "lengths" not in batch
     mask = None if is_causal else attention_mask(length, length, causal=arch == "decoder",
-                                                 kv_lens=batch.get("lengths"), device=device)
+                                                 kv_lens=padding_lengths(batch), device=device)
 
     def call() -> None:
         F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
@@ -123,16 +166,22 @@ def fastest_sdpa_backend(arch: str, config: ModelConfig, batch: dict, device: to
     return min(seconds, key=seconds.get)
 
 
-def training_step(provider: str, arch: str, preset: str, batch: dict, device: torch.device, compile_model: bool):
+def training_step(provider: str, arch: str, setup: Setup, batch: dict, compile_model: bool):
     """A closure running one optimizer step of a fresh model for `provider`, and the model."""
+    device, use_bf16 = setup.device, setup.use_bf16
     torch.manual_seed(0)
-    config = ModelConfig.preset(preset, vocab_size=VOCAB, dropout=0.0,
+    config = ModelConfig.preset(setup.preset, vocab_size=setup.vocab, dropout=0.0,
                                 attn_impl="fastlm" if provider == "fastlm" else "sdpa")
-    model = (EncoderLM if arch == "encoder" else DecoderLM)(config).to(device)
+    if arch == "seq2seq":
+        model = Seq2SeqLM(config, config).to(device)
+    else:
+        model = (EncoderLM if arch == "encoder" else DecoderLM)(config).to(device)
     optimizer = model.configure_optimizers(weight_decay=0.1, lr=1e-4)
     forward = torch.compile(model) if compile_model else model
-    use_bf16 = device.type == "cuda"
-    backends = list(SDPA_BACKENDS) if provider == "fastlm" else [fastest_sdpa_backend(arch, config, batch, device)]
+    # Both providers' models attend in fp32 under CPU autocast (fastlm.models.blocks.scaled_dot_product).
+    attention_dtype = torch.bfloat16 if use_bf16 and device.type == "cuda" else torch.float32
+    backends = (list(SDPA_BACKENDS) if provider == "fastlm"
+                else [fastest_sdpa_backend(arch, config, batch, device, attention_dtype)])
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -152,21 +201,20 @@ def attention_backends(step) -> str:
     return " + ".join(name for op, name in ATTENTION_OPS.items() if op in ran) or "plain torch math or compiler-fused"
 
 
-def measure(arch: str, preset: str, shape: tuple[int, int], device: torch.device, compile_model: bool,
-            repeat: int) -> tuple[Row, Row | None]:
+def measure(arch: str, shape: tuple[int, int], setup: Setup, compile_model: bool) -> tuple[Row, Row | None]:
     batch_size, length = shape
-    batch = make_batch(arch, batch_size, length, device, torch.Generator().manual_seed(0))
-    tokens = int(batch["lengths"].sum()) if "lengths" in batch else batch["input_ids"].numel()
+    batch = make_batch(arch, batch_size, length, setup.vocab, setup.device, torch.Generator().manual_seed(0))
+    tokens = scored_tokens(batch)
     steps, models = {}, {}
     for provider in PROVIDERS:
-        steps[provider], models[provider] = training_step(provider, arch, preset, batch, device, compile_model)
-    seconds = time_interleaved(steps, warmup=3 if compile_model else 2, repeat=repeat)
+        steps[provider], models[provider] = training_step(provider, arch, setup, batch, compile_model)
+    seconds = time_interleaved(steps, warmup=3 if compile_model else 2, repeat=setup.repeat)
     backends = {provider: attention_backends(step) for provider, step in steps.items()}
     mode = "compiled" if compile_model else "eager"
-    kind = "MLM encoder" if arch == "encoder" else "decoder"
-    name = (f"{kind} {preset} {batch_size}x{length} {mode} (attention: "
+    name = (f"{KINDS[arch]} {setup.preset} {batch_size}x{length} {mode} {'bf16' if setup.use_bf16 else 'fp32'} "
+            "(attention: "
             + ", ".join(f"{provider} {backend}" for provider, backend in backends.items()) + ")")
-    throughput = Row(name, "tokens/s", higher_is_better=True)
+    throughput = Row(name, "target tokens/s" if arch == "seq2seq" else "tokens/s", higher_is_better=True)
     peak = device_peak_tflops()
     utilisation = Row(name, "MFU %", higher_is_better=True) if peak else None
     for provider in PROVIDERS:
@@ -193,8 +241,13 @@ def batch_shape(text: str) -> tuple[int, int]:
 def main() -> None:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--preset", help="model preset (default: base on CUDA, tiny on CPU)")
-    parser.add_argument("--shapes", nargs=2, metavar="BxT", type=batch_shape,
-                        help="decoder and encoder batch shapes, e.g. 8x128 16x128 (default: by device)")
+    parser.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS), help="which models to measure")
+    parser.add_argument("--shapes", nargs="+", metavar="BxT", type=batch_shape,
+                        help="one batch shape per --archs entry, e.g. 8x128 16x128 32x48 (default: by device)")
+    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default: 32000)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="as TrainConfig.precision (default: auto, the Trainer's default)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads before measuring (default: torch's)")
     parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"],
                         help="which runs to measure (default: eager, plus compiled on CUDA without --quick)")
     parser.add_argument("--repeat", type=int, help="timed steps per provider (default: by device and --quick)")
@@ -202,32 +255,36 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeat is not None and args.repeat < 1:
         parser.error(f"--repeat {args.repeat}: expected at least 1 timed step")
+    if args.shapes is not None and len(args.shapes) != len(args.archs):
+        parser.error(f"--shapes: {len(args.shapes)} given, expected one per --archs entry ({' '.join(args.archs)})")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     budget = CaseBudget(args.budget)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    preset = args.preset or ("base" if device.type == "cuda" else "tiny")
     if device.type == "cuda":
-        shapes = [(16, 1024), (32, 512)]
+        shapes = {"decoder": (16, 1024), "encoder": (32, 512), "seq2seq": (64, 128)}
         modes = ["eager"] if args.quick else ["eager", "compiled"]
         repeat = 5 if args.quick else 20
     else:
-        shapes = [(8, 128), (16, 128)]
+        shapes = {"decoder": (8, 128), "encoder": (16, 128), "seq2seq": (32, 48)}
         modes, repeat = ["eager"], 5 if args.quick else 10
-    shapes = args.shapes or shapes
-    modes, repeat = args.modes or modes, args.repeat or repeat
+    shapes = dict(zip(args.archs, args.shapes)) if args.shapes else shapes
+    setup = Setup(preset=args.preset or ("base" if device.type == "cuda" else "tiny"), vocab=args.vocab,
+                  device=device, use_bf16=trains_in_bf16(args.precision, device), repeat=args.repeat or repeat)
     rows: list[Row] = []
-    for arch, shape in zip(("decoder", "encoder"), shapes):
-        for mode in modes:
+    for arch in args.archs:
+        for mode in args.modes or modes:
             if not budget.allows(f"{arch} {mode}"):
                 continue
-            throughput, utilisation = measure(arch, preset, shape, device, mode == "compiled", repeat)
+            throughput, utilisation = measure(arch, shapes[arch], setup, mode == "compiled")
             rows.append(throughput)
             if utilisation is not None:
                 rows.append(utilisation)
-    notes = (f"Preset {preset}, vocab {VOCAB}; fastlm = attention (Triton on CUDA, SDPA elsewhere) + "
-             "linear_cross_entropy; torch = SDPA (is_causal for packed blocks, the padding mask on the fastest "
-             f"backend that takes it) + full logits + F.cross_entropy; "
-             f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, AdamW{' (fused)' if device.type == 'cuda' else ''}"
-             f"; steps timed in turns, median of {repeat}. MFU against the device's dense bf16 peak "
+    notes = (f"Preset {setup.preset}, vocab {setup.vocab}, {torch.get_num_threads()} threads; fastlm = attention "
+             "(Triton on CUDA, SDPA elsewhere) + linear_cross_entropy; torch = SDPA (is_causal for packed blocks, the "
+             "padding masks on the fastest backend that takes them) + full logits + F.cross_entropy; "
+             f"{'bf16 autocast' if setup.use_bf16 else 'fp32'}, AdamW{' (fused)' if device.type == 'cuda' else ''}"
+             f"; steps timed in turns, median of {setup.repeat}. MFU against the device's dense bf16 peak "
              f"({device_peak_tflops() or 'unknown'} TFLOP/s) with estimate_flops_per_token at the batch's real length;"
              " memory is the extra peak of one step over weights and optimizer state (CPU: peak RSS growth).")
     notes += budget.note()

@@ -479,8 +479,8 @@ def test_finetune_from_random_sides(pretrained):
 
     root = pretrained
     fastlm("finetune", "--encoder", "random", "--decoder", "random", "--tokenizer", root / "tok.json",
-           "--train", root / "train-pairs", "--run-dir", root / "rnd2rnd", *QUICK_RUN, *MICRO_MODEL,
-           "--model.n_layers", "2")
+           "--train", root / "train-pairs", "--run-dir", root / "rnd2rnd", *QUICK_RUN,
+           *" ".join(MICRO_MODEL).replace("--model.n_layers 1", "--model.n_layers 2").split())
     merged = Seq2SeqLM.load(root / "rnd2rnd" / "model")
     assert (merged.encoder_config.d_model, merged.encoder_config.n_layers, merged.config.n_layers) == (32, 2, 2)
 

@@ -16,11 +16,11 @@ Design (why it looks like this):
   `linear_cross_entropy` the same kernel writes loss and gradient in one launch per chunk.
 - `linear_cross_entropy` never holds the [N, V] logits, only a chunk of them at a time, in one workspace: rows
   that fit CHUNK_BYTES, or on a GPU MIN_CHUNK_ROWS rows where the vocabulary is so large that fewer would fit
-  (small GEMMs are slow); `max_chunk_bytes` caps it instead. Walk 1 goes over row chunks holding whole rows: a cuBLAS GEMM gives the chunk's logits (in the input
-  dtype on CUDA, with fp32 accumulation and the bias added in the epilogue, as torch's linear; fp32 elsewhere), the
-  row kernel gives loss, logsumexp, argmax hit and the gradient G written over the logits in one launch, and one
-  GEMM gives d_hidden = G @ W of those rows, written once. d_weight = G^T @ hidden then takes one of two ways,
-  whichever costs less (`_weight_grad_by_vocab`, by the machine balance FLOPS_PER_BYTE):
+  (small GEMMs are slow); `max_chunk_bytes` caps it instead. Walk 1 goes over row chunks holding whole rows: a
+  GEMM gives the chunk's logits (in the input dtype with fp32 accumulation and, on CUDA, the bias added in the
+  epilogue, as torch's linear), the row kernel gives loss, logsumexp, argmax hit and the gradient G written over the
+  logits in one launch, and one GEMM gives d_hidden = G @ W of those rows, written once. d_weight = G^T @ hidden
+  then takes one of two ways, whichever costs less (`_weight_grad_by_vocab`, by the machine balance FLOPS_PER_BYTE):
   * accumulated chunk by chunk in walk 1 (beta = 1 GEMMs): no extra FLOPs, but every chunk re-reads and re-writes
     d_weight and rounds it to its dtype once more (bf16: 21 times at N = 16k, V = 32k), which suits few chunks;
   * or walk 2 over vocabulary chunks holding all rows: the logits once more (one more GEMM), their gradient from
@@ -69,6 +69,8 @@ FLOPS_PER_BYTE = {"cuda": 300, "cpu": 5}
 # Widest slice of a row one Triton program loads at once, 16 values per thread (8192 with 16 warps): on an H100 it
 # streamed 32k-wide rows 12% faster than 4096 with 8 warps, and 128k-wide ones as fast.
 MAX_BLOCK_V = 8192
+# Rows of logits the CPU path takes at a time (see _rows_torch): 1 MiB, a core's L2 cache on recent x86 server parts.
+CPU_BLOCK_BYTES = 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,8 +253,32 @@ def _rows_triton(logits, target, lse, grad_out, grad_scale, options, find_argmax
 
 def _rows_torch(logits, target, lse, grad_out, grad_scale, options, find_argmax, column_offset, num_classes):
     """The plain-torch reference of the row kernel: same outputs, same NaN rows for out-of-range targets. It is also
-    the CPU's training path, so the gradient is written in place, three passes over the rows and no [rows, V]
-    temporary (each temporary pass over a 48 MiB chunk cost the CPU about as much as the chunk's GEMM)."""
+    the CPU's training path, so it walks the rows in blocks of CPU_BLOCK_BYTES: each block's few passes then run in
+    the core's cache instead of streaming the whole [rows, V] chunk from memory once per pass, and the gradient is
+    written in place, with no [rows, V] temporary."""
+    rows, width = logits.shape
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = torch.empty(rows, dtype=compute, device=logits.device) if lse is None else None
+    correct = torch.empty(rows, dtype=torch.bool, device=logits.device) if lse is None and find_argmax else None
+    lse_out = torch.empty(rows, dtype=compute, device=logits.device) if lse is None else lse.to(compute)
+    per_row_scale = grad_out is not None and grad_scale.numel() > 1
+    step = max(1, CPU_BLOCK_BYTES // (width * torch.finfo(compute).bits // 8))
+    for start in range(0, rows, step):
+        block = slice(start, min(start + step, rows))
+        block_loss, block_lse, block_correct = _rows_torch_block(
+            logits[block], target[block], None if lse is None else lse_out[block],
+            None if grad_out is None else grad_out[block], grad_scale[block] if per_row_scale else grad_scale,
+            options, find_argmax, column_offset, num_classes)
+        if lse is None:
+            loss[block], lse_out[block] = block_loss, block_lse
+            if correct is not None:
+                correct[block] = block_correct
+    return loss, lse_out, correct
+
+
+def _rows_torch_block(logits, target, lse, grad_out, grad_scale, options, find_argmax, column_offset, num_classes):
+    """_rows_torch on one block of rows. Without `lse` the softmax's exponentials are written into the gradient
+    buffer and normalised there: max, exp, sum and scale, four passes, one of them also finding the argmax."""
     ignore_index, label_smoothing, z_loss = options
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(compute)
@@ -260,33 +286,53 @@ def _rows_torch(logits, target, lse, grad_out, grad_scale, options, find_argmax,
     ignored = target == ignore_index
     out_of_range = (target < 0) | (target >= num_classes)
     poison = torch.where(out_of_range & ~ignored, float("nan"), 0.0).to(compute)
+    # The gradient goes into `grad_out` itself where its dtype allows (it may be the logits: every pass reads an
+    # element of x before writing it), else into x when x is already a copy, else into a block-sized buffer.
+    grad = None
+    if grad_out is not None:
+        grad = grad_out if grad_out.dtype == compute else (x if x is not logits else torch.empty_like(x))
     loss = correct = None
     if lse is None:
         safe_target = torch.where(out_of_range, 0, target)
-        lse = torch.logsumexp(x, dim=1)
         target_logit = x.gather(1, safe_target[:, None]).squeeze(1)
+        mean = x.mean(dim=1) if label_smoothing else None
+        if find_argmax:
+            row_max, argmax = x.max(dim=1)
+            correct = (argmax == target) & ~ignored
+        else:
+            row_max = x.amax(dim=1)
+        if grad is None:
+            lse = torch.logsumexp(x, dim=1)
+        else:
+            # A row of -inf only (no allowed class) gives NaN here, as logsumexp's -inf gives NaN below.
+            torch.sub(x, row_max[:, None], out=grad).exp_()
+            total = grad.sum(dim=1)
+            lse = row_max + total.log()
         loss = (1.0 - label_smoothing) * (lse - target_logit)
         if label_smoothing:
             # Only with smoothing: a -inf logit (a masked class) makes this term infinite, and 0 * inf is NaN.
-            loss = loss + label_smoothing * (lse - x.mean(dim=1))
+            loss = loss + label_smoothing * (lse - mean)
         loss = loss + z_loss * lse * lse
         loss = torch.where(ignored, 0.0, loss) + poison
-        correct = (x.argmax(dim=1) == target) & ~ignored if find_argmax else None
-    if grad_out is not None:
+        if grad is None:
+            return loss, lse, correct
+        normalise = total.reciprocal()
+    else:
         lse = lse.to(compute)
-        scale = torch.where(ignored, 0.0, grad_scale.to(compute).expand(len(target))) + poison
-        # (softmax(x) * (1 + 2 z_loss lse) - eps / V) * scale, then (eps - 1) * scale at the target: in `grad_out`
-        # itself (which may be the logits: x is read before it is overwritten, element by element).
-        grad = grad_out if grad_out.dtype == compute else torch.empty_like(x)
-        torch.sub(x, lse[:, None], out=grad).exp_().mul_((scale * (1.0 + 2.0 * z_loss * lse))[:, None])
-        if label_smoothing:
-            grad.sub_((label_smoothing / num_classes * scale)[:, None])
-        local_target = target - column_offset
-        in_slice = (local_target >= 0) & (local_target < x.shape[1])
-        target_term = torch.where(in_slice, (label_smoothing - 1.0) * scale, 0.0)
-        grad.scatter_add_(1, torch.where(in_slice, local_target, 0)[:, None], target_term[:, None])
-        if grad is not grad_out:
-            grad_out.copy_(grad)
+        torch.sub(x, lse[:, None], out=grad).exp_()
+        normalise = 1.0
+    # grad now holds exp(x - lse) (or its unnormalised exp(x - max)); make it
+    # (softmax(x) * (1 + 2 z_loss lse) - eps / V) * scale, then add (eps - 1) * scale at the target.
+    scale = torch.where(ignored, 0.0, grad_scale.to(compute).expand(len(target))) + poison
+    grad.mul_((normalise * scale * (1.0 + 2.0 * z_loss * lse))[:, None])
+    if label_smoothing:
+        grad.sub_((label_smoothing / num_classes * scale)[:, None])
+    local_target = target - column_offset
+    in_slice = (local_target >= 0) & (local_target < x.shape[1])
+    target_term = torch.where(in_slice, (label_smoothing - 1.0) * scale, 0.0)
+    grad.scatter_add_(1, torch.where(in_slice, local_target, 0)[:, None], target_term[:, None])
+    if grad is not grad_out:
+        grad_out.copy_(grad)
     return loss, lse, correct
 
 
@@ -460,9 +506,10 @@ def _linear_cross_entropy_chunks(
     rows, hidden_size = hidden.shape
     num_classes = weight.shape[0]
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    # GEMMs and logits in the input dtype on CUDA (half inputs run on tensor cores with fp32 accumulation and
-    # give half logits, as torch's own linear does); the compute dtype elsewhere (CPU has no fast half GEMM).
-    gemm_dtype = hidden.dtype if hidden.is_cuda else compute
+    # GEMMs and logits in the input dtype, as torch's own linear: half inputs run with fp32 accumulation on tensor
+    # cores, or on a CPU with native bf16 dot products (AVX-512 BF16, AMX), which multiplies them 2.5-3x faster than
+    # fp32; the row kernel reads them into fp32.
+    gemm_dtype = hidden.dtype
     hidden_gemm, weight_gemm = hidden.to(gemm_dtype), weight.to(gemm_dtype)
     bias_gemm = None if bias is None else bias.to(gemm_dtype)
     options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, triton_path=triton_path)

@@ -6,6 +6,7 @@ Padding convention: `lengths` [B] counts the real tokens of each row; padding si
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -82,9 +83,17 @@ def scaled_dot_product(
     # The mask is built only where padding (or a non-square causal block) needs it.
     is_causal = causal and kv_lens is None and n_queries == n_keys
     mask = None if is_causal else attention_mask(n_queries, n_keys, causal=causal, kv_lens=kv_lens, device=q.device)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
-    )
+    # SDPA's bf16 backward on the CPU took 4x as long as its fp32 one, casts included (tiny preset, 32 rows of 48
+    # tokens, docs/PERFORMANCE.md): under CPU autocast, training attends in fp32 (autocast would cast back to bf16).
+    dtype = q.dtype
+    upcast = q.device.type == "cpu" and dtype == torch.bfloat16 and q.requires_grad
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
+        )
+    return out.to(dtype)
 
 
 class Embeddings(nn.Module):

@@ -16,13 +16,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast of training and evaluation alike, so that `fastlm eval` computes what the run logged: bf16
-    only where it pays off and is exact enough to train (CUDA); the CPU stays fp32."""
-    enabled = device.type == "cuda" and precision == "bf16"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, batches, *, world: World,
                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict:

@@ -23,7 +23,8 @@ from fastlm.tokenizer import Tokenizer
 from fastlm.train.averaging import average_checkpoints
 from fastlm.train.config import TrainConfig, typed_overrides
 from fastlm.train.distributed import World
-from fastlm.train.evaluation import autocast_for, corpus_bleu, evaluate_loss
+from fastlm.train.evaluation import corpus_bleu, evaluate_loss
+from fastlm.train.precision import autocast_for
 from fastlm.train.plot import plot_runs
 from fastlm.train.trainer import Trainer
 from fastlm.translation import DecodingSettings, translate_texts

@@ -178,18 +178,19 @@ def test_linear_cross_entropy_matches_torch_float64(impl, case):
     options = dict(label_smoothing=case["label_smoothing"], z_loss=case["z_loss"], ignore_index=-100)
     ours = [t.to(DEVICE, copy=True).requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
     # A budget of 16 rows per chunk: N up to 40 walks up to three row chunks, the last one partial, and vocabulary
-    # chunks of 16 * V / N columns (at least 16); both ways to d_weight.
-    logits_itemsize = dtype.itemsize if DEVICE == "cuda" else 4
-    with mock.patch.object(module, "_weight_grad_by_vocab", lambda *_: case["weight_grad_by_vocab"]):
+    # chunks of 16 * V / N columns (at least 16); both ways to d_weight. The torch path takes whole-row chunks 5
+    # rows at a time, so its blocks split the chunks too.
+    with mock.patch.object(module, "_weight_grad_by_vocab", lambda *_: case["weight_grad_by_vocab"]), \
+            mock.patch.object(module, "CPU_BLOCK_BYTES", 5 * 4 * case["vocab"]):
         loss, correct = linear_cross_entropy(
             ours[0], ours[1], target.to(DEVICE), bias=ours[2], reduction=case["reduction"], return_accuracy=True,
-            max_chunk_bytes=16 * logits_itemsize * case["vocab"], impl=impl, **options,
+            max_chunk_bytes=16 * dtype.itemsize * case["vocab"], impl=impl, **options,
         )
     reference = [t.double().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
     logits64 = reference[0] @ reference[1].T + (reference[2] if reference[2] is not None else 0.0)
-    # On CUDA half inputs give half logits, as torch's linear does: the function computed is the loss of the
-    # rounded logits, whose gradient flows back as if unrounded (straight through).
-    if DEVICE == "cuda" and dtype != torch.float32:
+    # Half inputs give half logits, as torch's linear does: the function computed is the loss of the rounded
+    # logits, whose gradient flows back as if unrounded (straight through).
+    if dtype != torch.float32:
         logits64 = logits64 + (logits64.to(dtype).double() - logits64).detach()
     logits64.retain_grad()
     rows64 = reference_loss(logits64, target, reduction="none", **options)
@@ -206,14 +207,16 @@ def test_linear_cross_entropy_matches_torch_float64(impl, case):
     grad_logits = gradient_term_magnitude(logits64, target, rows64.grad, case["z_loss"], case["label_smoothing"])
     magnitudes = (grad_logits @ reference[1].detach().abs(), grad_logits.T @ reference[0].detach().abs(),
                   grad_logits.sum(0))
-    # The logits' gradient loses its entries below fp32's smallest normal number (GPUs flush them to zero), and on
-    # CUDA that of half inputs is half too (as torch's): rounded to fp16's subnormal spacing. Each is an absolute
-    # error that the product after it sums over V or N.
-    spacing = torch.finfo(torch.float32).tiny
-    if DEVICE == "cuda" and dtype != torch.float32:
-        spacing = max(spacing, torch.finfo(dtype).tiny * torch.finfo(dtype).eps)
-    spacing_sums = (spacing * reference[1].detach().abs().sum(0), spacing * reference[0].detach().abs().sum(0),
-                    spacing * case["rows"])
+    # The logits' gradient loses its entries below fp32's smallest normal number (GPUs flush them to zero), and that
+    # of half inputs is half too (as torch's): rounded to fp16's subnormal spacing. Each is an absolute error that
+    # the product after it sums over V or N. A half GEMM may also flush each product below that number (AVX-512
+    # BF16's dot products do): one more such error per term of those sums.
+    tiny = torch.finfo(torch.float32).tiny
+    spacing, flushed = tiny, 0.0
+    if dtype != torch.float32:
+        spacing, flushed = max(tiny, torch.finfo(dtype).tiny * torch.finfo(dtype).eps), tiny
+    spacing_sums = (spacing * reference[1].detach().abs().sum(0) + flushed * case["vocab"],
+                    spacing * reference[0].detach().abs().sum(0) + flushed * case["rows"], spacing * case["rows"])
     for name, mine, theirs, magnitude, absolute in zip(
         ("d hidden", "d weight", "d bias"), ours, reference, magnitudes, spacing_sums
     ):
@@ -284,14 +287,15 @@ def test_unchecked_out_of_range_target_poisons_its_row_with_nan(triton_path):
 
 @pytest.mark.parametrize("triton_path", [False, True])
 def test_every_gradient_element_is_written_in_both_modes(triton_path):
-    # NaN-poisoned output buffers must come back fully overwritten, partial last block included, by the launch
-    # that computes loss and gradient together (linear_cross_entropy's) and by the gradient-only launch from a
-    # stored logsumexp (cross_entropy's backward), which must agree.
+    # NaN-poisoned output buffers must come back fully overwritten, partial last block included (of a row for the
+    # kernel, of rows for the torch path), by the launch that computes loss and gradient together
+    # (linear_cross_entropy's) and by the gradient-only launch from a stored logsumexp (cross_entropy's backward),
+    # which must agree.
     logits = torch.randn(5, 1003)
     target = torch.tensor([0, 1002, -100, 500, 3])
     options = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, triton_path=triton_path)
     together, alone = torch.full_like(logits, float("nan")), torch.full_like(logits, float("nan"))
-    with mock.patch.object(module, "MAX_BLOCK_V", 256):
+    with mock.patch.object(module, "MAX_BLOCK_V", 256), mock.patch.object(module, "CPU_BLOCK_BYTES", 2 * 4 * 1003):
         loss, lse, correct = module._cross_entropy_rows(
             logits, target, grad_out=together, grad_scale=torch.full((5,), 0.5), find_argmax=True, **options
         )

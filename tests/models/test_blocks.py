@@ -127,3 +127,21 @@ def test_fastlm_attention_keeps_its_kernel_where_it_runs(monkeypatch):
     assert _sdpa_calls(monkeypatch, lambda: scaled_dot_product(q, q, q, causal=True, kv_lens=None, dropout_p=0.0,
                                                                impl="fastlm")) == []
     assert kernel_calls == [dict(causal=True, kv_lens=None, dropout_p=0.0)]
+
+
+def test_cpu_autocast_training_attends_in_fp32(monkeypatch):
+    """SDPA's bf16 backward is slow on the CPU: under autocast a training forward attends in fp32 (and hands bf16
+    on), an inference forward keeps bf16; both close to fp32 attention."""
+    dtypes = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **options: dtypes.append(q.dtype)
+                        or real(q, k, v, **options))
+    q, k, v = (torch.randn(2, 2, 5, 16) for _ in range(3))
+    expected = scaled_dot_product(q, k, v, causal=True, kv_lens=torch.tensor([5, 3]), dropout_p=0.0, impl="sdpa")
+    for requires_grad in (True, False):
+        half = [t.bfloat16().requires_grad_(requires_grad) for t in (q, k, v)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = scaled_dot_product(*half, causal=True, kv_lens=torch.tensor([5, 3]), dropout_p=0.0, impl="sdpa")
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    assert dtypes == [torch.float32, torch.float32, torch.bfloat16]

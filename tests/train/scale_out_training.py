@@ -43,8 +43,9 @@ class RandomBatches:
 
 
 def build_trainer(run_dir: Path, arch: str, overrides: dict, world: World | None = None) -> Trainer:
+    # fp32: world sizes split the batch differently, and bf16 would round each split's sums differently.
     config = TrainConfig(**{"progress": False, "warmup_steps": 2, "max_steps": 4, "batch_size": 2, "lr": 1e-2,
-                            "eval_interval": 0, "checkpoint_interval": 2, **overrides})
+                            "eval_interval": 0, "checkpoint_interval": 2, "precision": "fp32", **overrides})
     torch.manual_seed(1234)  # identical initial weights on every rank and in every run
     model = ARCHS[arch](ModelConfig(**MODEL))
     return Trainer(model, RandomBatches(arch, config.batch_size), config, run_dir, world=world,

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fastlm.train import TrainConfig, Trainer, TrainingDiverged, load_checkpoint
+from fastlm.train import precision as precision_module
 from fastlm.train.metrics import read_records
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -58,6 +59,16 @@ def test_toy_model_learns_and_the_run_directory_is_complete(tmp_path):
 def test_without_validation_data_fit_returns_the_last_train_loss(tmp_path):
     final = Trainer(ToyLM(), ToyBatches(), toy_config(max_steps=3), tmp_path).fit()
     assert final == {"train_loss": train_losses(tmp_path)[-1][1]}
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_precision_auto_trains_in_bf16_where_the_hardware_has_it(tmp_path, monkeypatch, native_bf16):
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: native_bf16)
+    for precision, bf16 in (("auto", native_bf16), ("bf16", True), ("fp32", False)):
+        trainer = Trainer(ToyLM(), ToyBatches(), toy_config(precision=precision), tmp_path / precision)
+        with trainer.autocast():
+            assert torch.is_autocast_enabled("cpu") is bf16 and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert precision_module.trains_in_bf16("auto", torch.device("cuda"))
 
 
 def test_resuming_a_finished_run_trains_no_more_and_reports_its_evaluation(tmp_path):

@@ -93,8 +93,9 @@ class MergedBatches:
 
 def step_gradients(task: str, batches, grad_accum: int, world: World) -> dict[str, torch.Tensor]:
     """The gradients of one optimizer step from the initial weights (no clipping), and the step's loss."""
+    # fp32: the micro-batch splits compared would round their sums differently in bf16.
     config = TrainConfig(progress=False, max_steps=1, warmup_steps=0, grad_clip=0.0, grad_accum=grad_accum,
-                         eval_interval=0)
+                         eval_interval=0, precision="fp32")
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(build_model(task), batches, config, run_dir, world=world)
         loss, _, _ = trainer.train_step()
