@@ -374,7 +374,6 @@ def recipe_section(grid: Grid, results: dict, out: Path, references: Path) -> st
         cells = [cell for metric in ("BLEU", "chrF") for cell in shown_test(tested.get(name), metric)] \
             if name != "base" else ["", "", "", ""]
         rows.append([name, f"`{change}`", trained["final"]["step"] if trained and trained["final"] else None,
-                     trained["seconds"] / 3600 if trained and trained.get("seconds") else None,
                      scored.get("loss"), scored.get("loss_per_char"), scored.get("bleu"), scored.get("chrf"),
                      *cells])
     return (f"## 6. The fine-tuning recipe (low-resource settings)\n\nOne change each to the base: Rnd2Rnd at char "
@@ -383,9 +382,8 @@ def recipe_section(grid: Grid, results: dict, out: Path, references: Path) -> st
             "the training pairs (a smaller batch takes more steps). Scored on the whole valid split (news dev): "
             "cross-entropy per target token and per character of the reference (what compares vocabularies), and "
             "greedy BLEU and chrF; each against the base by paired bootstrap (p < "
-            f"{SIGNIFICANT} in **bold**). Hours: the training command's wall time on one thread (on a box shared "
-            "with other jobs: an upper bound of its CPU time).\n\n"
-            + table(["name", "change", "steps", "hours", "valid loss", "loss / char", "BLEU", "chrF",
+            f"{SIGNIFICANT} in **bold**).\n\n"
+            + table(["name", "change", "steps", "valid loss", "loss / char", "BLEU", "chrF",
                      "BLEU vs base", "p", "chrF vs base", "p"], rows))
 
 

@@ -148,7 +148,7 @@ def test_finetune_reports_bleu(finetuned):
              if '"eval"' in line]
     assert evals and all(0.0 <= r["bleu"] <= 100.0 for r in evals)
     saved = json.loads((finetuned / "seq2seq" / "config.json").read_text())["train"]
-    assert saved["label_smoothing"] == 0.1 and saved["max_tokens"] == 256  # finetune's default; the override
+    assert saved["label_smoothing"] == 0.0 and saved["max_tokens"] == 256  # finetune's default; the override
 
 
 def test_finetune_exports_the_checkpoint_of_the_best_validation_loss(finetuned):

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastlm.train.config import PRESETS, ConfigError, TrainConfig, parse_overrides, resolve
+from fastlm.train.config import PRESETS, TASK_DEFAULTS, ConfigError, TrainConfig, parse_overrides, resolve
 from fastlm.train.optim import lr_multiplier
 
 
@@ -40,9 +40,11 @@ def test_bad_overrides_name_the_key_and_value(args, message):
     assert message in str(error.value)
 
 
-def test_the_task_sets_its_defaults_under_the_overrides():
-    assert resolve("tiny", {}, "finetune").label_smoothing == 0.1
-    assert resolve("tiny", {}, "pretrain").label_smoothing == 0.0 == resolve("tiny", {}).label_smoothing
+def test_the_task_sets_its_defaults_under_the_overrides(monkeypatch):
+    assert resolve("tiny", {}, "finetune").label_smoothing == 0.0 == resolve("tiny", {}).label_smoothing  # measured
+    monkeypatch.setitem(TASK_DEFAULTS, "finetune", {"label_smoothing": 0.1, "max_steps": 7})
+    assert (resolve("tiny", {}, "finetune").label_smoothing, resolve("tiny", {}, "finetune").max_steps) == (0.1, 7)
+    assert resolve("tiny", {}, "pretrain").label_smoothing == 0.0
     assert resolve("tiny", {"label_smoothing": "0"}, "finetune").label_smoothing == 0.0
     with pytest.raises(ConfigError, match="task='translate': expected one of pretrain, finetune"):
         resolve("tiny", {}, "translate")
