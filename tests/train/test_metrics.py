@@ -2,6 +2,7 @@
 run leaves neither stale nor repeated steps; without the tensorboard package training writes none and goes on."""
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,10 @@ def test_a_resumed_run_leaves_no_stale_or_repeated_step_in_the_curves(tmp_path):
     pytest.importorskip("tensorboard")
     torch.manual_seed(0)
     Trainer(ToyLM(), ToyBatches(), toy_config(max_steps=6, checkpoint_interval=4, eval_interval=0), tmp_path).fit()
+    # TensorBoard reads a run's event files in name order: the creation second, then a per-process counter compared
+    # as text (".10" before ".9"), so a resume within the same second as the first run could be read first. A real
+    # resume comes seconds later; so does this one.
+    time.sleep(1.1)
     # Resume from step 4 and stop at 5: steps 5 and 6 of the first run are gone, step 5 comes back once.
     resumed = Trainer(ToyLM(), ToyBatches(), toy_config(max_steps=5, checkpoint_interval=4, eval_interval=0), tmp_path)
     assert resumed.resume(tmp_path / "checkpoints" / "step-00000004.pt")
