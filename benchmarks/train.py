@@ -19,7 +19,7 @@ batch's real lengths.
     python benchmarks/train.py            # CUDA: base preset, decoder 16x1024, MLM encoder 32x512 with padding,
                                           # translation 64x128
     python benchmarks/train.py --quick    # CPU: tiny preset, small batches, eager only
-    python benchmarks/train.py --archs seq2seq --shapes 32x48 --threads 1   # CPU: the tiny translation row alone
+    python benchmarks/train.py --archs seq2seq --shapes 32x48 --vocab 8000 --threads 1   # CPU: translation alone
     python benchmarks/train.py --modes compiled --budget 60   # only the compiled runs, no new case after 60 s
 """
 

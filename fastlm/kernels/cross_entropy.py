@@ -71,8 +71,7 @@ FLOPS_PER_BYTE = {"cuda": 300, "cpu": 5}
 MAX_BLOCK_V = 8192
 # Rows of logits the CPU path takes at a time (see _rows_torch), in fp32: a block stays in the last-level cache
 # through its passes. Smaller blocks mean more, smaller ops: linear + cross-entropy at 1536 x 8000 (AMD EPYC,
-# docs/PERFORMANCE.md) mostly took 20-30% longer with 1 MiB blocks, and with bf16 logits up to 40% longer as one
-# 48 MiB block.
+# docs/PERFORMANCE.md) took 18-34% longer with 1 MiB blocks, and with bf16 logits 20-40% longer as one 48 MiB block.
 CPU_BLOCK_BYTES = 8 * 2**20
 
 
