@@ -3,7 +3,8 @@ kernels against the same model in the best plain torch a user would write ("torc
 torch.compile'd.
 
 fastlm = attn_impl="fastlm" (the Triton kernel on CUDA, torch's SDPA elsewhere) + linear_cross_entropy.
-torch = attn_impl="sdpa" + full logits + F.cross_entropy: packed decoder blocks carry no lengths, so SDPA gets
+torch = attn_impl="sdpa" + the faster (timed first on the batch) of full logits + F.cross_entropy and torch's own
+chunked F.linear_cross_entropy (torch >= 2.12): packed decoder blocks carry no lengths, so SDPA gets
 is_causal=True and no mask; padded MLM and translation batches pass their padding masks, with the fastest SDPA
 backend that takes them (each one that accepts the call timed first on the batch's attention shapes). Each row names
 the attention backend that ran for each provider, read from the profiler. Translation rows count target tokens.
@@ -18,7 +19,7 @@ batch's real lengths.
     python benchmarks/train.py            # CUDA: base preset, decoder 16x1024, MLM encoder 32x512 with padding,
                                           # translation 64x128
     python benchmarks/train.py --quick    # CPU: tiny preset, small batches, eager only
-    python benchmarks/train.py --archs seq2seq --shapes 32x48 --threads 1   # CPU: the tiny translation row alone
+    python benchmarks/train.py --archs seq2seq --shapes 32x48 --vocab 8000 --threads 1   # CPU: translation alone
     python benchmarks/train.py --modes compiled --budget 60   # only the compiled runs, no new case after 60 s
 """
 
@@ -49,6 +50,9 @@ MASK_PROB = 0.15
 PROVIDERS = ("fastlm", "torch")
 ARCHS = ("decoder", "encoder", "seq2seq")
 KINDS = {"decoder": "decoder", "encoder": "MLM encoder", "seq2seq": "translation"}
+# The torch baseline's loss: the logits in full, or torch's own chunked linear + cross-entropy (torch >= 2.12);
+# each row takes the faster on its batch.
+TORCH_RECIPES = ("full logits + F.cross_entropy", "F.linear_cross_entropy")
 # Dense bf16 peak TFLOP/s (no sparsity) of the devices we know; MFU is left out elsewhere.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
                "RTX 4090": 165.0}
@@ -126,17 +130,52 @@ def real_length(batch: dict) -> float:
     return float((lengths * lengths).sum() / lengths.sum())
 
 
-def torch_loss(model, arch: str, batch: dict) -> torch.Tensor:
-    """The plain-torch objective: full logits, then F.cross_entropy (decoder targets shifted by one)."""
+def output_projection(model, arch: str) -> torch.nn.Linear:
+    return model.head.output if arch == "encoder" else model.lm_head
+
+
+def torch_objective(recipe: str, states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    labels: torch.Tensor) -> torch.Tensor:
+    """The loss of flat states (N, D) through the output projection, by one of TORCH_RECIPES."""
+    if recipe == "F.linear_cross_entropy":
+        return F.linear_cross_entropy(states, weight, labels, linear_bias=bias, ignore_index=-100,
+                                      options=torch.nn.LinearCrossEntropyOptions())
+    return F.cross_entropy(F.linear(states, weight, bias).float(), labels, ignore_index=-100)
+
+
+def torch_loss(model, arch: str, batch: dict, recipe: str) -> torch.Tensor:
+    """The plain-torch objective of `model`, whose output projection hands back its input (training_step), by
+    `recipe` (decoder targets shifted by one)."""
     if arch == "seq2seq":
-        logits = model(batch["src_ids"], batch["tgt_ids"], batch["src_lengths"], batch["tgt_lengths"],
+        states = model(batch["src_ids"], batch["tgt_ids"], batch["src_lengths"], batch["tgt_lengths"],
                        return_logits=True).logits
     else:
-        logits = model(batch["input_ids"], batch.get("lengths"), return_logits=True).logits
+        states = model(batch["input_ids"], batch.get("lengths"), return_logits=True).logits
     labels = batch["labels"]
     if arch == "decoder":   # packed blocks: position t is scored against token t + 1
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+        states, labels = states[:, :-1], labels[:, 1:]
+    projection = output_projection(model, arch)
+    return torch_objective(recipe, states.reshape(-1, states.shape[-1]), projection.weight, projection.bias,
+                           labels.reshape(-1))
+
+
+def fastest_torch_recipe(config: ModelConfig, batch: dict, setup: Setup) -> str:
+    """The loss recipe a careful torch user would pick for this batch: each of TORCH_RECIPES torch has, timed on a
+    forward and backward of the batch's rows of states through the output projection."""
+    labels = batch["labels"].reshape(-1)
+    states = torch.randn(len(labels), config.d_model, device=setup.device, requires_grad=True)
+    weight = torch.randn(config.vocab_size, config.d_model, device=setup.device, requires_grad=True)
+    seconds = {}
+    for recipe in TORCH_RECIPES:
+        if recipe == "F.linear_cross_entropy" and not hasattr(F, "linear_cross_entropy"):   # torch < 2.12
+            continue
+
+        def call(recipe=recipe) -> None:
+            with torch.autocast(setup.device.type, dtype=torch.bfloat16, enabled=setup.use_bf16):
+                loss = torch_objective(recipe, states, weight, None, labels)
+            loss.backward()
+        seconds[recipe] = time_call(call, repeat=5)
+    return min(seconds, key=seconds.get)
 
 
 def fastest_sdpa_backend(arch: str, config: ModelConfig, batch: dict, device: torch.device, dtype: torch.dtype
@@ -166,16 +205,24 @@ def fastest_sdpa_backend(arch: str, config: ModelConfig, batch: dict, device: to
     return min(seconds, key=seconds.get)
 
 
-def training_step(provider: str, arch: str, setup: Setup, batch: dict, compile_model: bool):
-    """A closure running one optimizer step of a fresh model for `provider`, and the model."""
+def model_config(setup: Setup, provider: str) -> ModelConfig:
+    return ModelConfig.preset(setup.preset, vocab_size=setup.vocab, dropout=0.0,
+                              attn_impl="fastlm" if provider == "fastlm" else "sdpa")
+
+
+def training_step(provider: str, arch: str, setup: Setup, batch: dict, compile_model: bool, recipe: str):
+    """A closure running one optimizer step of a fresh model for `provider` (torch: with loss `recipe`), and the
+    model."""
     device, use_bf16 = setup.device, setup.use_bf16
     torch.manual_seed(0)
-    config = ModelConfig.preset(setup.preset, vocab_size=setup.vocab, dropout=0.0,
-                                attn_impl="fastlm" if provider == "fastlm" else "sdpa")
+    config = model_config(setup, provider)
     if arch == "seq2seq":
         model = Seq2SeqLM(config, config).to(device)
     else:
         model = (EncoderLM if arch == "encoder" else DecoderLM)(config).to(device)
+    if provider == "torch":
+        # The model hands its states to the loss recipe, which applies the projection's parameters itself.
+        output_projection(model, arch).forward = lambda states: states
     optimizer = model.configure_optimizers(weight_decay=0.1, lr=1e-4)
     forward = torch.compile(model) if compile_model else model
     # Both providers' models attend in fp32 under CPU autocast (fastlm.models.blocks.scaled_dot_product).
@@ -186,7 +233,7 @@ def training_step(provider: str, arch: str, setup: Setup, batch: dict, compile_m
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16), sdpa_kernel(backends):
-            loss = forward(**batch).loss if provider == "fastlm" else torch_loss(forward, arch, batch)
+            loss = forward(**batch).loss if provider == "fastlm" else torch_loss(forward, arch, batch, recipe)
         loss.backward()
         optimizer.step()
 
@@ -205,15 +252,16 @@ def measure(arch: str, shape: tuple[int, int], setup: Setup, compile_model: bool
     batch_size, length = shape
     batch = make_batch(arch, batch_size, length, setup.vocab, setup.device, torch.Generator().manual_seed(0))
     tokens = scored_tokens(batch)
+    recipe = fastest_torch_recipe(model_config(setup, "torch"), batch, setup)
     steps, models = {}, {}
     for provider in PROVIDERS:
-        steps[provider], models[provider] = training_step(provider, arch, setup, batch, compile_model)
+        steps[provider], models[provider] = training_step(provider, arch, setup, batch, compile_model, recipe)
     seconds = time_interleaved(steps, warmup=3 if compile_model else 2, repeat=setup.repeat)
     backends = {provider: attention_backends(step) for provider, step in steps.items()}
     mode = "compiled" if compile_model else "eager"
     name = (f"{KINDS[arch]} {setup.preset} {batch_size}x{length} {mode} {'bf16' if setup.use_bf16 else 'fp32'} "
-            "(attention: "
-            + ", ".join(f"{provider} {backend}" for provider, backend in backends.items()) + ")")
+            "(attention: " + ", ".join(f"{provider} {backend}" for provider, backend in backends.items())
+            + f"; torch loss: {recipe})")
     throughput = Row(name, "target tokens/s" if arch == "seq2seq" else "tokens/s", higher_is_better=True)
     peak = device_peak_tflops()
     utilisation = Row(name, "MFU %", higher_is_better=True) if peak else None
@@ -280,9 +328,10 @@ def main() -> None:
             rows.append(throughput)
             if utilisation is not None:
                 rows.append(utilisation)
-    notes = (f"Preset {setup.preset}, vocab {setup.vocab}, {torch.get_num_threads()} threads; fastlm = attention "
-             "(Triton on CUDA, SDPA elsewhere) + linear_cross_entropy; torch = SDPA (is_causal for packed blocks, the "
-             "padding masks on the fastest backend that takes them) + full logits + F.cross_entropy; "
+    threads = torch.get_num_threads()
+    notes = (f"Preset {setup.preset}, vocab {setup.vocab}, {threads} thread{'s' if threads > 1 else ''}; fastlm = "
+             "attention (Triton on CUDA, SDPA elsewhere) + linear_cross_entropy; torch = SDPA (is_causal for packed "
+             "blocks, the padding masks on the fastest backend that takes them) + the faster loss recipe (in the row); "
              f"{'bf16 autocast' if setup.use_bf16 else 'fp32'}, AdamW{' (fused)' if device.type == 'cuda' else ''}"
              f"; steps timed in turns, median of {setup.repeat}. MFU against the device's dense bf16 peak "
              f"({device_peak_tflops() or 'unknown'} TFLOP/s) with estimate_flops_per_token at the batch's real length;"

@@ -69,8 +69,10 @@ FLOPS_PER_BYTE = {"cuda": 300, "cpu": 5}
 # Widest slice of a row one Triton program loads at once, 16 values per thread (8192 with 16 warps): on an H100 it
 # streamed 32k-wide rows 12% faster than 4096 with 8 warps, and 128k-wide ones as fast.
 MAX_BLOCK_V = 8192
-# Rows of logits the CPU path takes at a time (see _rows_torch): 1 MiB, a core's L2 cache on recent x86 server parts.
-CPU_BLOCK_BYTES = 2**20
+# Rows of logits the CPU path takes at a time (see _rows_torch), in fp32: a block stays in the last-level cache
+# through its passes. Smaller blocks mean more, smaller ops: linear + cross-entropy at 1536 x 8000 (AMD EPYC,
+# docs/PERFORMANCE.md) took 18-34% longer with 1 MiB blocks, and with bf16 logits 20-40% longer as one 48 MiB block.
+CPU_BLOCK_BYTES = 8 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------------
