@@ -256,8 +256,8 @@ class Experiment(Grid):
 
     # ----- training jobs -----
 
-    def train_settings(self, stage: str, seed: int = 0) -> dict[str, str]:
-        settings = {"preset": self.preset, "max_steps": self.scale[stage], "batch_size": self.scale["batch_size"],
+    def train_settings(self, steps: int, seed: int = 0) -> dict[str, str]:
+        settings = {"preset": self.preset, "max_steps": steps, "batch_size": self.scale["batch_size"],
                     "max_len": self.scale["max_len"], "eval_interval": self.scale["eval_interval"],
                     "checkpoint_interval": self.scale["eval_interval"], "eval_batches": "0", "seed": seed,
                     "progress": "false"}
@@ -311,7 +311,7 @@ class Experiment(Grid):
         settings = ENCODER_SETTINGS if arch == "encoder" else DECODER_SETTINGS
         command = ["pretrain", "--arch", arch, "--tokenizer", tokenizer,
                    "--train", self.corpus(tokenizer, "train", lang), "--valid", self.corpus(tokenizer, "valid", lang),
-                   *overrides(self.train_settings("pretrain"), self.model_settings(), settings)]
+                   *overrides(self.train_settings(self.scale["pretrain"]), self.model_settings(), settings)]
         name = f"{level}-{arch}"
         self.train("pretrain", name, command, (tokenizer_key,))
         return str(self.run_dir("pretrain", name)), self.job_key(command, tokenizer_key)
@@ -333,7 +333,7 @@ class Experiment(Grid):
             command = ["pretrain", "--arch", "encoder", "--tokenizer", tokenizer,
                        "--train", self.corpus(tokenizer, "train", "ko"),
                        "--valid", self.corpus(tokenizer, "valid", "ko"),
-                       *overrides(self.train_settings("plateau"), self.model_settings({}), settings)]
+                       *overrides(self.train_settings(self.scale["plateau"]), self.model_settings({}), settings)]
             self.train("plateau", name, command, (tokenizer_key,))
 
     def stage_pretrain(self) -> None:
@@ -365,7 +365,8 @@ class Experiment(Grid):
                            "--train", self.corpus(tokenizer, "train", "ko-en"),
                            "--valid", self.corpus(tokenizer, "valid", "ko-en"),
                            "--cross-attention-init", init, "--bleu-sentences", "0",
-                           *overrides(self.train_settings("finetune", seed), model)]
+                           *overrides(self.train_settings(self.epoch_steps(self.scale["finetune_epochs"]), seed),
+                                     {"patience": self.scale["patience"]}, model)]
                 if self.train("finetune", name, command, tuple(keys)):
                     model_key = self.job_key(command, *keys)
                     self.test(name, tokenizer, model_key)
@@ -432,22 +433,26 @@ class Experiment(Grid):
             command = ["pretrain", "--arch", "encoder", "--tokenizer", tokenizer,
                        "--train", self.corpus(tokenizer, "train", "ko"),
                        "--valid", self.corpus(tokenizer, "valid", "ko"),
-                       *overrides(self.train_settings("sweep"), self.model_settings(), settings)]
+                       *overrides(self.train_settings(self.scale["sweep"]), self.model_settings(), settings)]
             self.train("sweep", f"wd{weight_decay}-lr{lr}", command, (tokenizer_key,))
 
-    def stage_recipe(self) -> None:
+    def epoch_steps(self, epochs: float, batch_size: int | None = None) -> int:
+        """The steps of `epochs` passes over the training pairs (at least one)."""
         pairs = len(self.source("train", "ko").read_text(encoding="utf-8").splitlines())
+        return max(1, math.ceil(epochs * pairs / (batch_size or self.scale["batch_size"])))
+
+    def stage_recipe(self) -> None:
         for name in QUICK_RECIPE if self.quick else tuple(RECIPE):
             if not self.wanted(f"recipe/{name}"):
                 continue
             settings = {**RECIPE_BASE, **RECIPE[name]}
             tokenizer, tokenizer_key = self.tokenizer("char", int(settings.pop("vocab", self.train_vocab)))
             batch_size = int(settings.pop("batch_size", self.scale["batch_size"]))
-            steps = max(1, math.ceil(self.scale["recipe_epochs"] * pairs / batch_size))
+            steps = self.epoch_steps(self.scale["recipe_epochs"], batch_size)
             command = ["finetune", "--encoder", "random", "--decoder", "random", "--tokenizer", tokenizer,
                        "--train", self.corpus(tokenizer, "train", "ko-en"),
                        "--valid", self.corpus(tokenizer, "valid", "ko-en"), "--bleu-sentences", "0",
-                       *overrides(self.train_settings("finetune"), {"max_steps": steps, "batch_size": batch_size},
+                       *overrides(self.train_settings(steps), {"batch_size": batch_size},
                                   self.model_settings(), settings)]
             if self.train("recipe", name, command, (tokenizer_key,)):
                 self.score_valid(name, tokenizer, self.job_key(command, tokenizer_key))
