@@ -44,10 +44,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from grid import (BEAMS, DECODER_SETTINGS, ENCODER_SETTINGS, HELDOUT, HELDOUT_SEED, LEVELS, MISPAIRED,
-                  MODEL_SETTINGS, PLATEAU, PLATEAU_BASELINE, QUICK_LINES, QUICK_MODEL, QUICK_RECIPE, RECIPE,
-                  RECIPE_BASE, REPO, SAMPLES, SCALES, STAGES, STARTS, TEST_SETS, Grid, finetune_name, overrides,
-                  test_name, translation_path)
+from grid import (BEAMS, DECODER_SETTINGS, ENCODER_SETTINGS, EVERYDAY, EVERYDAY_PAIRS, HELDOUT, HELDOUT_SEED,
+                  LEVELS, MISPAIRED, MODEL_SETTINGS, PLATEAU, PLATEAU_BASELINE, QUICK_LINES, QUICK_MODEL,
+                  QUICK_RECIPE, RECIPE, RECIPE_BASE, REPO, SAMPLES, SCALES, STAGES, STARTS, TEST_SETS, TRANSLATOR,
+                  Grid, finetune_name, overrides, test_name, translation_path)
 from report import write_report
 
 sys.path.insert(0, str(REPO))  # the fastlm next to this script, for the statistics
@@ -159,7 +159,7 @@ class Experiment(Grid):
 
     def source_path(self, split: str, lang: str) -> Path:
         """Where the raw text of a split is, once `source` made it."""
-        if split in ("train", HELDOUT, MISPAIRED):
+        if split in ("train", HELDOUT, MISPAIRED, EVERYDAY):
             return self.out / "data" / f"{split}.{lang}"
         return self.raw_path(split, lang)
 
@@ -180,6 +180,8 @@ class Experiment(Grid):
         elif split == MISPAIRED:
             lines = self.source("valid", lang).read_text(encoding="utf-8").splitlines()
             write_lines(path, lines[-1:] + lines[:-1] if lang == "ko" else lines)
+        elif split == EVERYDAY:
+            write_lines(path, [pair[("ko", "en").index(lang)] for pair in EVERYDAY_PAIRS])
         else:
             self.raw_source(split, lang)
         return path
@@ -399,11 +401,12 @@ class Experiment(Grid):
 
     def test(self, name: str, tokenizer: Path, model_key: str) -> None:
         """A translation model's scores on each test set (the news test split, the held-out train pairs), greedy
-        and beam 4, with its best and worst sentences; its translations stay in OUT/translations, where the report
-        reads them for the paired bootstrap between starts."""
+        and beam 4, with its best and worst sentences, and its beam-4 translations of the everyday sentences; its
+        translations stay in OUT/translations, where the report reads them for the paired bootstrap between starts
+        and for samples."""
         model = self.run_dir("finetune", name) / "model"
-        for test_set in TEST_SETS:
-            for beam in BEAMS:
+        for test_set, beams in [*((each, BEAMS) for each in TEST_SETS), (EVERYDAY, BEAMS[-1:])]:
+            for beam in beams:
                 result_name = test_name(name, test_set, beam)
                 command = ["translate", "--model", model, "--tokenizer", tokenizer,
                            "--input", self.source(test_set, "ko"), "--beam", beam]
@@ -423,6 +426,32 @@ class Experiment(Grid):
         hypotheses = output.read_text(encoding="utf-8").splitlines()
         self.save("test", result_name, {"key": key, "command": list(map(str, command)), "seconds": seconds,
                                         **test_scores(texts["ko"], hypotheses, texts["en"])})
+
+    def translator(self) -> Path:
+        """The TRANSLATOR, made by the finetune stage's jobs it needs (tokenizer, corpora, pre-training, fine-tuning,
+        tests), exported for transformers into OUT/translator; its scores and its translations of the everyday
+        sentences are printed. The exported directory."""
+        level, start, init, seed = TRANSLATOR
+        name = finetune_name(level, start, init, seed)
+        self.only = [f"finetune/{name}"]
+        self.stage_finetune()
+        tests = {test_set: self.result_path("test", test_name(name, test_set, BEAMS[-1])) for test_set in TEST_SETS}
+        if not all(path.is_file() for path in tests.values()):
+            raise JobFailed(f"{name} has no test scores yet (another process may be running its jobs): run again")
+        exported = self.out / "translator"
+        self.fastlm("export", "--model", self.run_dir("finetune", name) / "model",
+                    "--tokenizer", self.tokenizer(level, self.train_vocab)[0], "--output", exported, "--overwrite")
+        print(f"\n{start} ({level} level, seed {seed}), beam {BEAMS[-1]}:")
+        for test_set, path in tests.items():
+            scores = json.loads(path.read_text(encoding="utf-8"))
+            print(f"  {test_set}: BLEU {scores['bleu']:.2f}, chrF {scores['chrf']:.1f} "
+                  f"({self.source(test_set, 'en')})")
+        outputs = translation_path(self.out, test_name(name, EVERYDAY, BEAMS[-1])).read_text(encoding="utf-8")
+        print("\nEveryday sentences (source, fastlm, a reference translation):")
+        for (korean, reference), output in zip(EVERYDAY_PAIRS, outputs.splitlines()):
+            print(f"  {korean}\n    -> {output}\n    (ref: {reference})")
+        print(f"\nExported for transformers: {exported}")
+        return exported
 
     def stage_sweep(self) -> None:
         for weight_decay, lr in self.sweep_cells:
@@ -591,12 +620,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=[], metavar="GLOB",
                         help="run only the jobs whose STAGE/NAME matches (e.g. 'plateau/mask*')")
     parser.add_argument("--quick", action="store_true", help="a minutes-long smoke version of every stage")
+    parser.add_argument("--translator", action="store_true",
+                        help="make only the study's best translator (" + finetune_name(*TRANSLATOR) + ": its "
+                        "tokenizer, pre-training and fine-tuning), export it to OUT/translator, and print its scores "
+                        "and a few translations")
     parser.add_argument("--report", action="store_true",
                         help="write the results page from what has finished instead of running jobs")
     parser.add_argument("--report-to", type=Path,
                         help="results page, its plots in results/ beside it (default: docs/RESULTS.md; with "
                         "--quick: OUT/report/RESULTS.md)")
     args = parser.parse_args(argv)
+    if args.translator and (args.report or args.only or args.stages != list(STAGES)):
+        parser.error("--translator runs the jobs of one model: it takes no --stages, --only or --report")
     if args.quick and args.preset != "tiny":
         parser.error(f"--quick runs its own micro scale: --preset {args.preset} does not apply to it")
     out = args.out or REPO / "runs" / ("experiment-quick" if args.quick else "experiment")
@@ -612,12 +647,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, experiment.forward_signal)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        for stage in args.stages:
+        if args.translator:
+            experiment.translator()
+        for stage in [] if args.translator else args.stages:
             experiment.log(f"== {stage}")
             getattr(experiment, f"stage_{stage}")()
     except Stopped as stop:
         experiment.log(f"{stop}: run the same command again to continue")
         return 130
+    except JobFailed as error:
+        experiment.log(f"stopped: {error}")
+        return 1
     experiment.log("done")
     return 0
 
