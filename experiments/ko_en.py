@@ -295,14 +295,21 @@ class Experiment(Grid):
             again = ["--overwrite"] if run_dir.exists() else []
         run_dir.mkdir(parents=True, exist_ok=True)
         run_key.write_text(key)  # the job its checkpoints belong to: only that job resumes from them
+        # The wall time of the job's segments so far: a long job runs over several sessions, each resuming it.
+        spent = run_dir / "seconds"
+        seconds = float(spent.read_text()) if again == ["--resume"] and spent.is_file() else 0.0
+        started = time.perf_counter()
         try:
-            seconds = self.fastlm(*command, "--run-dir", run_dir, *again)
+            self.fastlm(*command, "--run-dir", run_dir, *again)
             status = "finished"
         except JobFailed as error:
             if error.code != 1:  # 1: training diverged, a result too (with its curve so far); others are retried
                 self.log(f"{stage}/{name} failed: {error}")
                 return None
-            seconds, status = None, "diverged"
+            status = "diverged"
+        finally:
+            seconds += time.perf_counter() - started
+            spent.write_text(f"{seconds:.1f}")
         return self.save(stage, name, {"key": key, "command": list(map(str, command)), "status": status,
                                        "seconds": seconds, **run_metrics(run_dir)})
 

@@ -11,8 +11,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from grid import (BEAMS, DECODER_SETTINGS, ENCODER_SETTINGS, HELDOUT, MODEL_SETTINGS, PLATEAU, QUICK_RECIPE, RECIPE,
-                  RECIPE_BASE, REPO, STARTS, TEST_SETS, Grid, finetune_name, overrides, test_name, translation_path)
+from grid import (BEAMS, DECODER_SETTINGS, ENCODER_SETTINGS, EVERYDAY, EVERYDAY_PAIRS, HELDOUT, MODEL_SETTINGS,
+                  PLATEAU, QUICK_RECIPE, RECIPE, RECIPE_BASE, REPO, STARTS, TEST_SETS, Grid, finetune_name,
+                  overrides, test_name, translation_path)
 
 PENDING = "pending"
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
@@ -59,7 +60,9 @@ def header(grid: Grid, results: dict, data: str) -> str:
         "",
         f"Scale: `--preset {grid.preset}`{' (--quick)' if grid.quick else ''}: batch "
         f"{scale['batch_size']}, pre-training {scale['pretrain']} steps, plateau runs {scale['plateau']}, "
-        f"translation {scale['finetune']}, weight-decay sweep {scale['sweep']}; evaluation every "
+        f"translation until the valid loss stops improving (at most {scale['finetune_epochs']} epochs, stopped "
+        f"after {scale['patience']} evaluations without a new best), weight-decay sweep {scale['sweep']}; "
+        "evaluation every "
         f"{scale['eval_interval']} steps on the whole valid split; test scores on the news test split and on "
         f"{grid.heldout_pairs} pairs held out of train (drawn before any tokenizer or model saw train). "
         f"Data: {data}. A GPU reruns everything at `--preset small` (or `base`).",
@@ -178,7 +181,9 @@ def translation_section(grid: Grid, results: dict, figures: Path, base: Path, ou
         name = finetune_name(level, start, init, seed)
         r = results.get(f"finetune/{name}")
         source = results.get(f"source/{name}", {})
-        row = [level, start, init, seed, r["final"]["loss"] if r else None, source.get("gap")]
+        best = r["best"] if r and r["best"] else {}
+        row = [level, start, init, seed, best.get("step"), r["final"]["step"] if r and r["final"] else None,
+               r["seconds"] / 3600 if r and r.get("seconds") else None, best.get("loss"), source.get("gap")]
         for test_set in TEST_SETS:
             scores = [results.get(f"test/{test_name(name, test_set, beam)}", {}) for beam in BEAMS]
             row += [*[s.get("bleu") for s in scores], *[s.get("chrf") for s in scores]]
@@ -188,10 +193,14 @@ def translation_section(grid: Grid, results: dict, figures: Path, base: Path, ou
         news = results.get(f"test/{test_name(name, 'test', BEAMS[-1])}")
         if news:
             bars[f"{level} {start}\n{init} s{seed}"] = news["bleu"]
-    head = ["level", "start", "cross-attention", "seed", "valid loss", "source gap"]
+    head = ["level", "start", "cross-attention", "seed", "best step", "last step", "hours", "valid loss",
+            "source gap"]
     for test_set in TEST_SETS:
         head += [f"{TEST_SET_NAMES[test_set]} {metric} beam {beam}" for metric in ("BLEU", "chrF") for beam in BEAMS]
-    text = ("## 4. Translation ko->en\n\nThe same budget for every start; validation loss at the end (whole valid "
+    text = ("## 4. Translation ko->en\n\nEvery start trains until its validation loss stops improving (at most "
+            f"{grid.scale['finetune_epochs']} epochs; stopped after {grid.scale['patience']} evaluations without a "
+            "new best) and keeps its best checkpoint: the step of that checkpoint, the last step trained, the wall "
+            "hours of the job on one CPU core (the process's one thread), and the best validation loss (whole valid "
             "split); the source gap: the loss on the whole valid split with each English sentence given the Korean "
             "of another pair, minus the loss with its own (0: the model ignores its source and is an English LM); "
             "sacrebleu BLEU and chrF of the detokenised output (greedy = beam 1) on the raw news test split and on "
@@ -206,6 +215,7 @@ def translation_section(grid: Grid, results: dict, figures: Path, base: Path, ou
     text += "\n\n" + main_comparison(grid, results)
     text += "\n\n" + significance(grid, results, out, references)
     text += "\n\n" + samples(grid, results)
+    text += "\n\n" + everyday(grid, out)
     return text
 
 
@@ -225,7 +235,7 @@ def main_comparison(grid: Grid, results: dict) -> str:
         return lambda name: results.get(f"test/{test_name(name, test_set, BEAMS[-1])}", {}).get(metric)
 
     measures = {  # name -> the measure of a finished run's name, or None
-        "valid loss": lambda name: (results.get(f"finetune/{name}") or {}).get("final", {}).get("loss"),
+        "valid loss": lambda name: ((results.get(f"finetune/{name}") or {}).get("best") or {}).get("loss"),
         "source gap": lambda name: results.get(f"source/{name}", {}).get("gap"),
         **{f"{TEST_SET_NAMES[test_set]} {label}": test_score(test_set, metric)
            for test_set in TEST_SETS for label, metric in (("BLEU", "bleu"), ("chrF", "chrf"))},
@@ -339,6 +349,22 @@ def samples(grid: Grid, results: dict) -> str:
     return "\n\n".join(blocks) if len(blocks) > 1 else blocks[0] + f"\n\n{PENDING}"
 
 
+def everyday(grid: Grid, out: Path) -> str:
+    """The main comparison's first seed on the everyday sentences (beam 4), one table per level."""
+    blocks = [f"### Everyday sentences (beam {BEAMS[-1]}, seed 0)"]
+    for level in grid.levels:
+        outputs = {}
+        for start in STARTS:
+            path = translation_path(out, test_name(finetune_name(level, start, "random", 0), EVERYDAY, BEAMS[-1]))
+            if path.is_file():
+                outputs[start] = read_lines(path)
+        if outputs:
+            rows = [[korean, reference, *(lines[i] if i < len(lines) else "" for lines in outputs.values())]
+                    for i, (korean, reference) in enumerate(EVERYDAY_PAIRS)]
+            blocks.append(f"**{level} level**\n\n" + table(["Korean", "reference", *outputs], rows))
+    return "\n\n".join(blocks) if len(blocks) > 1 else blocks[0] + f"\n\n{PENDING}"
+
+
 def sweep_section(grid: Grid, results: dict) -> str:
     cells = grid.sweep_cells
     lrs = list(dict.fromkeys(lr for _, lr in cells))
@@ -378,8 +404,9 @@ def recipe_section(grid: Grid, results: dict, out: Path, references: Path) -> st
                      *cells])
     return (f"## 6. The fine-tuning recipe (low-resource settings)\n\nOne change each to the base: Rnd2Rnd at char "
             f"level {grid.train_vocab}, the grid's architecture, batch {grid.scale['batch_size']} pairs, model "
-            f"dropout 0.1, `{' '.join(overrides(RECIPE_BASE))}`; every run {grid.scale['recipe_epochs']} epochs of "
-            "the training pairs (a smaller batch takes more steps). Scored on the whole valid split (news dev): "
+            f"dropout 0.1, no label smoothing; every run {grid.scale['recipe_epochs']} epochs of the training pairs "
+            "(a smaller batch takes more steps), its best checkpoint chosen by the loss on a fixed random sample of "
+            f"the valid split (`{' '.join(overrides(RECIPE_BASE))}`). Scored on the whole valid split (news dev): "
             "cross-entropy per target token and per character of the reference (what compares vocabularies), and "
             "greedy BLEU and chrF; each against the base by paired bootstrap (p < "
             f"{SIGNIFICANT} in **bold**).\n\n"

@@ -31,24 +31,27 @@ def test_quick_grid_runs_every_stage_then_skips_it_all(tmp_path, ko_en_dir):
     assert results == {
         "tokenizers": ["byte-1100", "char-1100"],
         "plateau": ["baseline", "mask40"],
-        "pretrain": ["byte-decoder", "byte-encoder"],
-        "finetune": ["byte-Enc2Dec-random-seed0", "byte-Rnd2Rnd-random-seed0"],
-        "test": ["byte-Enc2Dec-random-seed0-beam1", "byte-Enc2Dec-random-seed0-beam4",
-                 "byte-Enc2Dec-random-seed0-heldout-beam1", "byte-Enc2Dec-random-seed0-heldout-beam4",
-                 "byte-Rnd2Rnd-random-seed0-beam1", "byte-Rnd2Rnd-random-seed0-beam4",
-                 "byte-Rnd2Rnd-random-seed0-heldout-beam1", "byte-Rnd2Rnd-random-seed0-heldout-beam4"],
-        "source": ["byte-Enc2Dec-random-seed0", "byte-Rnd2Rnd-random-seed0"],
+        "pretrain": ["char-decoder", "char-encoder"],
+        "finetune": ["char-Enc2Dec-random-seed0", "char-Rnd2Rnd-random-seed0"],
+        "test": ["char-Enc2Dec-random-seed0-beam1", "char-Enc2Dec-random-seed0-beam4",
+                 "char-Enc2Dec-random-seed0-everyday-beam4", "char-Enc2Dec-random-seed0-heldout-beam1",
+                 "char-Enc2Dec-random-seed0-heldout-beam4",
+                 "char-Rnd2Rnd-random-seed0-beam1", "char-Rnd2Rnd-random-seed0-beam4",
+                 "char-Rnd2Rnd-random-seed0-everyday-beam4", "char-Rnd2Rnd-random-seed0-heldout-beam1",
+                 "char-Rnd2Rnd-random-seed0-heldout-beam4"],
+        "source": ["char-Enc2Dec-random-seed0", "char-Rnd2Rnd-random-seed0"],
         "sweep": ["wd0-lr1e-3"],
     }, first.stdout
-    pretrained = json.loads((out / "results" / "pretrain" / "byte-encoder.json").read_text())
+    pretrained = json.loads((out / "results" / "pretrain" / "char-encoder.json").read_text())
     assert pretrained["status"] == "finished" and pretrained["final"]["step"] == 4
-    source = json.loads((out / "results" / "source" / "byte-Rnd2Rnd-random-seed0.json").read_text())
+    source = json.loads((out / "results" / "source" / "char-Rnd2Rnd-random-seed0.json").read_text())
     assert source["gap"] == source["mispaired"] - source["paired"] and source["paired"] > 0
-    test = json.loads((out / "results" / "test" / "byte-Enc2Dec-random-seed0-beam4.json").read_text())
+    test = json.loads((out / "results" / "test" / "char-Enc2Dec-random-seed0-beam4.json").read_text())
     assert {"bleu", "chrf", "best", "worst"} <= set(test)
-    for result, references in (("beam4", out / "data" / "quick" / "test.en"), ("heldout-beam4", out / "data" /
-                                                                               "heldout.en")):
-        translations = out / "translations" / f"byte-Enc2Dec-random-seed0-{result}.en"
+    for result, references in (("beam4", out / "data" / "quick" / "test.en"),
+                               ("heldout-beam4", out / "data" / "heldout.en"),
+                               ("everyday-beam4", out / "data" / "everyday.en")):
+        translations = out / "translations" / f"char-Enc2Dec-random-seed0-{result}.en"
         assert len(translations.read_text().splitlines()) == len(references.read_text().splitlines()), result
     assert len((out / "data" / "heldout.en").read_text().splitlines()) == 24
 
@@ -61,10 +64,11 @@ def test_quick_grid_runs_every_stage_then_skips_it_all(tmp_path, ko_en_dir):
     # A quick page describes the quick run: no findings of the full grid, the data it was cut from.
     assert "## Findings\n\nNone: a `--quick` run" in text and "**Status.**" not in text
     assert f"Data: the first 300/24/24 lines of train/valid/test of `{os.path.relpath(ko_en_dir, REPO)}`" in text
-    assert re.search(r"\| byte \| 0 \| held-out \| Enc2Dec \| [+-][\d.e+-]+ \| (\*\*)?[\d.]+", text), text
+    assert re.search(r"\| char \| 0 \| held-out \| Enc2Dec \| [+-][\d.e+-]+ \| (\*\*)?[\d.]+", text), text
     assert not re.search(r"- \(best\) [^\n]*\n  - output: \*\(empty\)\*", text), text  # nothing is no one's best
+    assert "### Everyday sentences" in text and "| 오늘 날씨가 정말 좋네요. | The weather is really nice today. |" in text
     assert {p.name for p in (page.parent / "results").glob("*.png")} == {"plateau.png", "pretrain.png",
-                                                                          "translation-byte.png", "bleu.png"}
+                                                                          "translation-char.png", "bleu.png"}
 
 
 def test_an_interrupted_job_resumes_and_a_changed_command_reruns(tmp_path, ko_en_dir):
