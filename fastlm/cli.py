@@ -568,10 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export", help="write a model as a Hugging Face transformers directory",
-        description="Write a model as the transformers architecture that computes its function: BERT, "
-                    "XLM-RoBERTa-XL or ESM (rotary) for an encoder, GPT-2 or GPT-NeoX (rotary) for a decoder, an "
-                    "EncoderDecoderModel for a translator, or, for a translator with rotary positions, fastlm's own "
-                    "model file, loaded with trust_remote_code=True. Sinusoidal positions, SwiGLU and grouped-query "
+        description="Write a model as the transformers architecture that computes its function: BERT,\n"
+                    "XLM-RoBERTa-XL or ESM (rotary) for an encoder, GPT-2 or GPT-NeoX (rotary) for a decoder, an\n"
+                    "EncoderDecoderModel for a translator, or for a translator with rotary positions fastlm's own\n"
+                    "model file, loaded with trust_remote_code=True. Sinusoidal positions, SwiGLU and grouped-query\n"
                     "attention have no equivalent and are refused.")
     export.add_argument("--model", required=True, help="model (run or model directory)")
     export.add_argument("--tokenizer", required=True, help="the tokenizer the model was trained with")
