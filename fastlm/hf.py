@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastlm.files import respect_umask
 from fastlm.generation import GENERATION_DEFAULTS
 from fastlm.models import DecoderLM, EncoderLM, ModelConfig, Seq2SeqLM
 from fastlm.models.base import LanguageModel
@@ -563,6 +564,8 @@ def export_model(model: LanguageModel, tokenizer: Tokenizer, output: str | Path,
     shutil.rmtree(staging, ignore_errors=True)
     try:
         hf_model.save_pretrained(staging)
+        for weights in staging.glob("*.safetensors"):   # safetensors writes them owner-only, whatever the umask
+            respect_umask(weights)
         _save_tokenizer(model, tokenizer, staging)
         if output.is_dir():
             shutil.rmtree(output)

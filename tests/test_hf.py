@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 transformers = pytest.importorskip("transformers")
 
 from fastlm import hf  # noqa: E402
+from fastlm.files import current_umask  # noqa: E402
 from fastlm.generation import GENERATION_DEFAULTS, generate  # noqa: E402
 from fastlm.models import DecoderLM, EncoderLM, ModelConfig, Seq2SeqLM  # noqa: E402
 from fastlm.models.base import IGNORE_INDEX  # noqa: E402
@@ -294,6 +295,8 @@ def test_export_refuses_a_non_empty_directory_unless_told(tokenizer, tmp_path):
     hf.export_model(model, tokenizer, tmp_path / "out", overwrite=True)
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
         "config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    # Readable by the machine's other users as every file fastlm writes (safetensors alone would make it 0o600).
+    assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~current_umask()
     assert [path.name for path in tmp_path.iterdir()] == ["out"]   # no staging directory left behind
 
 
