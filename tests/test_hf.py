@@ -332,6 +332,17 @@ def test_configs_without_an_equivalent_are_refused_by_name(make, message):
         hf.to_transformers(make())
 
 
+def test_the_remote_code_refuses_a_config_it_does_not_compute():
+    """A hand-edited config.json of a fastlm-seq2seq export: the model file names what it cannot compute rather than
+    computing something else."""
+    from fastlm.hf_remote import modeling_fastlm
+
+    stack = micro_config(positional="rope").to_dict()
+    config = modeling_fastlm.FastlmSeq2SeqConfig(encoder_stack=stack, decoder_stack={**stack, "activation": "swiglu"})
+    with pytest.raises(ValueError, match="decoder_stack activation = 'swiglu': expected one of"):
+        modeling_fastlm.FastlmSeq2SeqForConditionalGeneration(config)
+
+
 def test_a_bert_encoder_in_a_translation_model_may_use_relu():
     model = randomised(Seq2SeqLM(micro_config(norm_position="post", activation="relu"), micro_config()))
     assert_same_state(hf.from_transformers(hf.to_transformers(model)), model)

@@ -87,6 +87,10 @@ def keys_allowed(mask: Tensor | None) -> Tensor | None:
     return None if mask is None else mask.bool()[:, None, None, :]
 
 
+def layer_norm(settings: SimpleNamespace) -> nn.LayerNorm:
+    return nn.LayerNorm(settings.d_model, eps=settings.layer_norm_eps)
+
+
 class Attention(nn.Module):
     """Multi-head attention over the input itself (rotary positions when configured) or over a memory."""
 
@@ -132,11 +136,10 @@ class Block(nn.Module):
     def __init__(self, settings: SimpleNamespace, *, cross_attention: bool):
         super().__init__()
         self.pre_norm = settings.norm_position == "pre"
-        norm = lambda: nn.LayerNorm(settings.d_model, eps=settings.layer_norm_eps)   # noqa: E731
-        self.self_attn, self.self_attn_norm = Attention(settings), norm()
+        self.self_attn, self.self_attn_norm = Attention(settings), layer_norm(settings)
         self.cross_attn = Attention(settings) if cross_attention else None
-        self.cross_attn_norm = norm() if cross_attention else None
-        self.ff, self.ff_norm = FeedForward(settings), norm()
+        self.cross_attn_norm = layer_norm(settings) if cross_attention else None
+        self.ff, self.ff_norm = FeedForward(settings), layer_norm(settings)
         self.dropout = nn.Dropout(settings.dropout)
 
     def _residual(self, x: Tensor, norm: nn.LayerNorm, branch) -> Tensor:
@@ -160,7 +163,7 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(settings.max_seq_len, settings.d_model) if learned else None
         # Post-norm normalises the embeddings; pre-norm leaves that to the first block's norm.
         post = settings.norm_position == "post"
-        self.norm = nn.LayerNorm(settings.d_model, eps=settings.layer_norm_eps) if post else nn.Identity()
+        self.norm = layer_norm(settings) if post else nn.Identity()
         self.dropout = nn.Dropout(settings.dropout)
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
@@ -183,7 +186,7 @@ class Stack(nn.Module):
         self.blocks = nn.ModuleList(Block(settings, cross_attention=cross_attention)
                                     for _ in range(settings.n_layers))
         pre = settings.norm_position == "pre"
-        self.final_norm = nn.LayerNorm(settings.d_model, eps=settings.layer_norm_eps) if pre else nn.Identity()
+        self.final_norm = layer_norm(settings) if pre else nn.Identity()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, memory: Tensor | None = None,
                 memory_mask: Tensor | None = None, **unused) -> BaseModelOutput:
