@@ -340,7 +340,7 @@ def _shown(value: float | None, spec: str) -> str:
 
 
 def cmd_export(args) -> None:
-    from fastlm.hf import export_model
+    from fastlm.hf import REMOTE_SEQ2SEQ, export_model, export_model_type
     from fastlm.train.tasks import check_tokenizer, check_vocab, load_model, load_tokenizer
 
     model = load_model(args.model)
@@ -348,7 +348,10 @@ def cmd_export(args) -> None:
     check_vocab(model, tokenizer, f"export --model {args.model}")
     check_tokenizer(args.model, tokenizer)
     output = export_model(model, tokenizer, args.output, overwrite=args.overwrite)
-    print(f"exported {type(model).__name__} -> {output} (load it with transformers' Auto classes)")
+    how = "transformers' Auto classes"
+    if export_model_type(model) == REMOTE_SEQ2SEQ:
+        how += ", trust_remote_code=True (rotary positions: the directory carries fastlm's model file)"
+    print(f"exported {type(model).__name__} -> {output} (load it with {how})")
 
 
 def cmd_plot(args) -> None:
@@ -563,7 +566,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the scores as one JSON object, for machines")
     evaluate.set_defaults(run=cmd_eval, takes_overrides=True)
 
-    export = commands.add_parser("export", help="write a model as a Hugging Face transformers directory")
+    export = commands.add_parser(
+        "export", help="write a model as a Hugging Face transformers directory",
+        description="Write a model as the transformers architecture that computes its function: BERT,\n"
+                    "XLM-RoBERTa-XL or ESM (rotary) for an encoder, GPT-2 or GPT-NeoX (rotary) for a decoder, an\n"
+                    "EncoderDecoderModel for a translator, or for a translator with rotary positions fastlm's own\n"
+                    "model file, loaded with trust_remote_code=True. Sinusoidal positions, SwiGLU and grouped-query\n"
+                    "attention have no equivalent and are refused.")
     export.add_argument("--model", required=True, help="model (run or model directory)")
     export.add_argument("--tokenizer", required=True, help="the tokenizer the model was trained with")
     export.add_argument("--output", required=True, help="directory to write (model, tokenizer, generation config)")

@@ -75,7 +75,7 @@ def model_dir_of(path: str | Path) -> Path:
 
 def load_model(path: str | Path, map_location: str | torch.device | None = None):
     """Whatever model a directory holds, by its config.json: fastlm's EncoderLM, DecoderLM or Seq2SeqLM, or a
-    transformers BERT, XLM-RoBERTa-XL, GPT-2 or encoder-decoder of them (imported by fastlm.hf)."""
+    transformers model of a type fastlm.hf imports (hf.MODEL_TYPES: BERT, ESM, GPT-2, GPT-NeoX, ...)."""
     directory = model_dir_of(path)
     model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type in hf.MODEL_TYPES:
