@@ -1,17 +1,27 @@
-"""fastlm's fused attention against every available SDPA backend (flash, efficient, cuDNN, math), side by side.
+"""fastlm's fused attention against every available SDPA backend, FlexAttention and flash-attn, timed in turns.
 
     python benchmarks/attention.py [--quick] [--json PATH] [--budget SECONDS]
 
 Forward and forward+backward, bf16, TFLOP/s of *useful* work (only the (query, key) pairs a mask lets through, so
-a padded row's TFLOP/s ratio is its time ratio) and the extra peak memory of one call. Without a GPU it says so
-and runs a tiny correctness-only pass of the same cases (the Triton kernels under the interpreter).
+a padded row's TFLOP/s ratio is its time ratio) and the extra peak memory of one call. Every case runs fastlm and
+each SDPA backend (flash, efficient, cuDNN, math); padded cases also run FlexAttention with a padding BlockMask
+(compiled, as torch documents it; its compilation happens in the warm-up calls, which are not timed) and, where
+`flash_attn` is installed and the case is not causal, flash-attn's `flash_attn_varlen_func` on keys unpadded
+beforehand (every query row kept, so that all providers compute the same output). "best peer" is the fastest of
+them, the one the targets are stated against.
+
+Without a GPU it says so, runs a tiny correctness-only pass of the same cases (the Triton kernels under the
+interpreter) and times the padded cases at batch CPU_BATCH in fp32 (what the models attend in on the CPU), where
+fastlm's `attention` takes its plain-torch reference path.
 """
 
+import dataclasses
 import os
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,9 +33,21 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from benchmarks.harness import (  # noqa: E402
-    CaseBudget, Measurement, Row, add_budget_argument, base_parser, peak_memory_mib, report, time_call,
+    CaseBudget, Measurement, Row, add_budget_argument, base_parser, peak_memory_mib, report, time_interleaved,
 )
 from fastlm.kernels import attention  # noqa: E402
+
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:
+    flex_attention = None
+else:
+    # Compiled as torch documents FlexAttention (eager it is a slow reference); a fixed shape per case.
+    flex_attention = torch.compile(flex_attention, dynamic=False)
+try:
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
 
 SDPA_BACKENDS = {
     "sdpa-flash": SDPBackend.FLASH_ATTENTION,
@@ -33,6 +55,7 @@ SDPA_BACKENDS = {
     "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
     "sdpa-math": SDPBackend.MATH,
 }
+CPU_BATCH = 4  # the padded cases' batch on the CPU, which has not a GPU's throughput
 
 
 @dataclass
@@ -88,8 +111,53 @@ def visible_mask(case: Case, kv_lens, device) -> torch.Tensor:
     return visible
 
 
-def providers(case: Case, kv_lens, impl: str) -> dict:
-    """name -> f(q, k, v): fastlm and each SDPA backend, given the same semantics."""
+def same_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tensors
+
+
+@dataclass
+class Provider:
+    """One way to compute a case's attention: `run(q, k, v)` on the tensors that `adapt(q, k, v, grad_out)` makes of
+    the (B, H, N, D) inputs, once and before any timing (a varlen user keeps the batch unpadded throughout)."""
+    run: Callable[..., torch.Tensor]
+    adapt: Callable[..., tuple[torch.Tensor, ...]] = same_layout
+
+
+def flex_provider(case: Case, kv_lens) -> Provider:
+    """FlexAttention with a BlockMask of the case's semantics: key blocks past a row's length are skipped."""
+    shift = case.k_len - case.q_len
+
+    def visible(batch, head, query, key):
+        keep = key < kv_lens[batch]
+        return keep & (key <= query + shift) if case.causal else keep
+
+    block_mask = create_block_mask(visible, case.batch, None, case.q_len, case.k_len, device=kv_lens.device)
+    return Provider(lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask))
+
+
+def flash_varlen_provider(case: Case, kv_lens) -> Provider:
+    """flash-attn's varlen call on keys and values unpadded by kv_lens, every query row kept (so that it computes
+    what the others do), in its (tokens, H, D) layout."""
+    device = kv_lens.device
+    query_starts = torch.arange(case.batch + 1, device=device, dtype=torch.int32) * case.q_len
+    key_starts = F.pad(kv_lens.cumsum(0), (1, 0)).to(torch.int32)
+    real_keys = (torch.arange(case.k_len, device=device)[None, :] < kv_lens[:, None]).reshape(-1)
+
+    def tokens(t: torch.Tensor) -> torch.Tensor:   # (B, H, N, D) -> (B*N, H, D)
+        return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]).contiguous()
+
+    def adapt(q, k, v, grad_out):
+        return tokens(q), tokens(k)[real_keys], tokens(v)[real_keys], tokens(grad_out)
+
+    def run(q, k, v):
+        return flash_attn_varlen_func(q, k, v, query_starts, key_starts, case.q_len, case.k_len)
+
+    return Provider(run, adapt)
+
+
+def providers(case: Case, kv_lens, impl: str) -> tuple[dict[str, Provider], dict[str, str]]:
+    """name -> Provider: fastlm, each SDPA backend and, on padded cases, FlexAttention and flash-attn's varlen call,
+    all with the same semantics; and name -> why, for the peers that cannot run the case here."""
     # SDPA's is_causal is top-left aligned and it has no lengths: anything else takes an explicit mask.
     needs_mask = kv_lens is not None or (case.causal and case.q_len != case.k_len)
     mask = visible_mask(case, kv_lens, kv_lens.device if kv_lens is not None else "cpu") if needs_mask else None
@@ -99,11 +167,24 @@ def providers(case: Case, kv_lens, impl: str) -> dict:
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.device),
                                                       is_causal=case.causal and mask is None)
-        return run
+        return Provider(run)
 
-    found = {"fastlm": lambda q, k, v: attention(q, k, v, causal=case.causal, kv_lens=kv_lens, impl=impl)}
+    found = {"fastlm": Provider(lambda q, k, v: attention(q, k, v, causal=case.causal, kv_lens=kv_lens, impl=impl))}
     found.update({name: sdpa(backend) for name, backend in SDPA_BACKENDS.items()})
-    return found
+    missing = {}
+    if kv_lens is None:
+        return found, missing
+    if flex_attention is None:
+        missing["flex"] = f"no FlexAttention in torch {torch.__version__}"
+    else:
+        found["flex"] = flex_provider(case, kv_lens)
+    if flash_attn_varlen_func is None:
+        missing["flash-varlen"] = "flash_attn is not installed"
+    elif case.causal:  # its causal mask is aligned to each sequence's own end, not to the padded width's
+        missing["flash-varlen"] = "its causal alignment differs on padded rows"
+    else:
+        found["flash-varlen"] = flash_varlen_provider(case, kv_lens)
+    return found, missing
 
 
 def useful_tflop(case: Case, kv_lens) -> float:
@@ -112,43 +193,58 @@ def useful_tflop(case: Case, kv_lens) -> float:
     return 4 * pairs * case.head_dim / 1e12
 
 
-def measure(case: Case, quick: bool) -> list[Row]:
+def measure(case: Case, repeat: int, device: str, dtype: torch.dtype, skipped: dict[str, set[str]]) -> list[Row]:
+    """The case's fwd (and fwd+bwd) row: each provider warmed up and its memory measured on its own, then all timed
+    in turns. A provider that refuses the case is left out, and named in `skipped` under its reason."""
     generator = torch.Generator().manual_seed(0)
-    q, k, v, kv_lens = make_inputs(case, "cuda", torch.bfloat16, generator)
+    q, k, v, kv_lens = make_inputs(case, device, dtype, generator)
     grad_out = torch.randn_like(q)
     forward_tflop = useful_tflop(case, kv_lens)
-    rows = [Row(f"{case.label} fwd", "TFLOP/s", True)]
+    work = {"fwd": forward_tflop}
     if case.backward:
-        rows.append(Row(f"{case.label} fwd+bwd", "TFLOP/s", True))
-    repeat = 5 if quick else 20
-    for name, fn in providers(case, kv_lens, "auto").items():
-        def forward():
+        work["fwd+bwd"] = 3.5 * forward_tflop  # the backward does 5 matmuls to the forward's 2
+    steps: dict[str, dict] = {kind: {} for kind in work}
+    peaks: dict[str, dict] = {kind: {} for kind in work}
+    found, missing = providers(case, kv_lens, "auto")
+    for name, why in missing.items():
+        skipped.setdefault(why, set()).add(name)
+    for name, provider in found.items():
+        *inputs, provider_grad_out = provider.adapt(q, k, v, grad_out)
+        leaves = [t.detach().requires_grad_() for t in inputs]
+
+        def forward(provider=provider, inputs=inputs):
             with torch.no_grad():
-                return fn(q, k, v)
+                return provider.run(*inputs)
 
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        def forward_backward(provider=provider, leaves=leaves, provider_grad_out=provider_grad_out):
+            return torch.autograd.grad(provider.run(*leaves), leaves, provider_grad_out)
 
-        def forward_backward():
-            return torch.autograd.grad(fn(*leaves), leaves, grad_out)
-
-        work = [(rows[0], forward, forward_tflop)]
-        if case.backward:
-            work.append((rows[1], forward_backward, 3.5 * forward_tflop))  # the backward does 5 matmuls to 2
-        for row, step, tflop in work:
+        for kind, step in (("fwd", forward), ("fwd+bwd", forward_backward)):
+            if kind not in work:
+                continue
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # SDPA warns before refusing a backend for this input
-                    seconds = time_call(step, warmup=2, repeat=repeat)
-                    _, peak = peak_memory_mib(step)
-            except RuntimeError as refusal:  # this backend does not run this case (e.g. flash with a mask)
-                print(f"# {name} skipped {row.case}: {str(refusal).splitlines()[0][:100]}", file=sys.stderr)
+                    for _ in range(2):   # warm-up: caches, autotuning, torch.compile's compilation
+                        step()
+                    _, peaks[kind][name] = peak_memory_mib(step)
+            except RuntimeError as refusal:  # this provider does not run this case (e.g. flash with a mask)
+                reason = str(refusal).splitlines()[0].split(". ")[0][:100]
+                print(f"# {name} skipped {case.label} {kind}: {reason}", file=sys.stderr)
+                skipped.setdefault(reason, set()).add(f"{name} {kind}")
                 continue
-            row.results.append(Measurement(name, tflop / seconds, peak))
+            steps[kind][name] = step
+    rows = []
+    for kind, tflop in work.items():
+        seconds = time_interleaved(steps[kind], warmup=0, repeat=repeat)
+        row = Row(f"{case.label} {kind}", "TFLOP/s", True,
+                  [Measurement(name, tflop / seconds[name], peaks[kind][name]) for name in steps[kind]])
+        peers = [m.value for m in row.results if m.provider != "fastlm"]
+        if peers:  # the ratio the targets are stated against
+            row.results.append(Measurement("best peer", max(peers)))
+        rows.append(row)
+    if device == "cuda":
         torch.cuda.empty_cache()
-    for row in rows:  # the ratio the targets are stated against
-        sdpa = [m.value for m in row.results if m.provider in SDPA_BACKENDS]
-        if sdpa:
-            row.results.append(Measurement("best SDPA", max(sdpa)))
     return rows
 
 
@@ -168,7 +264,7 @@ def check_correctness(cases: list[Case]) -> bool:
         results = {}
         for name, impl_dtype in (("fastlm", torch.bfloat16), ("sdpa-math", torch.float64)):
             leaves = [t.to(impl_dtype).requires_grad_() for t in (q, k, v)]
-            out = providers(case, kv_lens, "triton")[name](*leaves)
+            out = providers(case, kv_lens, "triton")[0][name].run(*leaves)
             results[name] = [out, *torch.autograd.grad(out, leaves, grad_out.to(impl_dtype))]
         errors = [(a.double() - b).abs().max().item() / max(b.abs().max().item(), 1.0)
                   for a, b in zip(results["fastlm"], results["sdpa-math"])]
@@ -185,14 +281,26 @@ def main() -> None:
     args = parser.parse_args()
     budget = CaseBudget(args.budget)
     cases = [c for c in CASES if c.quick or not args.quick]
-    if not torch.cuda.is_available():
-        print("No CUDA GPU here: speed is not measured. Correctness-only pass of each case in miniature, "
+    repeat = 5 if args.quick else 20
+    skipped: dict[str, set[str]] = {}
+    if torch.cuda.is_available():
+        correct, device, dtype = True, "cuda", torch.bfloat16
+        title = "Fused attention, bf16: fastlm vs SDPA backends, FlexAttention and flash-attn"
+    else:
+        print("No CUDA GPU here: GPU speed is not measured. Correctness-only pass of each case in miniature, "
               "fastlm's Triton kernels under the interpreter against SDPA math in float64:")
-        sys.exit(0 if check_correctness(cases) else 1)
-    rows = [row for case in cases if budget.allows(case.label) for row in measure(case, args.quick)]
+        correct, device, dtype = check_correctness(cases), "cpu", torch.float32
+        cases = [dataclasses.replace(case, batch=CPU_BATCH) for case in cases if case.padded]
+        title = "Attention on padded rows, CPU, fp32: fastlm's reference path vs SDPA backends and FlexAttention"
+    rows = [row for case in cases if budget.allows(case.label)
+            for row in measure(case, repeat, device, dtype, skipped)]
     notes = "TFLOP/s count only the (query, key) pairs the mask lets through; fwd+bwd counts 3.5x the forward."
+    if skipped:
+        notes += " Not run: " + "; ".join(f"{', '.join(sorted(names))} ({reason})" for reason, names in skipped.items())
+        notes += "."
     notes += budget.note()
-    report("Fused attention, bf16: fastlm vs SDPA backends", rows, json_path=args.json, notes=notes)
+    report(title, rows, json_path=args.json, notes=notes)
+    sys.exit(0 if correct else 1)
 
 
 if __name__ == "__main__":

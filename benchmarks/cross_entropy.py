@@ -1,11 +1,15 @@
-"""fastlm's cross-entropy kernels against torch, Liger-Kernel and Cut-Cross-Entropy (those two when importable).
+"""fastlm's cross-entropy kernels against torch, torch.compile, Liger-Kernel and Cut-Cross-Entropy.
 
-Each provider runs forward + backward (`torch.autograd.grad`) on the same inputs, side by side in one process;
-"fastlm-accumulate" and "fastlm-by-vocab" force one of linear_cross_entropy's two ways to d_weight ("fastlm" is
-the one its rule picks), "fastlm-48MiB" never holds more than 48 MiB of logits (`max_chunk_bytes`), and
-"fastlm-block-N" streams rows in slices of N. A second table gives each provider's error against float64 torch.
-"Extra" memory is the peak allocation of that step beyond its inputs and the gradients it returns, the memory a
-fused loss exists to save. Without a GPU this says so and runs a small CPU comparison of the reference paths.
+The peers: torch eager, compiled and its own chunked F.linear_cross_entropy; Liger-Kernel and Cut-Cross-Entropy
+where importable. Each provider runs forward + backward (`torch.autograd.grad`) on the same inputs, all timed in
+turns in one process; "fastlm-accumulate" and "fastlm-by-vocab" force one of linear_cross_entropy's two ways to
+d_weight ("fastlm" is the one its rule picks), "fastlm-48MiB" never holds more than 48 MiB of logits
+(`max_chunk_bytes`), and "fastlm-block-N" streams rows in slices of N. "torch-compiled" is the unfused
+`F.cross_entropy(h @ W.T)` through torch.compile, which compiles each new shape in the warm-up calls, outside the
+timed ones (on the CPU that takes tens of seconds). A second table gives each provider's error against float64
+torch. "Extra" memory is the peak allocation of that step beyond its inputs and the gradients it returns, the
+memory a fused loss exists to save. Without a GPU this says so and runs a small CPU comparison of the reference
+paths.
 
     python benchmarks/cross_entropy.py [--quick] [--json PATH]
 """
@@ -21,11 +25,25 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, without installing
 
-from benchmarks.harness import Measurement, Row, base_parser, peak_memory_mib, report, time_call  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    Measurement, Row, base_parser, peak_memory_mib, report, time_interleaved,
+)
 from fastlm.kernels.cross_entropy import cross_entropy, linear_cross_entropy  # noqa: E402
 
 cross_entropy_module = importlib.import_module("fastlm.kernels.cross_entropy")
 Loss = Callable[[], torch.Tensor]
+WARMUP_CALLS = 5  # per provider before its timed calls: caches, autotuning, torch.compile's compilation
+
+
+def unfused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """What a torch user writes without a fused kernel: the logits in full, then the loss."""
+    return F.cross_entropy(hidden @ weight.T, target)
+
+
+# Compiles lazily, at the first call of each new shape or dtype.
+compiled_linear_cross_entropy = torch.compile(unfused_linear_cross_entropy)
+TORCH_PEERS_NOTE = ("torch-compiled compiled each shape in its warm-up calls, which are not timed; torch-chunked is "
+                    "torch's F.linear_cross_entropy with LinearCrossEntropyOptions().")
 
 
 def patched(loss: Loss, **module_patches) -> Loss:
@@ -45,7 +63,7 @@ def linear_losses(hidden, weight, target) -> dict[str, Loss]:
         "fastlm-accumulate": patched(fastlm, _weight_grad_by_vocab=lambda *_: False),
         "fastlm-by-vocab": patched(fastlm, _weight_grad_by_vocab=lambda *_: True),
         "fastlm-48MiB": lambda: linear_cross_entropy(hidden, weight, target, max_chunk_bytes=48 * 2**20),
-        torch_name: lambda: F.cross_entropy(hidden @ weight.T, target),
+        torch_name: lambda: unfused_linear_cross_entropy(hidden, weight, target),
     }
     if hidden.dtype != torch.float32:  # the other common recipe: half GEMM, logits upcast before the loss
         losses["torch-fp32-logits"] = lambda: F.cross_entropy((hidden @ weight.T).float(), target)
@@ -53,8 +71,9 @@ def linear_losses(hidden, weight, target) -> dict[str, Loss]:
 
 
 def peer_linear_losses(hidden, weight, target) -> dict[str, Loss]:
-    """The fused linear + cross-entropy losses of other projects that are installed, by provider name."""
-    peers: dict[str, Loss] = {}
+    """Fused linear + cross-entropy losses by provider name: torch's (its compiler's fusion of the unfused loss, its
+    chunked F.linear_cross_entropy) and those of other projects that are installed."""
+    peers: dict[str, Loss] = {"torch-compiled": lambda: compiled_linear_cross_entropy(hidden, weight, target)}
     if hasattr(F, "linear_cross_entropy"):  # torch's own chunked version (torch >= 2.12)
         options = torch.nn.LinearCrossEntropyOptions()
         peers["torch-chunked"] = lambda: F.linear_cross_entropy(hidden, weight, target, options=options)
@@ -88,21 +107,25 @@ def peer_logit_losses(logits, target) -> dict[str, Loss]:
 
 
 def measure(case: str, inputs: list[torch.Tensor], losses: dict[str, Loss], repeat: int) -> Row:
-    """Time and extra memory of forward + backward for every provider, in ms and MiB."""
+    """Time and extra memory of forward + backward for every provider, in ms and MiB: each one warmed up (and
+    compiled) and its memory measured on its own, then all timed in turns."""
     input_mib = sum(t.numel() * t.element_size() for t in inputs) / 2**20  # each gradient is as large as its input
-    row = Row(case=case, unit="ms", higher_is_better=False)
+    steps, extra_mib = {}, {}
     for provider, loss in losses.items():
         def step(loss=loss):
             return torch.autograd.grad(loss(), inputs)
 
         try:
-            seconds = time_call(step, warmup=5, repeat=repeat)
+            for _ in range(WARMUP_CALLS):
+                step()
             _, peak_mib = peak_memory_mib(step)
         except Exception as error:  # a peer that fails here (out of memory, version clash) leaves the others
             print(f"{case}: {provider} failed: {type(error).__name__}: {error}", file=sys.stderr)
             continue
-        row.results.append(Measurement(provider, seconds * 1e3, max(peak_mib - input_mib, 0.0)))
-    return row
+        steps[provider], extra_mib[provider] = step, max(peak_mib - input_mib, 0.0)
+    seconds = time_interleaved(steps, warmup=0, repeat=repeat)
+    return Row(case=case, unit="ms", higher_is_better=False,
+               results=[Measurement(provider, seconds[provider] * 1e3, extra_mib[provider]) for provider in steps])
 
 
 def linear_row(rows: int, hidden_size: int, vocab: int, dtype: torch.dtype, device: str, repeat: int) -> Row:
@@ -173,7 +196,7 @@ def main() -> None:
         rows = [linear_row(16384, hd, v, dtype, "cuda", repeat) for hd, v in sizes for dtype in (torch.bfloat16,)]
         rows += [logits_row(16384, v, torch.bfloat16, "cuda", repeat) for _, v in sizes]
         accuracy = accuracy_rows([(4096, 768, 32000), (4096, 1024, 128256)], torch.bfloat16, "cuda")
-        notes = ""
+        notes = TORCH_PEERS_NOTE
     else:
         # The Triton kernels need a GPU (off it, only the slow interpreter); compare the plain-torch paths.
         repeat = 2 if args.quick else 5
@@ -182,7 +205,7 @@ def main() -> None:
                 logits_row(n, 32000, torch.float32, "cpu", repeat)]
         accuracy = accuracy_rows([(512, 64, 5003)], torch.float32, "cpu")
         notes = ("No GPU: GPU speed was not measured. CPU rows compare fastlm's plain-torch reference path (chunked, "
-                 "fp32) with torch; CPU memory is sampled process RSS.")
+                 f"fp32) with torch; CPU memory is sampled process RSS. {TORCH_PEERS_NOTE}")
     report("fastlm cross-entropy vs peers (forward + backward)", rows, json_path=args.json, notes=notes)
     json_path = args.json and args.json.removesuffix(".json") + "_accuracy.json"
     report("Accuracy against float64 torch (1/7 of targets ignored)", accuracy, json_path=json_path)

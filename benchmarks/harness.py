@@ -24,6 +24,10 @@ from typing import Callable
 
 import torch
 
+# Two runs of the same configuration differ by up to 5-10% (docs/PERFORMANCE.md), so a ratio this close to 1 says
+# neither side is faster.
+PARITY = 0.05
+
 
 @dataclass
 class Measurement:
@@ -48,6 +52,11 @@ class Row:
                 continue
             out[m.provider] = mine / m.value if self.higher_is_better else m.value / mine
         return out
+
+
+def format_ratio(ratio: float) -> str:
+    """"1.32x", or "1.04x (parity)" within PARITY of 1."""
+    return f"{ratio:.2f}x" + (" (parity)" if abs(ratio - 1.0) <= PARITY else "")
 
 
 def device_name() -> str:
@@ -182,12 +191,12 @@ def format_table(title: str, rows: list[Row], ours: str = "fastlm", compare: boo
                 mem = f" ({m.peak_mib:.0f} MiB)" if show_memory and m.peak_mib is not None else ""
                 cells.append(f"{m.value:.3g}{mem}")
         ratios = row.ratio(ours)
-        cells += [f"{ratios[p]:.2f}x" if p in ratios else "-" for p in peers]
+        cells += [format_ratio(ratios[p]) if p in ratios else "-" for p in peers]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if compare:
-        lines.append(f"Ratios are oriented so that > 1 means {ours} is better; memory in parentheses is extra peak "
-                     "memory.")
+        lines.append(f"Ratios are oriented so that > 1 means {ours} is better, and within {PARITY:.0%} of 1 are parity "
+                     "(the run-to-run spread); memory in parentheses is extra peak memory.")
     elif show_memory:
         lines.append("Memory in parentheses is extra peak memory.")
     return "\n".join(lines)

@@ -2,12 +2,15 @@
 kernels against the same model in the best plain torch a user would write ("torch"), side by side, eager and
 torch.compile'd.
 
-fastlm = attn_impl="fastlm" (the Triton kernel on CUDA, torch's SDPA elsewhere) + linear_cross_entropy.
+fastlm = attn_impl="fastlm" (the Triton kernel on CUDA, torch's SDPA elsewhere) + linear_cross_entropy, the MLM
+head on the masked rows only (the batch's target_positions).
 torch = attn_impl="sdpa" + the faster (timed first on the batch) of full logits + F.cross_entropy and torch's own
-chunked F.linear_cross_entropy (torch >= 2.12): packed decoder blocks carry no lengths, so SDPA gets
-is_causal=True and no mask; padded MLM and translation batches pass their padding masks, with the fastest SDPA
-backend that takes them (each one that accepts the call timed first on the batch's attention shapes). Each row names
-the attention backend that ran for each provider, read from the profiler. Translation rows count target tokens.
+chunked F.linear_cross_entropy (torch >= 2.12); the MLM head and loss run on the masked rows only, gathered by
+`labels != -100` as fairseq's RobertaLMHead(masked_tokens=...) does. Packed decoder blocks carry no lengths, so
+SDPA gets is_causal=True and no mask; padded MLM and translation batches pass their padding masks, with the fastest
+SDPA backend that takes them (each one that accepts the call timed first on the batch's attention shapes). Each row
+names the attention backend that ran for each provider, read from the profiler. Translation rows count target
+tokens.
 
 One training step = forward under the Trainer's default precision (bf16 autocast on CUDA and on a CPU with native
 bf16, fp32 elsewhere; --precision picks one), backward, AdamW step: what the Trainer runs.
@@ -43,10 +46,10 @@ from harness import (  # noqa: E402
 from fastlm.data import target_positions  # noqa: E402
 from fastlm.models import DecoderLM, EncoderLM, ModelConfig, Seq2SeqLM  # noqa: E402
 from fastlm.models.blocks import attention_mask  # noqa: E402
-from fastlm.train.config import PRECISIONS  # noqa: E402
+from fastlm.train.config import PRECISIONS, TrainConfig  # noqa: E402
 from fastlm.train.precision import trains_in_bf16  # noqa: E402
 
-MASK_PROB = 0.15
+MASK_PROB = TrainConfig.mask_prob   # the MLM batches of the Trainer's default
 PROVIDERS = ("fastlm", "torch")
 ARCHS = ("decoder", "encoder", "seq2seq")
 KINDS = {"decoder": "decoder", "encoder": "MLM encoder", "seq2seq": "translation"}
@@ -89,10 +92,10 @@ def device_peak_tflops() -> float | None:
 def make_batch(arch: str, batch: int, length: int, vocab: int, device: torch.device,
                generator: torch.Generator) -> dict:
     """Random ids; the decoder gets full packed blocks (no lengths: nothing is padded), the encoder lengths in
-    [length/2, length] (padding), 15% of its real tokens as targets and their target_positions, as MaskedLMBatches
-    delivers them (fastlm's head runs on those rows only; the torch baseline ignores them); translation gets a
-    source and a target of `length` columns, each padded that way, labels -100 at the target's padding, as
-    TranslationBatches delivers them."""
+    [length/2, length] (padding), MASK_PROB of its real tokens as targets and their target_positions, as
+    MaskedLMBatches delivers them (fastlm's head runs on those rows only; the torch baseline finds the same rows
+    from the labels); translation gets a source and a target of `length` columns, each padded that way, labels -100
+    at the target's padding, as TranslationBatches delivers them."""
     ids = torch.randint(4, vocab, (batch, length), generator=generator)
     if arch == "decoder":
         return {"input_ids": ids.to(device), "labels": ids.to(device)}
@@ -145,24 +148,30 @@ def torch_objective(recipe: str, states: torch.Tensor, weight: torch.Tensor, bia
 
 def torch_loss(model, arch: str, batch: dict, recipe: str) -> torch.Tensor:
     """The plain-torch objective of `model`, whose output projection hands back its input (training_step), by
-    `recipe` (decoder targets shifted by one)."""
-    if arch == "seq2seq":
+    `recipe`: decoder targets shifted by one, the MLM head on the masked rows only."""
+    labels = batch["labels"]
+    if arch == "encoder":
+        # The one line a careful torch user writes (fairseq's RobertaLMHead(masked_tokens=...)): only the rows with
+        # a target go through the head, not all B x T of them.
+        scored = labels != -100
+        hidden = model.body(batch["input_ids"], batch["lengths"])
+        states, labels = model.head.transform(hidden[scored]), labels[scored]
+    elif arch == "seq2seq":
         states = model(batch["src_ids"], batch["tgt_ids"], batch["src_lengths"], batch["tgt_lengths"],
                        return_logits=True).logits
-    else:
-        states = model(batch["input_ids"], batch.get("lengths"), return_logits=True).logits
-    labels = batch["labels"]
-    if arch == "decoder":   # packed blocks: position t is scored against token t + 1
-        states, labels = states[:, :-1], labels[:, 1:]
+    else:   # packed blocks: position t is scored against token t + 1
+        states, labels = model(batch["input_ids"], return_logits=True).logits[:, :-1], labels[:, 1:]
     projection = output_projection(model, arch)
     return torch_objective(recipe, states.reshape(-1, states.shape[-1]), projection.weight, projection.bias,
                            labels.reshape(-1))
 
 
-def fastest_torch_recipe(config: ModelConfig, batch: dict, setup: Setup) -> str:
+def fastest_torch_recipe(arch: str, config: ModelConfig, batch: dict, setup: Setup) -> str:
     """The loss recipe a careful torch user would pick for this batch: each of TORCH_RECIPES torch has, timed on a
-    forward and backward of the batch's rows of states through the output projection."""
+    forward and backward of the rows torch_loss scores through the output projection."""
     labels = batch["labels"].reshape(-1)
+    if arch == "encoder":   # the masked rows only, as torch_loss gathers them
+        labels = labels[labels != -100]
     states = torch.randn(len(labels), config.d_model, device=setup.device, requires_grad=True)
     weight = torch.randn(config.vocab_size, config.d_model, device=setup.device, requires_grad=True)
     seconds = {}
@@ -224,7 +233,12 @@ def training_step(provider: str, arch: str, setup: Setup, batch: dict, compile_m
         # The model hands its states to the loss recipe, which applies the projection's parameters itself.
         output_projection(model, arch).forward = lambda states: states
     optimizer = model.configure_optimizers(weight_decay=0.1, lr=1e-4)
-    forward = torch.compile(model) if compile_model else model
+
+    def objective() -> torch.Tensor:
+        return model(**batch).loss if provider == "fastlm" else torch_loss(model, arch, batch, recipe)
+
+    # The whole objective, so that torch's own loss code is compiled too, not only the model's forward.
+    objective = torch.compile(objective) if compile_model else objective
     # Both providers' models attend in fp32 under CPU autocast (fastlm.models.blocks.scaled_dot_product).
     attention_dtype = torch.bfloat16 if use_bf16 and device.type == "cuda" else torch.float32
     backends = (list(SDPA_BACKENDS) if provider == "fastlm"
@@ -233,7 +247,7 @@ def training_step(provider: str, arch: str, setup: Setup, batch: dict, compile_m
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16), sdpa_kernel(backends):
-            loss = forward(**batch).loss if provider == "fastlm" else torch_loss(forward, arch, batch, recipe)
+            loss = objective()
         loss.backward()
         optimizer.step()
 
@@ -252,7 +266,7 @@ def measure(arch: str, shape: tuple[int, int], setup: Setup, compile_model: bool
     batch_size, length = shape
     batch = make_batch(arch, batch_size, length, setup.vocab, setup.device, torch.Generator().manual_seed(0))
     tokens = scored_tokens(batch)
-    recipe = fastest_torch_recipe(model_config(setup, "torch"), batch, setup)
+    recipe = fastest_torch_recipe(arch, model_config(setup, "torch"), batch, setup)
     steps, models = {}, {}
     for provider in PROVIDERS:
         steps[provider], models[provider] = training_step(provider, arch, setup, batch, compile_model, recipe)
@@ -332,6 +346,7 @@ def main() -> None:
     notes = (f"Preset {setup.preset}, vocab {setup.vocab}, {threads} thread{'s' if threads > 1 else ''}; fastlm = "
              "attention (Triton on CUDA, SDPA elsewhere) + linear_cross_entropy; torch = SDPA (is_causal for packed "
              "blocks, the padding masks on the fastest backend that takes them) + the faster loss recipe (in the row); "
+             f"MLM: {MASK_PROB:.0%} of the real tokens masked, both providers' heads on those rows only; "
              f"{'bf16 autocast' if setup.use_bf16 else 'fp32'}, AdamW{' (fused)' if device.type == 'cuda' else ''}"
              f"; steps timed in turns, median of {setup.repeat}. MFU against the device's dense bf16 peak "
              f"({device_peak_tflops() or 'unknown'} TFLOP/s) with estimate_flops_per_token at the batch's real length;"

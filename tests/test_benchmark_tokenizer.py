@@ -1,21 +1,12 @@
 """benchmarks/tokenizer.py in a fresh clone: a missing ../shared corpus or peer package is said in one line."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "tokenizer.py"
+from benchmark_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("tokenizer_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("tokenizer")
 
 
 def test_without_the_shared_corpus_it_measures_the_demo_sample(bench, monkeypatch, tmp_path, capsys):
