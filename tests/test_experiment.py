@@ -80,11 +80,26 @@ def test_an_interrupted_job_resumes_and_a_changed_command_reruns(tmp_path, ko_en
     first = json.loads(result_path.read_text())
     result_path.unlink()  # as if killed after its last checkpoint, before the result was written
     resumed = experiment("--data", ko_en_dir, "--out", out, "--stages", "plateau", "--only", "plateau/baseline")
-    assert "--resume" in resumed.stdout and json.loads(result_path.read_text())["final"] == first["final"]
+    again = json.loads(result_path.read_text())
+    assert "--resume" in resumed.stdout and again["final"] == first["final"]
+    assert again["seconds"] > first["seconds"]  # the job's wall time adds up its segments
 
     result_path.write_text(json.dumps({**first, "key": "an older command"}))
     rerun = experiment("--data", ko_en_dir, "--out", out, "--stages", "plateau", "--only", "plateau/baseline")
     assert "its command changed" in rerun.stdout and "$ fastlm pretrain" in rerun.stdout
+
+
+def test_the_translator_option_makes_its_jobs_alone_exports_it_and_prints_translations(tmp_path, ko_en_dir):
+    out = tmp_path / "experiment"
+    result = experiment("--data", ko_en_dir, "--out", out, "--translator")
+    made = {stage: sorted(p.stem for p in (out / "results" / stage).glob("*.json"))
+            for stage in ("pretrain", "finetune", "plateau", "sweep", "recipe")}
+    assert made == {"pretrain": ["char-decoder", "char-encoder"], "finetune": ["char-Enc2Dec-random-seed0"],
+                    "plateau": [], "sweep": [], "recipe": []}, result.stdout
+    assert "Everyday sentences" in result.stdout and "오늘 날씨가 정말 좋네요." in result.stdout
+    assert json.loads((out / "translator" / "config.json").read_text())["auto_map"]  # rope: the remote code
+    assert "--translator runs the jobs of one model" in subprocess.run(
+        [sys.executable, str(SCRIPT), "--translator", "--only", "x"], capture_output=True, text=True).stderr
 
 
 def test_two_processes_share_the_grid_and_run_each_job_once(tmp_path, ko_en_dir):
