@@ -10,6 +10,7 @@ from .base import (INDEX_DTYPES, IGNORE_INDEX, LanguageModel, ModelOutput, Value
                    run_checks, token_checks, value_checks_wanted)
 from .blocks import TransformerStack
 from .config import ModelConfig
+from .packing import packing_checks
 
 
 class MaskedLMHead(nn.Module):
@@ -48,6 +49,7 @@ class EncoderLM(LanguageModel):
         return_logits: bool = False,
         target_positions: Tensor | None = None,
         label_smoothing: float = 0.0,
+        cu_seqlens: Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (B, T); lengths (B,) real tokens per row; labels (B, T): the original id at masked positions,
         -100 elsewhere (positions at or beyond lengths are ignored too).
@@ -59,12 +61,18 @@ class EncoderLM(LanguageModel):
         a shape torch.compile cannot know.
 
         label_smoothing: as in F.cross_entropy. It belongs to a loss being optimised; leave it 0 for a loss that
-        compares models (validation, perplexity)."""
+        compares models (validation, perplexity).
+
+        cu_seqlens (n + 1,): packed rows, several sentences per row (MaskedLMBatches with packed=True), each
+        attending within itself with positions from 0: the offsets of the sentences, and of each row's padding tail,
+        in the flattened (B * T) tokens (see packing.py). lengths still count each row's real tokens."""
         checks = token_checks(self.config, input_ids, lengths, labels)
         if target_positions is not None:
             checks += target_position_checks(target_positions, labels, lengths, input_ids)
+        if cu_seqlens is not None:
+            checks += packing_checks(cu_seqlens, input_ids)
         run_checks(checks)
-        hidden = self.body(input_ids, lengths)                              # (B, T, D)
+        hidden = self.body(input_ids, lengths, cu_seqlens=cu_seqlens)      # (B, T, D)
         output = ModelOutput()
         if labels is not None:
             targets = ignore_padding(labels, lengths).reshape(-1)          # (B*T,)
