@@ -85,8 +85,9 @@ def scaled_dot_product(
     kv_lens = None means no row is padded: the caller knows it from the batch's structure (causal-LM blocks carry no
     lengths), since reading a device tensor to find out would cost a host sync on every forward. `packing`: packed
     rows (self-attention), each sequence attending within itself; kv_lens is then None, the padding being a sequence
-    of its own. FlexAttention's document masks are no CPU alternative: torch 2.13 has no FlexAttention backward on
-    the CPU, and its block mask took ~2 s to build per batch there (docs/PERFORMANCE.md, Packed batches)."""
+    of its own. On the CPU that mask is dense (B, 1, T, T): FlexAttention's document masks would skip the blocks
+    between sentences, but torch 2.13 has no FlexAttention backward on the CPU, and SDPA over nested jagged tensors
+    was 4x slower there (docs/PERFORMANCE.md, Packed batches)."""
     if impl == "fastlm" and q.device.type in KERNEL_DEVICE_TYPES:
         if packing is not None:
             return packed_attention(q, k, v, packing, causal=causal, dropout_p=dropout_p)
