@@ -117,6 +117,19 @@ def _head_start(base, batch, head, first_row, stride_batch, stride_head, stride_
 
 
 @triton.jit
+def _query_block_start(K, V, CU_SEQLENS_Q, CU_SEQLENS_K, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                       stride_vn, H, Nq, Nk, group_size, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Where a program of a query-block grid works: its first row and rows, its head, batch and (batch, head) plane
+    (of LSE and the dropout stream), its sequence's first query row, query rows, first key row and key rows, and
+    the start of its key and value heads."""
+    start_m, sequence, head, kv_head, offs_m = _query_block_program(H, group_size, BLOCK_M)
+    batch, first_query, q_len, first_key, k_len = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, sequence, Nq, Nk, VARLEN)
+    K_head = _head_start(K, batch, kv_head, first_key, stride_kb, stride_kh, stride_kn)
+    V_head = _head_start(V, batch, kv_head, first_key, stride_vb, stride_vh, stride_vn)
+    return start_m, offs_m, head, batch, batch * H + head, first_query, q_len, first_key, k_len, K_head, V_head
+
+
+@triton.jit
 def _valid_key_count(KV_LENS, batch, Nk, HAS_KV_LENS: tl.constexpr):
     if HAS_KV_LENS:
         # Clamped: on a GPU the range of kv_lens is checked only in debug mode, and a bad length must never make a
@@ -234,13 +247,11 @@ def _forward_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    start_m, sequence, head, kv_head, offs_m = _query_block_program(H, group_size, BLOCK_M)
-    batch, first_query, q_len, first_key, k_len = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, sequence, Nq, Nk, VARLEN)
-    batch_head = batch * H + head
+    start_m, offs_m, head, batch, batch_head, first_query, q_len, first_key, k_len, K_head, V_head = \
+        _query_block_start(K, V, CU_SEQLENS_Q, CU_SEQLENS_K, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                           stride_vn, H, Nq, Nk, group_size, VARLEN, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     Q_head = _head_start(Q, batch, head, first_query, stride_qb, stride_qh, stride_qm)
-    K_head = _head_start(K, batch, kv_head, first_key, stride_kb, stride_kh, stride_kn)
-    V_head = _head_start(V, batch, kv_head, first_key, stride_vb, stride_vh, stride_vn)
     seed = _dropout_seed(SEED, DROPOUT)
 
     q = _load_tile(Q_head, offs_m, offs_d, stride_qm, stride_qd, q_len, D, UPCAST)
@@ -471,12 +482,10 @@ def _query_block_grads_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """dQ of one query block: walks the same key blocks as the forward."""
-    start_m, sequence, head, kv_head, offs_m = _query_block_program(H, group_size, BLOCK_M)
-    batch, first_query, q_len, first_key, k_len = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, sequence, Nq, Nk, VARLEN)
-    batch_head = batch * H + head
+    start_m, offs_m, head, batch, batch_head, first_query, q_len, first_key, k_len, K_head, V_head = \
+        _query_block_start(K, V, CU_SEQLENS_Q, CU_SEQLENS_K, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                           stride_vn, H, Nq, Nk, group_size, VARLEN, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    K_head = _head_start(K, batch, kv_head, first_key, stride_kb, stride_kh, stride_kn)
-    V_head = _head_start(V, batch, kv_head, first_key, stride_vb, stride_vh, stride_vn)
     seed = _dropout_seed(SEED, DROPOUT)
 
     q = _load_tile(_head_start(Q, batch, head, first_query, stride_qb, stride_qh, stride_qm), offs_m, offs_d,

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (INDEX_DTYPES, IGNORE_INDEX, LanguageModel, ModelOutput, ValueCheck, ignore_padding, lm_output,
-                   run_checks, token_checks, value_checks_wanted)
+from .base import (IGNORE_INDEX, LanguageModel, ModelOutput, ValueCheck, check_index_tensor, ignore_padding,
+                   lm_output, run_checks, token_checks, value_checks_wanted)
 from .blocks import TransformerStack
 from .config import ModelConfig
 from .packing import packing_checks
@@ -94,13 +94,7 @@ def target_position_checks(target_positions: Tensor, labels: Tensor | None, leng
     name = "target_positions"
     if labels is None:
         raise ValueError(f"{name} given without labels: expected labels, whose targets they index")
-    if not isinstance(target_positions, Tensor):
-        raise ValueError(f"{name} of type {type(target_positions).__name__}: expected a torch.Tensor")
-    if target_positions.dtype not in INDEX_DTYPES:
-        raise ValueError(f"{name} of dtype {target_positions.dtype}: expected torch.int64 or torch.int32")
-    if target_positions.device != input_ids.device:
-        raise ValueError(f"{name} is on {target_positions.device}: expected the device of input_ids, "
-                         f"{input_ids.device}")
+    check_index_tensor(name, target_positions, "input_ids", input_ids)
     if target_positions.dim() != 1:
         raise ValueError(f"{name} of shape {tuple(target_positions.shape)}: expected (N,) flat indices")
     if not value_checks_wanted(target_positions):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import INDEX_DTYPES, ValueCheck, value_checks_wanted
+from .base import ValueCheck, check_index_tensor, value_checks_wanted
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,7 @@ def packing_checks(cu_seqlens: Tensor, input_ids: Tensor) -> list[ValueCheck]:
     """Check cu_seqlens' type and shape now (ValueError) and return its value checks (none where
     value_checks_wanted says no): offsets from 0 to B * T, increasing, with every row start among them."""
     name = "cu_seqlens"
-    if not isinstance(cu_seqlens, Tensor):
-        raise ValueError(f"{name} of type {type(cu_seqlens).__name__}: expected a torch.Tensor")
-    if cu_seqlens.dtype not in INDEX_DTYPES:
-        raise ValueError(f"{name} of dtype {cu_seqlens.dtype}: expected torch.int64 or torch.int32")
-    if cu_seqlens.device != input_ids.device:
-        raise ValueError(f"{name} is on {cu_seqlens.device}: expected the device of input_ids, {input_ids.device}")
+    check_index_tensor(name, cu_seqlens, "input_ids", input_ids)
     if cu_seqlens.dim() != 1 or len(cu_seqlens) < 2:
         raise ValueError(f"{name} of shape {tuple(cu_seqlens.shape)}: expected (n + 1,) offsets of n >= 1 sequences")
     if not value_checks_wanted(cu_seqlens):
