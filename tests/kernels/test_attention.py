@@ -5,6 +5,7 @@ the plain-torch reference path, forward and every gradient, masks, dropout, dete
 import contextlib
 import itertools
 import math
+import os
 import re
 import sys
 from unittest import mock
@@ -539,3 +540,40 @@ def test_invalid_packed_arguments_raise_a_value_error_naming_them(message, overr
                 cu_seqlens_k=cu, max_seqlen_q=5, max_seqlen_k=5) | overrides
     with pytest.raises(ValueError, match=re.escape(message)):
         attention_varlen(**args)
+
+
+# Compiled for an H100/H200 by Triton's own compiler (front end, PTX, ptxas), run nowhere: in a session without a
+# GPU the interpreter runs the kernels as Python, and only this catches what the compiler alone rejects.
+COMPILE_FOR_SM90 = """
+import itertools, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fastlm.kernels.attention
+kernels = sys.modules["fastlm.kernels.attention"]
+types = {"LSE": "*fp32", "DELTA": "*fp32", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "KV_LENS": "*i32",
+         "SEED": "*i64", "qk_scale": "fp32", "sm_scale": "fp32", "dropout_p": "fp32", "dropout_scale": "fp32"}
+tensors = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
+for kernel, varlen in itertools.product(
+        (kernels._forward_kernel, kernels._query_block_grads_kernel, kernels._key_block_grads_kernel), (False, True)):
+    constants = dict(CAUSAL=True, HAS_KV_LENS=not varlen, VARLEN=varlen, DROPOUT=True, UPCAST=False,
+                     DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, ACCUMULATE_DQ=True)
+    constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
+    constants |= {name: None for name in ("CU_SEQLENS_Q", "CU_SEQLENS_K") if not varlen}
+    constants |= {"KV_LENS": None} if varlen else {}
+    signature = {name: "constexpr" if name in constants else "*bf16" if name in tensors else types.get(name, "i32")
+                 for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4, num_stages=2))
+    assert compiled.asm["cubin"], kernel.__name__
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="a GPU runs the compiled kernels in the tests above")
+def test_the_padded_and_packed_kernels_compile_for_sm90():
+    import subprocess
+
+    pytest.importorskip("triton.backends.nvidia")
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True,
+                            env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
