@@ -125,3 +125,18 @@ def test_bad_offsets_are_named(offsets, message):
         model(ids, cu_seqlens=torch.tensor(offsets))
     with pytest.raises(ValueError, match="cu_seqlens of dtype torch.float32"):
         model(ids, cu_seqlens=torch.tensor(offsets, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("attn_impl", ["fastlm", "sdpa"])
+def test_packed_forward_and_loss_compile_into_one_graph(attn_impl, monkeypatch):
+    """The offsets become positions and masks on the device: no host sync, no graph break (fastlm: the kernel)."""
+    if attn_impl == "fastlm":
+        force_triton_kernels(monkeypatch)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = EncoderLM(tiny_config(n_layers=1, d_model=32, n_heads=2, d_ff=64, attn_impl=attn_impl, positional="rope"))
+    packed, _ = packed_and_padded([[5, 9], [3, 1, 1]], 16, model.config.vocab_size, model.config.pad_id)
+    compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)
+    out = compiled(**packed)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, model(**packed).loss)
