@@ -621,6 +621,26 @@ def test_a_resume_refuses_other_settings_and_data_but_not_moved_data_or_more_ste
     assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 7
 
 
+def test_packed_pretraining_runs_and_its_resume_keeps_packing(pretrained, tmp_path, capsys, monkeypatch):
+    from fastlm.cli import main
+
+    monkeypatch.delenv("FASTLM_DEBUG", raising=False)
+    run = tmp_path / "packed"
+
+    def pretrain(*options: str) -> int:
+        return main(list(map(str, ["pretrain", "--arch", "encoder", "--tokenizer", pretrained / "tok.json", "--train",
+                                   pretrained / "train-ko", "--valid", pretrained / "valid-ko", "--run-dir", run,
+                                   *options, *MICRO_MODEL])))
+
+    assert pretrain(*with_options(QUICK_RUN, packing="true", max_steps=3)) == 0, capsys.readouterr().err
+    assert train_steps(run) == [1, 2, 3]
+    assert json.loads((run / "config.json").read_text())["train"]["packing"] is True
+    assert pretrain(*with_options(QUICK_RUN, packing="false", max_steps=4), "--resume") == 2
+    assert "packing: checkpoint has True, this run False" in capsys.readouterr().err
+    assert pretrain(*with_options(QUICK_RUN, packing="true", max_steps=4), "--resume") == 0
+    assert train_steps(run) == [1, 2, 3, 4]
+
+
 def test_a_prepare_that_failed_before_a_shard_does_not_block_the_corrected_one(workspace, tmp_path, capsys):
     from fastlm.cli import main
 

@@ -16,10 +16,16 @@ here), and each source adds the markers its model expects:
   truncated to its maximum length keeping the final </s>.
 Padding goes to the longest sequence of the batch, rounded up to a multiple of 8 (tensor-core friendly tiles and
 few distinct shapes for torch.compile), never beyond the maximum length.
+
+Packed masked-LM batches (packed=True) put several whole sentences in each row of up to max_len tokens (PackedRows)
+and add "cu_seqlens", the offsets of the sentences (and of each row's padding tail) in the flattened rows, so that
+the model attends within each sentence and restarts its positions there (fastlm.models.packing): the same
+computation per sentence as one sentence per padded row, with almost no padding.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 from functools import lru_cache
@@ -47,6 +53,19 @@ class BatchSource(Protocol):
     def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]: ...
 
 
+def _chunked_plan(items: np.ndarray, seed: int, epoch: int, shuffle: bool, arrange) -> list:
+    """The items shuffled by a permutation drawn from (seed, epoch), each chunk of BUCKET_CHUNK items turned into
+    groups by `arrange(chunk)`, and the groups shuffled by the same generator. Without shuffle, corpus order."""
+    generator = numpy_generator(seed, epoch)
+    order = items[generator.permutation(len(items))] if shuffle else items
+    groups = []
+    for start in range(0, len(order), BUCKET_CHUNK):
+        groups.extend(arrange(order[start:start + BUCKET_CHUNK]))
+    if shuffle:
+        groups = [groups[i] for i in generator.permutation(len(groups))]
+    return groups
+
+
 class LengthBuckets:
     """The batches of every epoch, as item indices in batch order, for items of known lengths: the items shuffled
     by a permutation drawn from (seed, epoch), each chunk of BUCKET_CHUNK items sorted by `sort_keys` and cut into
@@ -65,16 +84,8 @@ class LengthBuckets:
         self.plan = lru_cache(maxsize=2)(self._plan)
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
-        generator = numpy_generator(self.seed, epoch)
-        count = len(self.items)
-        order = self.items[generator.permutation(count)] if self.shuffle else self.items
-        batches = []
-        for start in range(0, count, BUCKET_CHUNK):
-            chunk = order[start:start + BUCKET_CHUNK]
-            batches.extend(self._cut(chunk[np.argsort(self.sort_keys[chunk], kind="stable")]))
-        if self.shuffle:
-            batches = [batches[i] for i in generator.permutation(len(batches))]
-        return batches
+        return _chunked_plan(self.items, self.seed, epoch, self.shuffle,
+                             lambda chunk: self._cut(chunk[np.argsort(self.sort_keys[chunk], kind="stable")]))
 
     def _cut(self, items: np.ndarray) -> list[np.ndarray]:
         """Consecutive batches of `items` (sorted by length): batch_size items, or as many as fit in max_tokens."""
@@ -90,6 +101,42 @@ class LengthBuckets:
         return batches
 
 
+class PackedRows:
+    """The batches of every epoch for packed rows, as rows of item indices: the items shuffled by a permutation drawn
+    from (seed, epoch), each chunk of BUCKET_CHUNK items packed into rows of at most `capacity` tokens (no item
+    split: `lengths`, indexed by item, are at most capacity), the rows shuffled by the same generator and cut into
+    batches of `rows_per_batch` rows. Without shuffle: corpus order, rows in packing order (evaluation)."""
+
+    def __init__(self, lengths: np.ndarray, items: np.ndarray, *, capacity: int, rows_per_batch: int, seed: int,
+                 shuffle: bool):
+        self.lengths, self.items, self.capacity, self.rows_per_batch = lengths, items, capacity, rows_per_batch
+        self.seed, self.shuffle = seed, shuffle
+        self.plan = lru_cache(maxsize=2)(self._plan)  # two epochs, as LengthBuckets
+
+    def _plan(self, epoch: int) -> list[list[np.ndarray]]:
+        rows = _chunked_plan(self.items, self.seed, epoch, self.shuffle, self._pack)
+        return [rows[i:i + self.rows_per_batch] for i in range(0, len(rows), self.rows_per_batch)]
+
+    def _pack(self, items: np.ndarray) -> list[np.ndarray]:
+        """Best-fit decreasing: longest first, each item into the open row it leaves the least room in, else a new
+        row; the rows come out nearly full (the shortest items fill the gaps), and the shuffled order of the chunk
+        still decides which of equally long items share a row."""
+        order = items[np.argsort(-self.lengths[items], kind="stable")]
+        rows: list[list[int]] = []
+        rooms: list[tuple[int, int]] = []  # (room left, row) of every row with room, ascending
+        for item, length in zip(order.tolist(), self.lengths[order].tolist()):
+            slot = bisect.bisect_left(rooms, (length, -1))  # the least room >= length
+            if slot < len(rooms):
+                room, row = rooms.pop(slot)
+            else:
+                room, row = self.capacity, len(rows)
+                rows.append([])
+            rows[row].append(item)
+            if room > length:
+                bisect.insort(rooms, (room - length, row))
+        return [np.array(row, dtype=np.int64) for row in rows]
+
+
 def padded_width(length, max_len: int):
     """The padded length of a batch whose longest row has `length` tokens (an int or an array of them): rounded up
     to a multiple of PAD_MULTIPLE, at most max_len."""
@@ -98,15 +145,12 @@ def padded_width(length, max_len: int):
 
 def padding_fraction(source, epoch: int = 0) -> float:
     """The share of padding in the padded tensors of an epoch's batches (1 - real tokens / tensor elements; both
-    sides of translation pairs), computed from the source's plan (`epoch_plan`, `padded_lengths`) without building
-    a batch: for MaskedLMBatches and TranslationBatches (CausalLMBatches never pad)."""
+    sides of translation pairs), computed from the source's plan (`padded_rows`) without building a batch: for
+    MaskedLMBatches and TranslationBatches (CausalLMBatches never pad)."""
     real = padded = 0
-    plan = source.epoch_plan(epoch)
-    for lengths, max_len in source.padded_lengths():
-        for items in plan:
-            rows = lengths[items]
-            real += int(rows.sum())
-            padded += len(items) * int(padded_width(rows.max(), max_len))
+    for rows, max_len in source.padded_rows(epoch):
+        real += int(rows.sum())
+        padded += len(rows) * int(padded_width(rows.max(), max_len))
     return 1.0 - real / padded
 
 
@@ -116,12 +160,18 @@ class MaskedLMBatches:
     the model runs its head on those rows only. With batch_size, batches of sentences in a new random order every
     epoch (the order MLM runs have always had); with max_tokens, length-bucketed batches (LengthBuckets) of
     sentences of similar lengths. Without shuffle: corpus order (or length order within chunks, with max_tokens).
-    bos/eos/pad ids default to the tokenizer's, as recorded in the corpus. `sample`: see the module."""
+    bos/eos/pad ids default to the tokenizer's, as recorded in the corpus. `sample`: see the module.
+
+    packed=True: rows of several whole sentences, up to max_len tokens each (PackedRows), and "cu_seqlens" (int32,
+    (n + 1,)): the offsets, in the flattened (B * T) input_ids, of each sentence and each row's padding tail.
+    batch_size then counts rows, and max_tokens allows max_tokens // max_len rows (one at least), as for causal
+    blocks; lengths count each row's real tokens."""
 
     def __init__(self, corpus: TokenizedCorpus, *, max_len: int, mask_id: int, vocab_size: int, special_ids,
                  batch_size: int | None = None, max_tokens: int | None = None, mask_prob: float = 0.15,
                  replace_mask: float = 0.8, replace_random: float = 0.1, seed: int = 0, shuffle: bool = True,
-                 bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None, sample: int = 0):
+                 bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None, sample: int = 0,
+                 packed: bool = False):
         _check_batch_shape(batch_size, max_tokens)
         _check_at_least("max_len", max_len, 3)  # <s>, one token, </s>
         _check_vocab(corpus, vocab_size)
@@ -133,37 +183,52 @@ class MaskedLMBatches:
         self.policy = MaskingPolicy(mask_id=mask_id, vocab_size=vocab_size, special_ids=frozenset(special_ids),
                                     mask_prob=mask_prob, replace_mask=replace_mask, replace_random=replace_random)
         self._lengths = np.minimum(_content_lengths(corpus) + 2, max_len)  # <s> sentence </s>, truncated
-        self._buckets = None if max_tokens is None else LengthBuckets(
+        self._buckets = None if max_tokens is None or packed else LengthBuckets(
             self._lengths, padded_width(self._lengths, max_len), self.items, batch_size=None, max_tokens=max_tokens,
             seed=seed, shuffle=shuffle)
+        self._packing = None if not packed else PackedRows(
+            self._lengths, self.items, capacity=max_len, seed=seed, shuffle=shuffle,
+            rows_per_batch=max(1, max_tokens // max_len) if max_tokens is not None else batch_size)
 
     def num_batches(self, epoch: int) -> int:
+        if self._packing is not None:
+            return len(self._packing.plan(epoch))
         if self._buckets is None:
             return math.ceil(len(self.items) / self.batch_size)
         return len(self._buckets.plan(epoch))
 
     def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
         _check_index(index, self.num_batches(epoch))
-        sentences = [_wrapped(_content(self.corpus, i)[:self.max_len - 2], self.bos_id, self.eos_id)
-                     for i in self._sentences(epoch, index)]
-        input_ids, lengths = _padded(sentences, self.pad_id, self.max_len)
+        rows = [[_wrapped(_content(self.corpus, i)[:self.max_len - 2], self.bos_id, self.eos_id) for i in row]
+                for row in self._rows(epoch, index)]
+        input_ids, lengths = _padded([np.concatenate(row) for row in rows], self.pad_id, self.max_len)
         input_ids, labels = self.policy.apply(input_ids, lengths, torch_generator(self.seed, epoch, index))
-        return {"input_ids": input_ids, "lengths": lengths, "labels": labels,
-                "target_positions": target_positions(labels)}
+        batch = {"input_ids": input_ids, "lengths": lengths, "labels": labels,
+                 "target_positions": target_positions(labels)}
+        if self._packing is not None:
+            batch["cu_seqlens"] = _sequence_offsets([[len(sentence) for sentence in row] for row in rows],
+                                                    input_ids.shape[1])
+        return batch
 
     def epoch_plan(self, epoch: int) -> list[np.ndarray]:
-        """The sentence indices of every batch of the epoch, in batch order."""
-        return [self._sentences(epoch, index) for index in range(self.num_batches(epoch))]
+        """The sentence indices of every batch of the epoch, in batch order (row by row, when packed)."""
+        return [np.concatenate(self._rows(epoch, index)) for index in range(self.num_batches(epoch))]
 
-    def padded_lengths(self) -> list[tuple[np.ndarray, int]]:
-        """(every sentence's length in input_ids, max_len): what padding_fraction needs."""
-        return [(self._lengths, self.max_len)]
+    def padded_rows(self, epoch: int):
+        """(the lengths of a batch's rows, max_len) for every batch of the epoch: what padding_fraction needs."""
+        for index in range(self.num_batches(epoch)):
+            yield np.array([self._lengths[row].sum() for row in self._rows(epoch, index)]), self.max_len
 
-    def _sentences(self, epoch: int, index: int) -> np.ndarray:
+    def _rows(self, epoch: int, index: int) -> list[np.ndarray]:
+        """The sentence indices of each row of a batch: several when packed, else one."""
+        if self._packing is not None:
+            return self._packing.plan(epoch)[index]
         if self._buckets is not None:
-            return self._buckets.plan(epoch)[index]
-        order = _epoch_order(len(self.items), self.seed, epoch, self.shuffle)
-        return self.items[order[index * self.batch_size:(index + 1) * self.batch_size]]
+            sentences = self._buckets.plan(epoch)[index]
+        else:
+            order = _epoch_order(len(self.items), self.seed, epoch, self.shuffle)
+            sentences = self.items[order[index * self.batch_size:(index + 1) * self.batch_size]]
+        return list(sentences[:, None])
 
 
 class CausalLMBatches:
@@ -268,10 +333,12 @@ class TranslationBatches:
         """The pair indices of every batch of the epoch, in batch order."""
         return self._buckets.plan(epoch)
 
-    def padded_lengths(self) -> list[tuple[np.ndarray, int]]:
-        """(every pair's length in src_ids, max_src_len) and (in tgt_ids, max_tgt_len): what padding_fraction
-        needs."""
-        return [(self._src_lengths, self.max_src_len), (self._tgt_lengths, self.max_tgt_len)]
+    def padded_rows(self, epoch: int):
+        """(the lengths of a batch's rows, the side's maximum length) for both sides of every batch of the epoch:
+        what padding_fraction needs."""
+        for pairs in self.epoch_plan(epoch):
+            yield self._src_lengths[pairs], self.max_src_len
+            yield self._tgt_lengths[pairs], self.max_tgt_len
 
 
 def _served_items(count: int, sample: int, seed: int) -> np.ndarray:
@@ -314,6 +381,18 @@ def _padded(sequences: list[np.ndarray], pad_id: int, max_len: int) -> tuple[tor
     for row, sequence in enumerate(sequences):
         ids[row, :len(sequence)] = sequence
     return torch.from_numpy(ids), torch.from_numpy(lengths)
+
+
+def _sequence_offsets(rows: list[list[int]], width: int) -> torch.Tensor:
+    """cu_seqlens (int32) of packed rows of `width` tokens, given the sequence lengths of each row: where each
+    sequence starts in the flattened rows, then where each row's padding tail does (a sequence of its own), and the
+    end."""
+    offsets = [0]
+    for row, lengths in enumerate(rows):
+        offsets.extend(row * width + np.cumsum(lengths))
+        if offsets[-1] < (row + 1) * width:
+            offsets.append((row + 1) * width)
+    return torch.tensor(offsets, dtype=torch.int32)
 
 
 def _special_id(corpus: TokenizedCorpus, name: str, given: int | None, vocab_size: int) -> int:

@@ -7,6 +7,11 @@ Query head h reads key/value head h // (H // Hkv) (grouped-query / multi-query a
 aligned to the bottom right: query i sees key j iff j <= i + Nk - Nq, so prefill and KV-cache decoding (Nq = 1)
 are one call. `kv_lens[b]` keys are valid in sequence b. A query row that sees no key outputs zeros.
 
+`attention_varlen` takes packed batches in flash-attn's varlen layout: q (total_q, H, D), k and v (total_k, Hkv, D),
+the sequences back to back with their offsets in `cu_seqlens_q/k`; each sequence attends within itself only, so a
+batch of sentences of many lengths costs no padding. The same kernels serve it, viewed as B = 1 with the N axis cut
+into sequences (the VARLEN flag; see the host launchers for the grid).
+
 The forward is FlashAttention-2's online softmax in base 2 (log2(e) folded into the scale so the loop uses exp2):
 per query block it keeps the running row max, row sum and an fp32 accumulator, and saves the row's log-sum-exp
 (base 2, +inf for rows that see no key) for the backward. The backward is deterministic: one kernel owns each
@@ -18,8 +23,9 @@ Dropout draws keep/drop from Philox keyed by a per-call seed, counter = (batch*H
 backward regenerates exactly the forward's mask; `dropout_keep_mask` returns it for tests and debugging.
 """
 
+import itertools
 import math
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -82,18 +88,45 @@ def _store_tile(base, tile, rows, cols, stride_row, stride_col, n_rows, n_cols):
 
 @triton.jit
 def _query_block_program(H, group_size, BLOCK_M: tl.constexpr):
-    """What a program of a query-block grid (query block, batch x head) works on."""
+    """What a program of a query-block grid (query block, sequence x head) works on."""
     start_m = tl.program_id(0) * BLOCK_M
-    batch_head = tl.program_id(1)
-    batch = batch_head // H
-    head = batch_head % H
-    return start_m, batch_head, batch, head, head // group_size, start_m + tl.arange(0, BLOCK_M)
+    sequence_head = tl.program_id(1)
+    head = sequence_head % H
+    return start_m, sequence_head // H, head, head // group_size, start_m + tl.arange(0, BLOCK_M)
 
 
 @triton.jit
-def _head_start(base, batch, head, stride_batch, stride_head):
-    """Pointer to tensor[batch, head]; 64-bit, since batch x stride can pass 2^31 elements."""
-    return base + batch.to(tl.int64) * stride_batch + head * stride_head
+def _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, sequence, Nq, Nk, VARLEN: tl.constexpr):
+    """(batch, first query row, query rows, first key row, key rows) of sequence `sequence`. Padded layout: the
+    whole of batch `sequence`. Packed (VARLEN): rows cu_seqlens[sequence] : cu_seqlens[sequence + 1] of batch 0.
+    First rows are 64-bit: a packed batch's row x stride can pass 2^31 elements."""
+    if VARLEN:
+        first_query = tl.load(CU_SEQLENS_Q + sequence).to(tl.int64)
+        first_key = tl.load(CU_SEQLENS_K + sequence).to(tl.int64)
+        query_rows = tl.load(CU_SEQLENS_Q + sequence + 1) - first_query
+        key_rows = tl.load(CU_SEQLENS_K + sequence + 1) - first_key
+        return sequence * 0, first_query, query_rows, first_key, key_rows
+    else:
+        return sequence, 0, Nq, 0, Nk
+
+
+@triton.jit
+def _head_start(base, batch, head, first_row, stride_batch, stride_head, stride_row):
+    """Pointer to tensor[batch, head, first_row]; 64-bit, since batch x stride can pass 2^31 elements."""
+    return base + batch.to(tl.int64) * stride_batch + head * stride_head + first_row * stride_row
+
+
+@triton.jit
+def _query_block_start(K, V, CU_SEQLENS_Q, CU_SEQLENS_K, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                       stride_vn, H, Nq, Nk, group_size, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Where a program of a query-block grid works: its first row and rows, its head, batch and (batch, head) plane
+    (of LSE and the dropout stream), its sequence's first query row, query rows, first key row and key rows, and
+    the start of its key and value heads."""
+    start_m, sequence, head, kv_head, offs_m = _query_block_program(H, group_size, BLOCK_M)
+    batch, first_query, q_len, first_key, k_len = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, sequence, Nq, Nk, VARLEN)
+    K_head = _head_start(K, batch, kv_head, first_key, stride_kb, stride_kh, stride_kn)
+    V_head = _head_start(V, batch, kv_head, first_key, stride_vb, stride_vh, stride_vn)
+    return start_m, offs_m, head, batch, batch * H + head, first_query, q_len, first_key, k_len, K_head, V_head
 
 
 @triton.jit
@@ -125,32 +158,38 @@ def _dropout_seed(SEED, DROPOUT: tl.constexpr):
 
 @triton.jit
 def _dropout_keep(seed, batch_head, query_rows, key_cols, Nq, Nk, dropout_p):
-    """Keep (True) or drop each (query, key) pair: one Philox draw per pair, the same in forward and backward."""
+    """Keep (True) or drop each (query, key) pair: one Philox draw per pair, the same in forward and backward.
+    Rows and columns count from the start of the (batch, head) plane, Nq x Nk: a packed batch draws the entries
+    of one Nq x Nk matrix that fall inside its sequences, which dropout_keep_mask returns whole."""
     counter = (batch_head.to(tl.int64) * Nq + query_rows) * Nk + key_cols
     return tl.rand(seed, counter) >= dropout_p
 
 
 @triton.jit
-def _key_blocks(start_m, valid_keys, causal_shift, Nq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _key_blocks(start_m, valid_keys, causal_shift, q_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr):
     """Key range of the query block starting at start_m: blocks in [0, unmasked_end) are wholly visible,
     [unmasked_end, end) need the mask, keys >= end are seen by no row of the block and are skipped."""
     if CAUSAL:
-        last_row = tl.minimum(start_m + BLOCK_M, Nq) - 1
+        last_row = tl.minimum(start_m + BLOCK_M, q_len) - 1
         end = tl.minimum(valid_keys, tl.maximum(last_row + causal_shift + 1, 0))
         unmasked_end = tl.minimum(valid_keys, tl.maximum(start_m + causal_shift + 1, 0))
     else:
         end = valid_keys
         unmasked_end = valid_keys
+    # A block of no rows (past the end of a short sequence of a packed batch, whose grid spans the longest one)
+    # visits no key.
+    end = tl.where(start_m < q_len, end, 0)
+    unmasked_end = tl.minimum(unmasked_end, end)
     return (unmasked_end // BLOCK_N) * BLOCK_N, end
 
 
 @triton.jit
-def _query_blocks(start_n, valid_keys, causal_shift, Nq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _query_blocks(start_n, valid_keys, causal_shift, q_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr):
     """Query range of the key block starting at start_n: [begin, masked_end) need the mask, [masked_end, end) see
     the whole block, rows before begin see none of it. A block wholly past valid_keys gets an empty range."""
-    end = tl.where(start_n < valid_keys, Nq, 0)
+    end = tl.where(start_n < valid_keys, q_len, 0)
     if CAUSAL:
         first_row = tl.maximum(start_n - causal_shift, 0)
         begin = tl.minimum((first_row // BLOCK_M) * BLOCK_M, end)
@@ -171,8 +210,8 @@ def _query_blocks(start_n, valid_keys, causal_shift, Nq, BLOCK_M: tl.constexpr, 
 
 @triton.jit
 def _forward_step(acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-                  start_n, offs_m, offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, Nq, Nk,
-                  dropout_p, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                  start_n, offs_m, offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, first_query,
+                  first_key, Nq, Nk, dropout_p, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Fold one key block into the running (acc, row_sum, row_max) of the online softmax."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -189,7 +228,8 @@ def _forward_step(acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd
     rescale = tl.math.exp2(row_max - shift)
     row_sum = row_sum * rescale + tl.sum(probs, 1)  # the softmax denominator counts dropped keys too
     if DROPOUT:
-        keep = _dropout_keep(seed, batch_head, offs_m[:, None], offs_n[None, :], Nq, Nk, dropout_p)
+        keep = _dropout_keep(seed, batch_head, first_query + offs_m[:, None], first_key + offs_n[None, :], Nq, Nk,
+                             dropout_p)
         probs = tl.where(keep, probs, 0.0)  # the 1 / (1 - p) rescale is applied once, at the end
     acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, row_sum, new_max
@@ -197,26 +237,27 @@ def _forward_step(acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd
 
 @triton.jit(do_not_specialize=_TUNING_ONLY_ARGS)
 def _forward_kernel(
-    Q, K, V, O, LSE, KV_LENS, SEED,
+    Q, K, V, O, LSE, KV_LENS, CU_SEQLENS_Q, CU_SEQLENS_K, SEED,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     H, Nq, Nk, D, group_size, qk_scale, dropout_p, dropout_scale, Q_BUCKET, K_BUCKET,
-    CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    start_m, batch_head, batch, head, kv_head, offs_m = _query_block_program(H, group_size, BLOCK_M)
+    start_m, offs_m, head, batch, batch_head, first_query, q_len, first_key, k_len, K_head, V_head = \
+        _query_block_start(K, V, CU_SEQLENS_Q, CU_SEQLENS_K, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                           stride_vn, H, Nq, Nk, group_size, VARLEN, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    Q_head = _head_start(Q, batch, head, stride_qb, stride_qh)
-    K_head = _head_start(K, batch, kv_head, stride_kb, stride_kh)
-    V_head = _head_start(V, batch, kv_head, stride_vb, stride_vh)
+    Q_head = _head_start(Q, batch, head, first_query, stride_qb, stride_qh, stride_qm)
     seed = _dropout_seed(SEED, DROPOUT)
 
-    q = _load_tile(Q_head, offs_m, offs_d, stride_qm, stride_qd, Nq, D, UPCAST)
-    valid_keys = _valid_key_count(KV_LENS, batch, Nk, HAS_KV_LENS)
-    causal_shift = Nk - Nq
-    unmasked_end, end = _key_blocks(start_m, valid_keys, causal_shift, Nq, BLOCK_M, BLOCK_N, CAUSAL)
+    q = _load_tile(Q_head, offs_m, offs_d, stride_qm, stride_qd, q_len, D, UPCAST)
+    valid_keys = _valid_key_count(KV_LENS, batch, k_len, HAS_KV_LENS)
+    causal_shift = k_len - q_len
+    unmasked_end, end = _key_blocks(start_m, valid_keys, causal_shift, q_len, BLOCK_M, BLOCK_N, CAUSAL)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -224,21 +265,21 @@ def _forward_kernel(
     for start_n in range(0, unmasked_end, BLOCK_N):
         acc, row_sum, row_max = _forward_step(
             acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
-            offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, Nq, Nk, dropout_p,
-            False, CAUSAL, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
+            offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, first_query, first_key, Nq, Nk,
+            dropout_p, False, CAUSAL, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
     for start_n in range(unmasked_end, end, BLOCK_N):
         acc, row_sum, row_max = _forward_step(
             acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
-            offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, Nq, Nk, dropout_p,
-            True, CAUSAL, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
+            offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, first_query, first_key, Nq, Nk,
+            dropout_p, True, CAUSAL, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
 
     sees_keys = row_sum > 0.0
     out = acc * (dropout_scale / tl.where(sees_keys, row_sum, 1.0))[:, None]
-    O_head = _head_start(O, batch, head, stride_ob, stride_oh)
-    _store_tile(O_head, out, offs_m, offs_d, stride_om, stride_od, Nq, D)
+    O_head = _head_start(O, batch, head, first_query, stride_ob, stride_oh, stride_om)
+    _store_tile(O_head, out, offs_m, offs_d, stride_om, stride_od, q_len, D)
     # +inf for rows that see no key: the backward's exp2(score - lse) is then 0 there, never NaN.
     lse = tl.where(sees_keys, row_max + tl.math.log2(tl.where(sees_keys, row_sum, 1.0)), float("inf"))
-    tl.store(LSE + batch_head.to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
+    tl.store(LSE + batch_head.to(tl.int64) * Nq + first_query + offs_m, lse, mask=offs_m < q_len)
 
 
 def _gpu_configs(shapes: Sequence[Tuple[int, int, int, int]]) -> list:
@@ -273,7 +314,7 @@ def _prune_configs(outer_block: str, inner_block: str, resident_tiles: int, rows
 
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16})  # unequal blocks exercise the range logic
 # The tuner also keys on the dtype of every tensor argument (Triton adds those itself).
-_TUNING_KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "CAUSAL", "HAS_KV_LENS", "DROPOUT", "DOT_PRECISION"]
+_TUNING_KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "CAUSAL", "HAS_KV_LENS", "VARLEN", "DROPOUT", "DOT_PRECISION"]
 
 _forward = triton.autotune(
     configs=tuning_configs(_gpu_configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 4),
@@ -294,29 +335,31 @@ def _row_dot_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
                     stride_dob, stride_doh, stride_dom, stride_dod, H, Nq, D,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta = rowsum(dO * O): the softmax backward's correction term, computed once rather than per key block."""
-    _, batch_head, batch, head, _, offs_m = _query_block_program(H, 1, BLOCK_M)
+    # Row by row, blind to sequences: a packed batch is one plane of Nq rows here.
+    _, batch, head, _, offs_m = _query_block_program(H, 1, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(_head_start(O, batch, head, stride_ob, stride_oh), offs_m, offs_d, stride_om, stride_od,
-                   Nq, D, True)
-    do = _load_tile(_head_start(DO, batch, head, stride_dob, stride_doh), offs_m, offs_d, stride_dom, stride_dod,
-                    Nq, D, True)
-    tl.store(DELTA + batch_head.to(tl.int64) * Nq + offs_m, tl.sum(o * do, 1), mask=offs_m < Nq)
+    o = _load_tile(_head_start(O, batch, head, 0, stride_ob, stride_oh, stride_om), offs_m, offs_d, stride_om,
+                   stride_od, Nq, D, True)
+    do = _load_tile(_head_start(DO, batch, head, 0, stride_dob, stride_doh, stride_dom), offs_m, offs_d, stride_dom,
+                    stride_dod, Nq, D, True)
+    tl.store(DELTA + (batch * H + head).to(tl.int64) * Nq + offs_m, tl.sum(o * do, 1), mask=offs_m < Nq)
 
 
 @triton.jit
 def _key_block_grads_step(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, DQ_head,
                           stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd,
-                          start_m, offs_n, offs_d, valid_keys, causal_shift, D, qk_scale, sm_scale, seed, batch_head,
-                          Nq, Nk, dropout_p, dropout_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                          start_m, offs_n, offs_d, q_len, valid_keys, causal_shift, D, qk_scale, sm_scale, seed,
+                          batch_head, first_query, first_key, Nq, Nk, dropout_p, dropout_scale, MASKED: tl.constexpr,
+                          CAUSAL: tl.constexpr,
                           DROPOUT: tl.constexpr, UPCAST: tl.constexpr, ACCUMULATE_DQ: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     """Add one query block's share of dK and dV (tiles transposed: keys along rows, queries along columns)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_tile(Q_head, offs_m, offs_d, stride_qm, stride_qd, Nq, D, UPCAST)
-    do = _load_tile(DO_head, offs_m, offs_d, stride_dom, stride_dod, Nq, D, UPCAST)
-    # Rows past Nq get lse = +inf, hence probability 0.
-    lse = tl.load(LSE_head + offs_m, mask=offs_m < Nq, other=float("inf"))
-    delta = tl.load(DELTA_head + offs_m, mask=offs_m < Nq, other=0.0)
+    q = _load_tile(Q_head, offs_m, offs_d, stride_qm, stride_qd, q_len, D, UPCAST)
+    do = _load_tile(DO_head, offs_m, offs_d, stride_dom, stride_dod, q_len, D, UPCAST)
+    # Rows past q_len get lse = +inf, hence probability 0.
+    lse = tl.load(LSE_head + offs_m, mask=offs_m < q_len, other=float("inf"))
+    delta = tl.load(DELTA_head + offs_m, mask=offs_m < q_len, other=0.0)
     scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
     if MASKED:  # masked before exp2: a hidden score may exceed the row's lse and overflow
         visible = _visible(offs_m[None, :], offs_n[:, None], valid_keys, causal_shift, CAUSAL)
@@ -324,7 +367,8 @@ def _key_block_grads_step(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, D
     probs_t = tl.math.exp2(scores_t - lse[None, :])
     dprobs_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep_t = _dropout_keep(seed, batch_head, offs_m[None, :], offs_n[:, None], Nq, Nk, dropout_p)
+        keep_t = _dropout_keep(seed, batch_head, first_query + offs_m[None, :], first_key + offs_n[:, None], Nq, Nk,
+                               dropout_p)
         dropped_probs_t = tl.where(keep_t, probs_t * dropout_scale, 0.0)
         dprobs_t = tl.where(keep_t, dprobs_t * dropout_scale, 0.0)
     else:
@@ -335,13 +379,13 @@ def _key_block_grads_step(dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, D
     if ACCUMULATE_DQ:
         dq = tl.dot(tl.trans(dscores_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
         tl.atomic_add(DQ_head + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq,
-                      mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < D))
+                      mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < D))
     return dk, dv
 
 
 @triton.jit(do_not_specialize=_TUNING_ONLY_ARGS)
 def _key_block_grads_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, KV_LENS, SEED,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, KV_LENS, CU_SEQLENS_Q, CU_SEQLENS_K, SEED,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -350,61 +394,62 @@ def _key_block_grads_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, Hkv, Nq, Nk, D, group_size, qk_scale, sm_scale, dropout_p, dropout_scale, Q_BUCKET, K_BUCKET,
-    CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-    ACCUMULATE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, ACCUMULATE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV of one key block, summed over every query head of its group: one writer per element, no atomics."""
     start_n = tl.program_id(0) * BLOCK_N
-    batch_kv_head = tl.program_id(1)
-    batch = batch_kv_head // Hkv
-    kv_head = batch_kv_head % Hkv
+    sequence_kv_head = tl.program_id(1)
+    kv_head = sequence_kv_head % Hkv
+    batch, first_query, q_len, first_key, k_len = _sequence(CU_SEQLENS_Q, CU_SEQLENS_K, sequence_kv_head // Hkv,
+                                                            Nq, Nk, VARLEN)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     seed = _dropout_seed(SEED, DROPOUT)
 
-    valid_keys = _valid_key_count(KV_LENS, batch, Nk, HAS_KV_LENS)
-    k = _load_tile(_head_start(K, batch, kv_head, stride_kb, stride_kh), offs_n, offs_d, stride_kn, stride_kd,
-                   valid_keys, D, UPCAST)
-    v = _load_tile(_head_start(V, batch, kv_head, stride_vb, stride_vh), offs_n, offs_d, stride_vn, stride_vd,
-                   valid_keys, D, UPCAST)
-    causal_shift = Nk - Nq
-    begin, masked_end, end = _query_blocks(start_n, valid_keys, causal_shift, Nq, BLOCK_M, BLOCK_N, CAUSAL)
+    valid_keys = _valid_key_count(KV_LENS, batch, k_len, HAS_KV_LENS)
+    k = _load_tile(_head_start(K, batch, kv_head, first_key, stride_kb, stride_kh, stride_kn), offs_n, offs_d,
+                   stride_kn, stride_kd, valid_keys, D, UPCAST)
+    v = _load_tile(_head_start(V, batch, kv_head, first_key, stride_vb, stride_vh, stride_vn), offs_n, offs_d,
+                   stride_vn, stride_vd, valid_keys, D, UPCAST)
+    causal_shift = k_len - q_len
+    begin, masked_end, end = _query_blocks(start_n, valid_keys, causal_shift, q_len, BLOCK_M, BLOCK_N, CAUSAL)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for head in range(kv_head * group_size, (kv_head + 1) * group_size):
         batch_head = batch * H + head
-        Q_head = _head_start(Q, batch, head, stride_qb, stride_qh)
-        DO_head = _head_start(DO, batch, head, stride_dob, stride_doh)
-        DQ_head = _head_start(DQ, batch, head, stride_dqb, stride_dqh)
-        LSE_head = LSE + batch_head.to(tl.int64) * Nq
-        DELTA_head = DELTA + batch_head.to(tl.int64) * Nq
+        Q_head = _head_start(Q, batch, head, first_query, stride_qb, stride_qh, stride_qm)
+        DO_head = _head_start(DO, batch, head, first_query, stride_dob, stride_doh, stride_dom)
+        DQ_head = _head_start(DQ, batch, head, first_query, stride_dqb, stride_dqh, stride_dqm)
+        LSE_head = LSE + batch_head.to(tl.int64) * Nq + first_query
+        DELTA_head = DELTA + batch_head.to(tl.int64) * Nq + first_query
         for start_m in range(begin, masked_end, BLOCK_M):
             dk, dv = _key_block_grads_step(
                 dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, DQ_head, stride_qm, stride_qd, stride_dom,
-                stride_dod, stride_dqm, stride_dqd, start_m, offs_n, offs_d, valid_keys, causal_shift, D, qk_scale,
-                sm_scale, seed, batch_head, Nq, Nk, dropout_p, dropout_scale,
+                stride_dod, stride_dqm, stride_dqd, start_m, offs_n, offs_d, q_len, valid_keys, causal_shift, D,
+                qk_scale, sm_scale, seed, batch_head, first_query, first_key, Nq, Nk, dropout_p, dropout_scale,
                 True, CAUSAL, DROPOUT, UPCAST, ACCUMULATE_DQ, DOT_PRECISION, BLOCK_M)
         for start_m in range(masked_end, end, BLOCK_M):
             dk, dv = _key_block_grads_step(
                 dk, dv, k, v, Q_head, DO_head, LSE_head, DELTA_head, DQ_head, stride_qm, stride_qd, stride_dom,
-                stride_dod, stride_dqm, stride_dqd, start_m, offs_n, offs_d, valid_keys, causal_shift, D, qk_scale,
-                sm_scale, seed, batch_head, Nq, Nk, dropout_p, dropout_scale,
+                stride_dod, stride_dqm, stride_dqd, start_m, offs_n, offs_d, q_len, valid_keys, causal_shift, D,
+                qk_scale, sm_scale, seed, batch_head, first_query, first_key, Nq, Nk, dropout_p, dropout_scale,
                 False, CAUSAL, DROPOUT, UPCAST, ACCUMULATE_DQ, DOT_PRECISION, BLOCK_M)
 
-    _store_tile(_head_start(DK, batch, kv_head, stride_dkb, stride_dkh), dk * sm_scale, offs_n, offs_d,
-                stride_dkn, stride_dkd, Nk, D)
-    _store_tile(_head_start(DV, batch, kv_head, stride_dvb, stride_dvh), dv, offs_n, offs_d,
-                stride_dvn, stride_dvd, Nk, D)
+    _store_tile(_head_start(DK, batch, kv_head, first_key, stride_dkb, stride_dkh, stride_dkn), dk * sm_scale,
+                offs_n, offs_d, stride_dkn, stride_dkd, k_len, D)
+    _store_tile(_head_start(DV, batch, kv_head, first_key, stride_dvb, stride_dvh, stride_dvn), dv, offs_n, offs_d,
+                stride_dvn, stride_dvd, k_len, D)
 
 
 @triton.jit
 def _query_block_grads_step(dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
-                            start_n, offs_m, offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, Nq, Nk,
-                            dropout_p, dropout_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                            DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                            BLOCK_N: tl.constexpr):
+                            start_n, offs_m, offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head,
+                            first_query, first_key, Nq, Nk, dropout_p, dropout_scale, MASKED: tl.constexpr,
+                            CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Add one key block's share of dQ."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_tile(K_head, offs_n, offs_d, stride_kn, stride_kd, valid_keys, D, UPCAST)
@@ -416,7 +461,8 @@ def _query_block_grads_step(dq, q, do, lse, delta, K_head, V_head, stride_kn, st
     probs = tl.math.exp2(scores - lse[:, None])
     dprobs = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep = _dropout_keep(seed, batch_head, offs_m[:, None], offs_n[None, :], Nq, Nk, dropout_p)
+        keep = _dropout_keep(seed, batch_head, first_query + offs_m[:, None], first_key + offs_n[None, :], Nq, Nk,
+                             dropout_p)
         dprobs = tl.where(keep, dprobs * dropout_scale, 0.0)
     dscores = probs * (dprobs - delta[:, None])
     return dq + tl.dot(dscores.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -424,46 +470,48 @@ def _query_block_grads_step(dq, q, do, lse, delta, K_head, V_head, stride_kn, st
 
 @triton.jit(do_not_specialize=_TUNING_ONLY_ARGS)
 def _query_block_grads_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KV_LENS, SEED,
+    Q, K, V, DO, LSE, DELTA, DQ, KV_LENS, CU_SEQLENS_Q, CU_SEQLENS_K, SEED,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, Nq, Nk, D, group_size, qk_scale, sm_scale, dropout_p, dropout_scale, Q_BUCKET, K_BUCKET,
-    CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dQ of one query block: walks the same key blocks as the forward."""
-    start_m, batch_head, batch, head, kv_head, offs_m = _query_block_program(H, group_size, BLOCK_M)
+    start_m, offs_m, head, batch, batch_head, first_query, q_len, first_key, k_len, K_head, V_head = \
+        _query_block_start(K, V, CU_SEQLENS_Q, CU_SEQLENS_K, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                           stride_vn, H, Nq, Nk, group_size, VARLEN, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    K_head = _head_start(K, batch, kv_head, stride_kb, stride_kh)
-    V_head = _head_start(V, batch, kv_head, stride_vb, stride_vh)
     seed = _dropout_seed(SEED, DROPOUT)
 
-    q = _load_tile(_head_start(Q, batch, head, stride_qb, stride_qh), offs_m, offs_d, stride_qm, stride_qd,
-                   Nq, D, UPCAST)
-    do = _load_tile(_head_start(DO, batch, head, stride_dob, stride_doh), offs_m, offs_d, stride_dom, stride_dod,
-                    Nq, D, UPCAST)
-    lse = tl.load(LSE + batch_head.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
-    delta = tl.load(DELTA + batch_head.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-    valid_keys = _valid_key_count(KV_LENS, batch, Nk, HAS_KV_LENS)
-    causal_shift = Nk - Nq
-    unmasked_end, end = _key_blocks(start_m, valid_keys, causal_shift, Nq, BLOCK_M, BLOCK_N, CAUSAL)
+    q = _load_tile(_head_start(Q, batch, head, first_query, stride_qb, stride_qh, stride_qm), offs_m, offs_d,
+                   stride_qm, stride_qd, q_len, D, UPCAST)
+    do = _load_tile(_head_start(DO, batch, head, first_query, stride_dob, stride_doh, stride_dom), offs_m, offs_d,
+                    stride_dom, stride_dod, q_len, D, UPCAST)
+    row_stats = batch_head.to(tl.int64) * Nq + first_query + offs_m
+    lse = tl.load(LSE + row_stats, mask=offs_m < q_len, other=float("inf"))
+    delta = tl.load(DELTA + row_stats, mask=offs_m < q_len, other=0.0)
+    valid_keys = _valid_key_count(KV_LENS, batch, k_len, HAS_KV_LENS)
+    causal_shift = k_len - q_len
+    unmasked_end, end = _key_blocks(start_m, valid_keys, causal_shift, q_len, BLOCK_M, BLOCK_N, CAUSAL)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, unmasked_end, BLOCK_N):
         dq = _query_block_grads_step(
             dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
-            offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, Nq, Nk, dropout_p, dropout_scale,
-            False, CAUSAL, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
+            offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, first_query, first_key, Nq, Nk,
+            dropout_p, dropout_scale, False, CAUSAL, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
     for start_n in range(unmasked_end, end, BLOCK_N):
         dq = _query_block_grads_step(
             dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
-            offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, Nq, Nk, dropout_p, dropout_scale,
-            True, CAUSAL, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
-    _store_tile(_head_start(DQ, batch, head, stride_dqb, stride_dqh), dq * sm_scale, offs_m, offs_d,
-                stride_dqm, stride_dqd, Nq, D)
+            offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, first_query, first_key, Nq, Nk,
+            dropout_p, dropout_scale, True, CAUSAL, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
+    _store_tile(_head_start(DQ, batch, head, first_query, stride_dqb, stride_dqh, stride_dqm), dq * sm_scale,
+                offs_m, offs_d, stride_dqm, stride_dqd, q_len, D)
 
 
 # Key-block kernels: BLOCK_N keys stay resident while BLOCK_M query rows stream past.
@@ -507,15 +555,41 @@ def _dropout_mask_kernel(KEEP, SEED, Nq, Nk, dropout_p, BLOCK_M: tl.constexpr, B
 # ----------------------------------------------------------------------------------------------------------------
 # Host launchers
 # ----------------------------------------------------------------------------------------------------------------
+# The launchers take the (B, H, N, D) layout. A packed batch comes as B = 1 with `cu_seqlens` cutting the N axis into
+# sequences (Packed, below). The grid then runs over (query or key block, sequence x head) and is sized by the
+# longest sequence, so programs past the end of a shorter one find no rows and stop after a few loads. A flat grid
+# of the blocks that exist, each program looking up its (sequence, block), would launch no idle program, but its
+# table must be built per batch: on the device (a prefix sum over the sequences, one more launch) or on the host
+# (a sync to read cu_seqlens). Packed rows of short sentences leave few idle programs, and one grid serves both
+# layouts, the sequence being one constexpr branch (_sequence) away from the padded batch.
 
 
-def _common_meta(q: torch.Tensor, k: torch.Tensor, kv_lens: Optional[torch.Tensor], causal: bool,
-                 dropout_p: float) -> dict:
+class Packed(NamedTuple):
+    """Where the sequences of a packed batch lie on the N axis: sequence s holds query rows
+    cu_seqlens_q[s] : cu_seqlens_q[s + 1] and key rows cu_seqlens_k[s] : cu_seqlens_k[s + 1]; max_seqlen_q/k bound
+    their lengths (host integers, as in flash-attn: reading them from cu_seqlens would cost a host sync)."""
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def _grid_extent(q: torch.Tensor, k: torch.Tensor, packed: Optional[Packed]) -> Tuple[int, int, int]:
+    """(sequences, longest query sequence, longest key sequence): what the grid spans."""
+    if packed is None:
+        return q.shape[0], q.shape[2], k.shape[2]
+    return packed.cu_seqlens_q.shape[0] - 1, packed.max_seqlen_q, packed.max_seqlen_k
+
+
+def _common_meta(q: torch.Tensor, k: torch.Tensor, kv_lens: Optional[torch.Tensor], packed: Optional[Packed],
+                 causal: bool, dropout_p: float) -> dict:
     """Compile-time flags and scalars every tuned kernel of one call shares, with the tuning buckets."""
+    _, longest_q, longest_k = _grid_extent(q, k, packed)
     return dict(
-        **_tuning_buckets(q.shape[2], k.shape[2]),
+        **_tuning_buckets(longest_q, longest_k),
         CAUSAL=causal,
         HAS_KV_LENS=kv_lens is not None,
+        VARLEN=packed is not None,
         DROPOUT=dropout_p > 0.0,
         UPCAST=upcast_under_interpreter(q.dtype),
         DOT_PRECISION=dot_precision(q.dtype),
@@ -523,26 +597,31 @@ def _common_meta(q: torch.Tensor, k: torch.Tensor, kv_lens: Optional[torch.Tenso
     )
 
 
-def _launch_forward(q, k, v, kv_lens, seed, causal: bool, sm_scale: float, dropout_p: float):
+def _launch_forward(q, k, v, kv_lens, packed: Optional[Packed], seed, causal: bool, sm_scale: float,
+                    dropout_p: float):
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
+    sequences, longest_q, _ = _grid_extent(q, k, packed)
+    cu_seqlens_q, cu_seqlens_k = packed[:2] if packed is not None else (None, None)
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads, q_len), device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(longest_q, meta["BLOCK_M"]), sequences * heads)  # noqa: E731
     _forward[grid](
-        q, k, v, out, lse, kv_lens, seed,
+        q, k, v, out, lse, kv_lens, cu_seqlens_q, cu_seqlens_k, seed,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, q_len, k_len, head_dim, heads // kv_heads, sm_scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p),
-        **_common_meta(q, k, kv_lens, causal, dropout_p),
+        **_common_meta(q, k, kv_lens, packed, causal, dropout_p),
     )
     return out, lse
 
 
-def _launch_backward(grad_out, q, k, v, out, lse, kv_lens, seed, causal: bool, sm_scale: float, dropout_p: float,
-                     deterministic: bool):
+def _launch_backward(grad_out, q, k, v, out, lse, kv_lens, packed: Optional[Packed], seed, causal: bool,
+                     sm_scale: float, dropout_p: float, deterministic: bool):
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
-    meta = _common_meta(q, k, kv_lens, causal, dropout_p)
+    sequences, longest_q, longest_k = _grid_extent(q, k, packed)
+    cu_seqlens_q, cu_seqlens_k = packed[:2] if packed is not None else (None, None)
+    meta = _common_meta(q, k, kv_lens, packed, causal, dropout_p)
     delta = torch.empty_like(lse)
     _row_dot_kernel[(triton.cdiv(q_len, 32), batch * heads)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, q_len, head_dim,
@@ -554,16 +633,16 @@ def _launch_backward(grad_out, q, k, v, out, lse, kv_lens, seed, causal: bool, s
     grad_q = torch.empty_like(q) if deterministic else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     scalars = (sm_scale * LOG2_E, sm_scale, dropout_p, 1.0 / (1.0 - dropout_p))
     key_kernel = _key_block_grads if deterministic else _key_block_grads_accumulating_dq
-    key_kernel[lambda m: (triton.cdiv(k_len, m["BLOCK_N"]), batch * kv_heads)](
-        q, k, v, grad_out, lse, delta, grad_k, grad_v, grad_q, kv_lens, seed,
+    key_kernel[lambda m: (triton.cdiv(longest_k, m["BLOCK_N"]), sequences * kv_heads)](
+        q, k, v, grad_out, lse, delta, grad_k, grad_v, grad_q, kv_lens, cu_seqlens_q, cu_seqlens_k, seed,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_k.stride(), *grad_v.stride(),
         *grad_q.stride(), heads, kv_heads, q_len, k_len, head_dim, heads // kv_heads, *scalars,
         ACCUMULATE_DQ=not deterministic, **meta,
     )
     if not deterministic:
         return grad_q.to(q.dtype), grad_k, grad_v
-    _query_block_grads[lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * heads)](
-        q, k, v, grad_out, lse, delta, grad_q, kv_lens, seed,
+    _query_block_grads[lambda m: (triton.cdiv(longest_q, m["BLOCK_M"]), sequences * heads)](
+        q, k, v, grad_out, lse, delta, grad_q, kv_lens, cu_seqlens_q, cu_seqlens_k, seed,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *grad_q.stride(),
         heads, q_len, k_len, head_dim, heads // kv_heads, *scalars, **meta,
     )
@@ -574,45 +653,61 @@ def _launch_backward(grad_out, q, k, v, out, lse, kv_lens, seed, causal: bool, s
 # The custom op (torch.compile sees one opaque node) and its autograd
 # ----------------------------------------------------------------------------------------------------------------
 # Signatures use typing.Optional/Tuple, not `X | None` / `tuple[...]`: torch 2.4's schema inference reads only those.
+# A custom op takes tensors and scalars, not a Packed: its four fields travel one by one (None / 0 when padded).
+
+
+def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int) -> Optional[Packed]:
+    return None if cu_seqlens_q is None else Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 @torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
 def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: Optional[torch.Tensor],
-                          seed: Optional[torch.Tensor], causal: bool, sm_scale: float, dropout_p: float,
+                          cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+                          max_seqlen_q: int, max_seqlen_k: int, seed: Optional[torch.Tensor], causal: bool,
+                          sm_scale: float, dropout_p: float,
                           deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     # `deterministic` does not change the forward: it is an input only so the backward can read it.
-    return _launch_forward(q, k, v, kv_lens, seed, causal, sm_scale, dropout_p)
+    packed = _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return _launch_forward(q, k, v, kv_lens, packed, seed, causal, sm_scale, dropout_p)
 
 
 @_attention_forward_op.register_fake
-def _attention_forward_fake(q, k, v, kv_lens, seed, causal, sm_scale, dropout_p, deterministic):
+def _attention_forward_fake(q, k, v, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal,
+                            sm_scale, dropout_p, deterministic):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
 def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor, kv_lens: Optional[torch.Tensor],
-                           seed: Optional[torch.Tensor], causal: bool, sm_scale: float, dropout_p: float,
+                           cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+                           max_seqlen_q: int, max_seqlen_k: int, seed: Optional[torch.Tensor], causal: bool,
+                           sm_scale: float, dropout_p: float,
                            deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_backward(grad_out, q, k, v, out, lse, kv_lens, seed, causal, sm_scale, dropout_p, deterministic)
+    packed = _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return _launch_backward(grad_out, q, k, v, out, lse, kv_lens, packed, seed, causal, sm_scale, dropout_p,
+                            deterministic)
 
 
 @_attention_backward_op.register_fake
-def _attention_backward_fake(grad_out, q, k, v, out, lse, kv_lens, seed, causal, sm_scale, dropout_p, deterministic):
+def _attention_backward_fake(grad_out, q, k, v, out, lse, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                             max_seqlen_k, seed, causal, sm_scale, dropout_p, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_lens, seed, causal, sm_scale, dropout_p, deterministic = inputs
+    q, k, v, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, *flags = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kv_lens, seed)
-    ctx.flags = (causal, sm_scale, dropout_p, deterministic)
+    ctx.save_for_backward(q, k, v, out, lse, kv_lens, cu_seqlens_q, cu_seqlens_k, seed)
+    ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
+    ctx.flags = flags  # causal, sm_scale, dropout_p, deterministic
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, kv_lens, seed = ctx.saved_tensors
-    grad_q, grad_k, grad_v = _attention_backward_op(grad_out, q, k, v, out, lse, kv_lens, seed, *ctx.flags)
-    return grad_q, grad_k, grad_v, None, None, None, None, None, None
+    q, k, v, out, lse, kv_lens, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
+    grad_q, grad_k, grad_v = _attention_backward_op(grad_out, q, k, v, out, lse, kv_lens, cu_seqlens_q, cu_seqlens_k,
+                                                    *ctx.max_seqlens, seed, *ctx.flags)
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None, None, None
 
 
 _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -625,11 +720,23 @@ _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                         kv_lens: Optional[torch.Tensor], sm_scale: float,
-                        dropout_keep: Optional[torch.Tensor] = None, dropout_p: float = 0.0) -> torch.Tensor:
+                        dropout_keep: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                        packed: Optional[Packed] = None) -> torch.Tensor:
     """Plain-torch attention with the kernel's semantics, differentiable by autograd; computes in at least fp32.
 
     `dropout_keep` (bool, (B, H, Nq, Nk)) are the kept attention weights, rescaled by 1 / (1 - dropout_p).
+    `packed`: B = 1 and each sequence attends within itself, computed one sequence at a time (the offsets are read
+    on the host: a reference, not a kernel).
     """
+    if packed is not None:
+        pieces = []
+        for (q_start, q_end), (k_start, k_end) in zip(itertools.pairwise(packed.cu_seqlens_q.tolist()),
+                                                       itertools.pairwise(packed.cu_seqlens_k.tolist())):
+            keep = None if dropout_keep is None else dropout_keep[:, :, q_start:q_end, k_start:k_end]
+            pieces.append(attention_reference(
+                q[:, :, q_start:q_end], k[:, :, k_start:k_end], v[:, :, k_start:k_end], causal=causal,
+                kv_lens=None, sm_scale=sm_scale, dropout_keep=keep, dropout_p=dropout_p))
+        return torch.cat(pieces, dim=2)
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -660,41 +767,84 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     return (probs @ values).reshape(batch, heads, q_len, head_dim).to(q.dtype)
 
 
-def _validate(q, k, v, kv_lens, sm_scale, dropout_p) -> None:
+def _validate_qkv(q, k, v, ndim: int, sm_scale, dropout_p) -> None:
+    """The checks both layouts share: (B, H, N, D) tensors when ndim = 4, packed (N, H, D) ones when ndim = 3."""
     for name, tensor in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, tensor, ndim=4, dtypes=SUPPORTED_DTYPES)
-    if kv_lens is not None:
-        check_tensor("kv_lens", kv_lens, ndim=1, dtypes=(torch.int32, torch.int64))
-    check_same_device("q", q, k=k, v=v, kv_lens=kv_lens)
+        check_tensor(name, tensor, ndim=ndim, dtypes=SUPPORTED_DTYPES)
+    check_same_device("q", q, k=k, v=v)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    batch, heads, q_len, head_dim = q.shape
-    kv_batch, kv_heads, k_len, kv_dim = k.shape
     if min(q.shape) < 1 or min(k.shape) < 1:
         raise ValueError(f"every dimension must be >= 1, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    if kv_batch != batch:
-        raise ValueError(f"k.shape[0]={kv_batch}: expected the batch size of q, {batch}")
+    heads, kv_heads = q.shape[1], k.shape[1]
     if heads % kv_heads != 0:
         raise ValueError(f"k.shape[1]={kv_heads}: expected a divisor of the number of query heads, {heads}")
-    if kv_dim != head_dim:
-        raise ValueError(f"k.shape[3]={kv_dim}: expected the head dim of q, {head_dim}")
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"q.shape[3]={head_dim}: head dims up to {MAX_HEAD_DIM} are supported")
+    last = ndim - 1
+    if k.shape[last] != q.shape[last]:
+        raise ValueError(f"k.shape[{last}]={k.shape[last]}: expected the head dim of q, {q.shape[last]}")
+    if q.shape[last] > MAX_HEAD_DIM:
+        raise ValueError(f"q.shape[{last}]={q.shape[last]}: head dims up to {MAX_HEAD_DIM} are supported")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p={dropout_p!r}: expected a number in [0, 1)")
     if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale)):
         raise ValueError(f"sm_scale={sm_scale!r}: expected a finite number or None")
+
+
+def _values_checked(tensor: torch.Tensor) -> bool:
+    """Reading GPU values costs a host sync (and breaks a torch.compile graph), so there only in debug mode; the
+    kernels clamp what they read anyway."""
+    return not (tensor.is_cuda or torch.compiler.is_compiling()) or debug_checks_enabled()
+
+
+def _validate(q, k, v, kv_lens, sm_scale, dropout_p) -> None:
+    _validate_qkv(q, k, v, 4, sm_scale, dropout_p)
+    if kv_lens is not None:
+        check_tensor("kv_lens", kv_lens, ndim=1, dtypes=(torch.int32, torch.int64))
+        check_same_device("q", q, kv_lens=kv_lens)
+    batch, k_len = q.shape[0], k.shape[2]
+    if k.shape[0] != batch:
+        raise ValueError(f"k.shape[0]={k.shape[0]}: expected the batch size of q, {batch}")
     if kv_lens is not None:
         if kv_lens.shape[0] != batch:
             raise ValueError(f"kv_lens.shape={tuple(kv_lens.shape)}: expected ({batch},), one length per sequence")
-        # Reading GPU values costs a host sync (and breaks a torch.compile graph), so there only in debug mode; the
-        # kernels clamp lengths anyway.
-        if not (kv_lens.is_cuda or torch.compiler.is_compiling()) or debug_checks_enabled():
+        if _values_checked(kv_lens):
             low, high = int(kv_lens.min()), int(kv_lens.max())
             if low < 0 or high > k_len:
                 raise ValueError(f"kv_lens has values in [{low}, {high}]: expected lengths in [0, {k_len}]")
+
+
+# CUDA launches at most 65535 programs along the grid's second axis, sequences x heads for a packed batch.
+MAX_SEQUENCES_X_HEADS = 65535
+
+
+def _validate_packed(q, k, v, packed: Packed, sm_scale, dropout_p) -> None:
+    _validate_qkv(q, k, v, 3, sm_scale, dropout_p)
+    offsets = (("cu_seqlens_q", packed.cu_seqlens_q, "max_seqlen_q", packed.max_seqlen_q, q),
+               ("cu_seqlens_k", packed.cu_seqlens_k, "max_seqlen_k", packed.max_seqlen_k, k))
+    for name, cu_seqlens, max_name, max_seqlen, rows in offsets:
+        check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64))
+        check_same_device("q", q, **{name: cu_seqlens})
+        if cu_seqlens.shape[0] < 2:
+            raise ValueError(f"{name} has shape {tuple(cu_seqlens.shape)}: expected (n + 1,) offsets of n >= 1 "
+                             "sequences")
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+            raise ValueError(f"{max_name}={max_seqlen!r}: expected an integer >= 1")
+        if _values_checked(cu_seqlens):
+            bounds, lengths = cu_seqlens[[0, -1]].tolist(), cu_seqlens.diff()
+            if bounds != [0, rows.shape[0]] or int(lengths.min()) < 1:
+                raise ValueError(f"{name} = {cu_seqlens.tolist()}: expected offsets increasing from 0 to "
+                                 f"{rows.shape[0]} (the rows of {name[-1]}), every sequence at least one row")
+            if int(lengths.max()) > max_seqlen:
+                raise ValueError(f"{max_name}={max_seqlen}: a sequence of {name} has {int(lengths.max())} rows")
+    sequences = packed.cu_seqlens_q.shape[0] - 1
+    if packed.cu_seqlens_k.shape[0] - 1 != sequences:
+        raise ValueError(f"cu_seqlens_k holds {packed.cu_seqlens_k.shape[0] - 1} sequences, cu_seqlens_q "
+                         f"{sequences}: expected one key sequence per query sequence")
+    if sequences * q.shape[1] > MAX_SEQUENCES_X_HEADS:
+        raise ValueError(f"{sequences} sequences x {q.shape[1]} heads: expected at most {MAX_SEQUENCES_X_HEADS} "
+                         "(the grid's second axis); split the batch")
 
 
 def _draw_dropout_seed(generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
@@ -707,13 +857,33 @@ def _draw_dropout_seed(generator: Optional[torch.Generator], device: torch.devic
 def dropout_keep_mask(batch: int, heads: int, q_len: int, k_len: int, dropout_p: float, *,
                       generator: Optional[torch.Generator] = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """The bool (B, H, Nq, Nk) keep mask the Triton kernels use when `generator` is in the same state as at the
-    `attention` call: for tests and debugging."""
+    `attention` call: for tests and debugging. A packed call (`attention_varlen`) uses the entries of
+    dropout_keep_mask(1, H, total_q, total_k) that lie within its sequences."""
     seed = _draw_dropout_seed(generator, torch.device(device))
     keep = torch.empty((batch, heads, q_len, k_len), dtype=torch.int8, device=device)
     block = 32
     _dropout_mask_kernel[(triton.cdiv(q_len, block), triton.cdiv(k_len, block), batch * heads)](
         keep, seed, q_len, k_len, dropout_p, BLOCK_M=block, BLOCK_N=block)
     return keep.bool()
+
+
+def _attend(q, k, v, kv_lens, packed: Optional[Packed], *, causal: bool, sm_scale: Optional[float],
+            dropout_p: float, generator: Optional[torch.Generator], impl: str, deterministic: bool) -> torch.Tensor:
+    """Both public functions past their checks, in the (B, H, N, D) layout."""
+    sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    dropout_p = float(dropout_p)
+    if select_impl(impl, q, k, v) == "torch":
+        dropout_keep = None
+        if dropout_p > 0.0:
+            shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            seed_device = generator.device if generator is not None else q.device
+            dropout_keep = (torch.rand(shape, device=seed_device, generator=generator) >= dropout_p).to(q.device)
+        return attention_reference(q, k, v, causal=causal, kv_lens=kv_lens, sm_scale=sm_scale,
+                                   dropout_keep=dropout_keep, dropout_p=dropout_p, packed=packed)
+    seed = _draw_dropout_seed(generator, q.device) if dropout_p > 0.0 else None
+    out, _ = _attention_forward_op(q, k, v, kv_lens, *(packed or (None, None, 0, 0)), seed, causal, sm_scale,
+                                   dropout_p, deterministic)
+    return out
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -734,16 +904,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     is not hidden: it reaches the output rows that attend to it, as in SDPA.
     """
     _validate(q, k, v, kv_lens, sm_scale, dropout_p)
-    sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    dropout_p = float(dropout_p)
-    if select_impl(impl, q, k, v) == "torch":
-        dropout_keep = None
-        if dropout_p > 0.0:
-            shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-            seed_device = generator.device if generator is not None else q.device
-            dropout_keep = (torch.rand(shape, device=seed_device, generator=generator) >= dropout_p).to(q.device)
-        return attention_reference(q, k, v, causal=causal, kv_lens=kv_lens, sm_scale=sm_scale,
-                                   dropout_keep=dropout_keep, dropout_p=dropout_p)
-    seed = _draw_dropout_seed(generator, q.device) if dropout_p > 0.0 else None
-    out, _ = _attention_forward_op(q, k, v, kv_lens, seed, causal, sm_scale, dropout_p, deterministic)
-    return out
+    return _attend(q, k, v, kv_lens, None, causal=causal, sm_scale=sm_scale, dropout_p=dropout_p,
+                   generator=generator, impl=impl, deterministic=deterministic)
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                     sm_scale: Optional[float] = None, dropout_p: float = 0.0,
+                     generator: Optional[torch.Generator] = None, impl: str = "auto",
+                     deterministic: bool = True) -> torch.Tensor:
+    """Softmax attention within each sequence of a packed batch, in flash-attn's varlen layout
+    (`flash_attn_varlen_func`): no padding, no attention across sequences.
+
+    q: (total_q, H, D); k, v: (total_k, Hkv, D): the sequences back to back. Sequence s holds query rows
+    cu_seqlens_q[s] : cu_seqlens_q[s + 1] and key rows cu_seqlens_k[s] : cu_seqlens_k[s + 1] (int32 or int64,
+    (n + 1,), increasing from 0 to total, every sequence at least one row; checked for CPU offsets, or with
+    FASTLM_DEBUG=1). max_seqlen_q/k: the longest sequence, or any bound above it (a host int: it sizes the grid).
+    causal: bottom-right aligned within each sequence (top-left too where q and k lengths agree, self-attention).
+    The rest as in `attention`; dropout draws the entries of dropout_keep_mask(1, H, total_q, total_k) inside the
+    sequences. Returns (total_q, H, D).
+    """
+    packed = Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _validate_packed(q, k, v, packed, sm_scale, dropout_p)
+    # (total, H, D) -> (1, H, total, D): a view, the kernels take any strides.
+    q, k, v = (tensor.transpose(0, 1).unsqueeze(0) for tensor in (q, k, v))
+    out = _attend(q, k, v, None, packed, causal=causal, sm_scale=sm_scale, dropout_p=dropout_p,
+                  generator=generator, impl=impl, deterministic=deterministic)
+    return out[0].transpose(0, 1)

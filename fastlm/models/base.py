@@ -42,6 +42,17 @@ def value_checks_wanted(tensor: Tensor) -> bool:
     return debug_checks_enabled() or (tensor.device.type == "cpu" and not torch.compiler.is_compiling())
 
 
+def check_index_tensor(name: str, tensor: object, reference_name: str, reference: Tensor) -> None:
+    """Raise a ValueError naming `name` unless it is an int64/int32 tensor on the device of `reference`."""
+    if not isinstance(tensor, Tensor):
+        raise ValueError(f"{name} of type {type(tensor).__name__}: expected a torch.Tensor")
+    # The embedding lookup takes int32/int64 only; bool or uint8 ids would fail deep inside it.
+    if tensor.dtype not in INDEX_DTYPES:
+        raise ValueError(f"{name} of dtype {tensor.dtype}: expected torch.int64 or torch.int32")
+    if tensor.device != reference.device:
+        raise ValueError(f"{name} is on {tensor.device}: expected the device of {reference_name}, {reference.device}")
+
+
 def token_checks(
     config: ModelConfig,
     ids: Tensor,
@@ -56,13 +67,7 @@ def token_checks(
     given = [(ids_name, ids)] + [(name, tensor) for name, tensor in ((lengths_name, lengths), (labels_name, labels))
                                  if tensor is not None]
     for name, tensor in given:
-        if not isinstance(tensor, Tensor):
-            raise ValueError(f"{name} of type {type(tensor).__name__}: expected a torch.Tensor")
-        # The embedding lookup takes int32/int64 only; bool or uint8 ids would fail deep inside it.
-        if tensor.dtype not in INDEX_DTYPES:
-            raise ValueError(f"{name} of dtype {tensor.dtype}: expected torch.int64 or torch.int32")
-        if tensor.device != ids.device:
-            raise ValueError(f"{name} is on {tensor.device}: expected the device of {ids_name}, {ids.device}")
+        check_index_tensor(name, tensor, ids_name, ids)
     if ids.dim() != 2 or 0 in ids.shape:
         raise ValueError(f"{ids_name} of shape {tuple(ids.shape)}: expected ids [B, T] with B >= 1 and T >= 1")
     batch, length = ids.shape

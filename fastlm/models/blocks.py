@@ -1,7 +1,8 @@
 """The one set of building blocks shared by EncoderLM, DecoderLM and Seq2SeqLM.
 
 Shapes: B batch, T tokens, D d_model, H query heads, Hkv key/value heads, hd head_dim, S source (memory) tokens.
-Padding convention: `lengths` [B] counts the real tokens of each row; padding sits at the right.
+Padding convention: `lengths` [B] counts the real tokens of each row; padding sits at the right. Packed rows
+(several sentences per row, each attending within itself) come as a Packing instead (see packing.py).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastlm.kernels import attention
+from fastlm.kernels import attention, attention_varlen
 
 from .config import ModelConfig
 from .kv_cache import AttentionCache, KVCache
+from .packing import Packing
 
 
 def sinusoidal_table(positions: Tensor, dim: int) -> Tensor:
@@ -38,8 +40,10 @@ def apply_rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
 
 
-def attention_mask(n_queries: int, n_keys: int, *, causal: bool, kv_lens: Tensor | None, device) -> Tensor | None:
-    """Boolean (B or 1, 1, Nq, Nk) mask, True = may attend; causal aligned bottom-right like the fastlm kernel."""
+def attention_mask(n_queries: int, n_keys: int, *, causal: bool, kv_lens: Tensor | None, device,
+                   packing: Packing | None = None) -> Tensor | None:
+    """Boolean (B or 1, 1, Nq, Nk) mask, True = may attend; causal aligned bottom-right like the fastlm kernel;
+    with `packing` (self-attention over packed rows), within each sequence only."""
     mask = None
     if causal:
         query = torch.arange(n_queries, device=device)[:, None]
@@ -48,6 +52,8 @@ def attention_mask(n_queries: int, n_keys: int, *, causal: bool, kv_lens: Tensor
     if kv_lens is not None:
         valid = (torch.arange(n_keys, device=device) < kv_lens[:, None])[:, None, None, :]
         mask = valid if mask is None else mask & valid
+    if packing is not None:
+        mask = packing.same_sequence() if mask is None else mask & packing.same_sequence()
     return mask
 
 
@@ -58,19 +64,38 @@ def attention_mask(n_queries: int, n_keys: int, *, causal: bool, kv_lens: Tensor
 KERNEL_DEVICE_TYPES = ("cuda",)
 
 
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing, *, causal: bool, dropout_p: float) -> Tensor:
+    """fastlm's varlen kernel over packed rows: (B, heads, T, hd) in and out, flattened to its (B * T, heads, hd)."""
+    batch, heads, length, head_dim = q.shape
+
+    def flat(x: Tensor) -> Tensor:
+        return x.transpose(1, 2).reshape(batch * length, x.shape[1], head_dim)
+
+    out = attention_varlen(flat(q), flat(k), flat(v), packing.cu_seqlens, packing.cu_seqlens, packing.max_seqlen,
+                           packing.max_seqlen, causal=causal, dropout_p=dropout_p)
+    return out.view(batch, length, heads, head_dim).transpose(1, 2)
+
+
 def scaled_dot_product(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, kv_lens: Tensor | None, dropout_p: float, impl: str
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, kv_lens: Tensor | None, dropout_p: float, impl: str,
+    packing: Packing | None = None,
 ) -> Tensor:
     """softmax(q k^T / sqrt(hd)) v for q (B, H, Nq, hd), k/v (B, Hkv, Nk, hd) with one of three implementations.
 
-    kv_lens = None means no row is padded: the caller knows it from the batch's structure (packed blocks carry no
-    lengths), since reading a device tensor to find out would cost a host sync on every forward."""
+    kv_lens = None means no row is padded: the caller knows it from the batch's structure (causal-LM blocks carry no
+    lengths), since reading a device tensor to find out would cost a host sync on every forward. `packing`: packed
+    rows (self-attention), each sequence attending within itself; kv_lens is then None, the padding being a sequence
+    of its own. On the CPU that mask is dense (B, 1, T, T): FlexAttention's document masks would skip the blocks
+    between sentences, but torch 2.13 has no FlexAttention backward on the CPU, and SDPA over nested jagged tensors
+    was 4x slower there (docs/PERFORMANCE.md, Packed batches)."""
     if impl == "fastlm" and q.device.type in KERNEL_DEVICE_TYPES:
+        if packing is not None:
+            return packed_attention(q, k, v, packing, causal=causal, dropout_p=dropout_p)
         return attention(q, k, v, causal=causal, kv_lens=kv_lens, dropout_p=dropout_p)
     n_queries, n_keys = q.shape[2], k.shape[2]
     if impl == "eager":
         # The teaching version. Each key/value head serves n_heads / n_kv_heads query heads.
-        mask = attention_mask(n_queries, n_keys, causal=causal, kv_lens=kv_lens, device=q.device)
+        mask = attention_mask(n_queries, n_keys, causal=causal, kv_lens=kv_lens, device=q.device, packing=packing)
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])     # (B, H, Nq, Nk)
@@ -81,8 +106,9 @@ def scaled_dot_product(
     # SDPA picks flash or cuDNN only without a mask: an unpadded causal block goes as is_causal (its causal mask is
     # aligned top-left, ours bottom-right: the same only for square blocks), and an unpadded bidirectional one bare.
     # The mask is built only where padding (or a non-square causal block) needs it.
-    is_causal = causal and kv_lens is None and n_queries == n_keys
-    mask = None if is_causal else attention_mask(n_queries, n_keys, causal=causal, kv_lens=kv_lens, device=q.device)
+    is_causal = causal and kv_lens is None and packing is None and n_queries == n_keys
+    mask = None if is_causal else attention_mask(n_queries, n_keys, causal=causal, kv_lens=kv_lens, device=q.device,
+                                                 packing=packing)
     # SDPA's bf16 forward and backward on the CPU took 3.6x as long as casting to fp32 and back around the fp32 call
     # (tiny preset, 32 rows of 48 tokens, docs/PERFORMANCE.md): under CPU autocast, training attends in fp32
     # (inside, autocast would cast back to bf16). Inference keeps bf16: that forward is as fast.
@@ -153,8 +179,10 @@ class Attention(nn.Module):
         memory: Tensor | None = None,
         cache: AttentionCache | None = None,
         stepping: bool = False,
+        packing: Packing | None = None,
     ) -> Tensor:
-        """x (B, T, D) -> (B, T, D). Cross-attention reads keys/values from `memory` (B, S, D).
+        """x (B, T, D) -> (B, T, D). Cross-attention reads keys/values from `memory` (B, S, D); self-attention over
+        packed rows attends within each sequence of `packing`.
 
         With a cache, self-attention writes its keys/values at `positions`; when `stepping` (one new token per row,
         the earlier ones cached) it attends over the whole cache, `kv_lens` marking the valid keys of each row.
@@ -179,7 +207,7 @@ class Attention(nn.Module):
                     k, v, causal = cached_k, cached_v, False
         dropout_p = self.config.attn_dropout if self.training else 0.0
         out = scaled_dot_product(q, k, v, causal=causal, kv_lens=kv_lens, dropout_p=dropout_p,
-                                 impl=self.config.attn_impl)
+                                 impl=self.config.attn_impl, packing=packing)
         batch, _, length, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.config.d_model))
 
@@ -234,11 +262,12 @@ class Block(nn.Module):
         memory_lengths: Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
+        packing: Packing | None = None,
     ) -> Tensor:
         stepping = cache is not None and cache.filled
         x = self._residual(x, self.self_attn_norm, lambda h: self.self_attn(
             h, kv_lens=lengths, causal=self.causal, positions=positions, stepping=stepping,
-            cache=cache.attention(layer, "self") if cache is not None else None))
+            cache=cache.attention(layer, "self") if cache is not None else None, packing=packing))
         if self.cross_attn is not None:
             x = self._residual(x, self.cross_attn_norm, lambda h: self.cross_attn(
                 h, kv_lens=memory_lengths, memory=memory,
@@ -288,19 +317,29 @@ class TransformerStack(nn.Module):
         memory: Tensor | None = None,
         memory_lengths: Tensor | None = None,
         cache: KVCache | None = None,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """(B, T) ids -> (B, T, D) hidden states.
 
         Without a cache, or with an empty one (which this call fills), the ids are whole rows. With a filled cache
-        they are (B, 1): the last token of each row, at position lengths - 1, the earlier ones being cached."""
-        if cache is not None and cache.filled:
+        they are (B, 1): the last token of each row, at position lengths - 1, the earlier ones being cached.
+        With cu_seqlens (packed rows, see packing.py) positions restart in every sequence and each attends within
+        itself; padding is a sequence of its own, so `lengths` no longer masks attention."""
+        packing = None
+        if cu_seqlens is not None:
+            if cache is not None or memory is not None:
+                raise ValueError("cu_seqlens with a cache or a memory: packed rows are for self-attention in "
+                                 "training and evaluation, without cross-attention or generation")
+            packing = Packing.from_offsets(cu_seqlens, *input_ids.shape)
+            positions, lengths = packing.positions, None
+        elif cache is not None and cache.filled:
             positions = (lengths - 1)[:, None]
         else:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         x = self.embeddings(input_ids, positions)
         for layer, block in enumerate(self.blocks):
             x = block(x, lengths=lengths, positions=positions, memory=memory, memory_lengths=memory_lengths,
-                      cache=cache, layer=layer)
+                      cache=cache, layer=layer, packing=packing)
         if cache is not None:
             cache.filled = True
         return self.final_norm(x)

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (INDEX_DTYPES, IGNORE_INDEX, LanguageModel, ModelOutput, ValueCheck, ignore_padding, lm_output,
-                   run_checks, token_checks, value_checks_wanted)
+from .base import (IGNORE_INDEX, LanguageModel, ModelOutput, ValueCheck, check_index_tensor, ignore_padding,
+                   lm_output, run_checks, token_checks, value_checks_wanted)
 from .blocks import TransformerStack
 from .config import ModelConfig
+from .packing import packing_checks
 
 
 class MaskedLMHead(nn.Module):
@@ -48,6 +49,7 @@ class EncoderLM(LanguageModel):
         return_logits: bool = False,
         target_positions: Tensor | None = None,
         label_smoothing: float = 0.0,
+        cu_seqlens: Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (B, T); lengths (B,) real tokens per row; labels (B, T): the original id at masked positions,
         -100 elsewhere (positions at or beyond lengths are ignored too).
@@ -59,12 +61,18 @@ class EncoderLM(LanguageModel):
         a shape torch.compile cannot know.
 
         label_smoothing: as in F.cross_entropy. It belongs to a loss being optimised; leave it 0 for a loss that
-        compares models (validation, perplexity)."""
+        compares models (validation, perplexity).
+
+        cu_seqlens (n + 1,): packed rows, several sentences per row (MaskedLMBatches with packed=True), each
+        attending within itself with positions from 0: the offsets of the sentences, and of each row's padding tail,
+        in the flattened (B * T) tokens (see packing.py). lengths still count each row's real tokens."""
         checks = token_checks(self.config, input_ids, lengths, labels)
         if target_positions is not None:
             checks += target_position_checks(target_positions, labels, lengths, input_ids)
+        if cu_seqlens is not None:
+            checks += packing_checks(cu_seqlens, input_ids)
         run_checks(checks)
-        hidden = self.body(input_ids, lengths)                              # (B, T, D)
+        hidden = self.body(input_ids, lengths, cu_seqlens=cu_seqlens)      # (B, T, D)
         output = ModelOutput()
         if labels is not None:
             targets = ignore_padding(labels, lengths).reshape(-1)          # (B*T,)
@@ -86,13 +94,7 @@ def target_position_checks(target_positions: Tensor, labels: Tensor | None, leng
     name = "target_positions"
     if labels is None:
         raise ValueError(f"{name} given without labels: expected labels, whose targets they index")
-    if not isinstance(target_positions, Tensor):
-        raise ValueError(f"{name} of type {type(target_positions).__name__}: expected a torch.Tensor")
-    if target_positions.dtype not in INDEX_DTYPES:
-        raise ValueError(f"{name} of dtype {target_positions.dtype}: expected torch.int64 or torch.int32")
-    if target_positions.device != input_ids.device:
-        raise ValueError(f"{name} is on {target_positions.device}: expected the device of input_ids, "
-                         f"{input_ids.device}")
+    check_index_tensor(name, target_positions, "input_ids", input_ids)
     if target_positions.dim() != 1:
         raise ValueError(f"{name} of shape {tuple(target_positions.shape)}: expected (N,) flat indices")
     if not value_checks_wanted(target_positions):

@@ -157,12 +157,20 @@ def _ordering(config: TrainConfig, validation: bool) -> dict:
     return {"seed": config.seed, "shuffle": True}
 
 
+def check_packing(config: TrainConfig, task: str) -> None:
+    """Only masked-LM pre-training packs sentences: causal blocks have no padding to save, and translation pairs
+    are not packed (their two sides would need rows that pair up)."""
+    if config.packing and task != "pretrain-encoder":
+        raise ValueError(f"packing=True with {task}: only encoder pre-training (masked LM) packs sentences; "
+                         "leave packing off")
+
+
 def lm_batches(arch: str, corpus: TokenizedCorpus, tokenizer: Tokenizer, config: TrainConfig, *, validation: bool):
     if arch == "encoder":
         return MaskedLMBatches(corpus, **batch_shape(config), max_len=config.max_len,
                                mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
                                special_ids=tokenizer.special_ids, mask_prob=config.mask_prob,
-                               **_ordering(config, validation))
+                               packed=config.packing and not validation, **_ordering(config, validation))
     # Every causal block holds max_len tokens: a budget is a number of blocks (one at least, as a too-long item is).
     blocks = max(1, config.max_tokens // config.max_len) if config.max_tokens else config.batch_size
     return CausalLMBatches(corpus, batch_size=blocks, block_len=config.max_len, eos_id=tokenizer.eos_id,
@@ -204,6 +212,7 @@ def pretrain(arch: str, tokenizer_path: str | Path, train_dir: str | Path, valid
     earlier run needs `resume` (continue it) or `overwrite` (remove its files and start over)."""
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r}: expected one of {', '.join(ARCHS)}")
+    check_packing(config, f"pretrain-{arch}")
     tokenizer = load_tokenizer(tokenizer_path)
     train = lm_batches(arch, open_corpus(train_dir, tokenizer), tokenizer, config, validation=False)
     valid = None
@@ -259,6 +268,7 @@ def finetune(encoder: str | Path, decoder: str | Path, tokenizer_path: str | Pat
     """Merge an encoder and a decoder (pre-trained directories, or RANDOM for a fresh one: Rnd2Rnd, Enc2Rnd,
     Rnd2Dec) into a Seq2SeqLM and train it on prepared sentence pairs; BLEU and sample translations on the first
     `bleu_sentences` validation pairs (translated with `decoding`) at every evaluation (see bleu_on_pairs)."""
+    check_packing(config, "finetune")
     tokenizer = load_tokenizer(tokenizer_path)
     encoder_model, decoder_model = starting_models(encoder, decoder, tokenizer, config, model_overrides or {})
     model = Seq2SeqLM.from_pretrained(encoder_model, decoder_model, cross_attention_init=cross_attention_init,

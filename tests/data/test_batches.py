@@ -16,7 +16,7 @@ from fastlm.data import (
     IGNORE_INDEX, CausalLMBatches, MaskedLMBatches, ParallelLines, TranslationBatches, prepare_corpus,
     prepare_parallel_corpus,
 )
-from fastlm.data.batches import BUCKET_CHUNK, LengthBuckets, padded_width, padding_fraction
+from fastlm.data.batches import BUCKET_CHUNK, LengthBuckets, PackedRows, padded_width, padding_fraction
 
 TOKENIZER = ByteTokenizer()
 PAD, BOS, EOS, MASK = TOKENIZER.pad_id, TOKENIZER.bos_id, TOKENIZER.eos_id, TOKENIZER.mask_id
@@ -111,9 +111,9 @@ def test_mlm_budget_batches_are_a_function_of_seed_epoch_index_and_change_every_
 
 
 @pytest.mark.parametrize("make", [
-    lambda c: mlm(c.src), lambda c: mlm(c.src, batch_size=None, max_tokens=64),
+    lambda c: mlm(c.src), lambda c: mlm(c.src, batch_size=None, max_tokens=64), lambda c: mlm(c.src, packed=True),
     lambda c: translation(c, batch_size=5), lambda c: translation(c, max_tokens=120),
-], ids=["mlm-batch-size", "mlm-max-tokens", "translation-batch-size", "translation-max-tokens"])
+], ids=["mlm-batch-size", "mlm-max-tokens", "mlm-packed", "translation-batch-size", "translation-max-tokens"])
 def test_padding_fraction_is_the_padding_of_the_batches_built(corpora, make):
     source = make(corpora)
     real = padded = 0
@@ -162,6 +162,68 @@ def test_length_buckets_cover_every_item_once_within_the_budget(case, shuffle):
         assert (np.diff(lengths[order]) >= 0).all()
         for batch, following in zip(plan, plan[1:]):
             assert (len(batch) + 1) * max(widths[batch].max(), widths[following[0]]) > budget
+
+
+def sequences_of(batch) -> list[tuple[int, ...]]:
+    """The original ids of each sequence that cu_seqlens marks in a packed batch (masks undone)."""
+    original = torch.where(batch["labels"] == IGNORE_INDEX, batch["input_ids"], batch["labels"]).reshape(-1)
+    offsets = batch["cu_seqlens"].tolist()
+    return [tuple(original[start:end].tolist()) for start, end in zip(offsets, offsets[1:])]
+
+
+def test_packed_mlm_rows_hold_whole_sentences_once_with_their_offsets(corpora):
+    source = mlm(corpora.src, packed=True, batch_size=3, max_len=64)
+    sentences = []
+    for batch in all_batches(source, epoch=0):
+        assert set(batch) == {"input_ids", "lengths", "labels", "target_positions", "cu_seqlens"}
+        input_ids, lengths, offsets = batch["input_ids"], batch["lengths"], batch["cu_seqlens"]
+        assert offsets.dtype == torch.int32 and len(input_ids) <= 3 and input_ids.shape[1] <= 64
+        assert input_ids.shape[1] == padded_width(int(lengths.max()), 64)
+        row_starts = set(range(0, input_ids.numel(), input_ids.shape[1]))
+        assert row_starts <= set(offsets.tolist()), "no sequence crosses a row"
+        assert (batch["labels"].reshape(-1)[batch["target_positions"]] != IGNORE_INDEX).all()
+        for sequence in sequences_of(batch):
+            if sequence[0] == PAD:  # a row's padding tail
+                assert set(sequence) == {PAD}
+            else:
+                assert sequence[0] == BOS and sequence[-1] == EOS
+                sentences.append(sequence[1:-1])
+        padding = torch.arange(input_ids.shape[1])[None, :] >= lengths[:, None]
+        assert (input_ids[padding] == PAD).all() and (batch["labels"][padding] == IGNORE_INDEX).all()
+    assert Counter(sentences) == Counter(tuple(TOKENIZER.encode(s)[:62]) for s in KO)
+    assert padding_fraction(source) < 0.5 * padding_fraction(mlm(corpora.src, batch_size=3, max_len=64))
+
+
+def test_packed_mlm_batches_are_a_function_of_seed_epoch_index(corpora):
+    source = mlm(corpora.src, packed=True, batch_size=None, max_tokens=100)  # 100 // 24: four rows a batch
+    for epoch in (0, 2, 3):
+        batches = all_batches(source, epoch)
+        assert all(len(batch["input_ids"]) <= 4 for batch in batches)
+    fresh = mlm(corpora.src, packed=True, batch_size=None, max_tokens=100)
+    assert all(torch.equal(source.batch(1, 2)[key], fresh.batch(1, 2)[key]) for key in fresh.batch(1, 2))
+    assert [b.tolist() for b in source.epoch_plan(0)] != [b.tolist() for b in source.epoch_plan(1)]
+    ordered = mlm(corpora.src, packed=True, shuffle=False)
+    assert [b.tolist() for b in ordered.epoch_plan(0)] == [b.tolist() for b in ordered.epoch_plan(4)]
+
+
+@given(lengths=st.lists(st.integers(1, 50), max_size=400), capacity=st.integers(50, 120),
+       rows_per_batch=st.integers(1, 9), shuffle=st.booleans(), seed=st.integers(0, 2**31))
+def test_packed_rows_cover_every_item_once_within_capacity_nearly_full(lengths, capacity, rows_per_batch, shuffle,
+                                                                       seed):
+    lengths = np.array(lengths, dtype=np.int64)
+    packing = PackedRows(lengths, np.arange(len(lengths)), capacity=capacity, rows_per_batch=rows_per_batch,
+                         seed=seed, shuffle=shuffle)
+    plan = packing.plan(3)
+    rows = [row for batch in plan for row in batch]
+    assert sorted(np.concatenate([[], *rows]).astype(int).tolist()) == list(range(len(lengths)))
+    assert all(0 < len(batch) <= rows_per_batch for batch in plan)
+    loads = [int(lengths[row].sum()) for row in rows]
+    assert all(load <= capacity for load in loads)
+    # Best fit never opens a row for an item an open row could take: at most one row is at most half full.
+    assert sum(load <= capacity // 2 for load in loads) <= 1
+    again = PackedRows(lengths, np.arange(len(lengths)), capacity=capacity, rows_per_batch=rows_per_batch,
+                       seed=seed, shuffle=shuffle).plan(3)
+    assert [[r.tolist() for r in b] for b in again] == [[r.tolist() for r in b] for b in plan]
 
 
 def test_mlm_ids_default_to_the_corpus_tokenizer_and_are_checked(corpora):

@@ -1,8 +1,11 @@
 """fastlm.kernels.attention against a float64 oracle: the Triton kernels (compiled on CUDA, interpreted on CPU) and
-the plain-torch reference path, forward and every gradient, masks, dropout, determinism and validation."""
+the plain-torch reference path, forward and every gradient, masks, dropout, determinism and validation; padded
+(B, H, N, D) batches and packed ones (attention_varlen)."""
 
 import contextlib
+import itertools
 import math
+import os
 import re
 import sys
 from unittest import mock
@@ -14,7 +17,7 @@ import triton
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fastlm.kernels import attention
+from fastlm.kernels import attention, attention_varlen
 from fastlm.kernels.attention import dropout_keep_mask
 
 attention_kernels = sys.modules["fastlm.kernels.attention"]  # the module: `attention` names the function
@@ -362,3 +365,215 @@ def test_invalid_arguments_raise_a_value_error_naming_them(message, overrides):
 def test_tensors_on_different_devices_are_rejected():
     with pytest.raises(ValueError, match="k is on cpu"):
         attention(torch.randn(1, 1, 4, 16, device="cuda"), torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16))
+
+
+# ---- packed batches (attention_varlen) ---------------------------------------------------------------------------
+
+
+def offsets(lengths):
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
+
+
+def packed_float64_oracle(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal, sm_scale=None, dropout_keep=None,
+                          dropout_p=0.0):
+    """float64_oracle on each sequence alone: rows [start, end) of (total, H, D) viewed as (1, H, end - start, D)."""
+    pieces = []
+    for (q_start, q_end), (k_start, k_end) in zip(itertools.pairwise(cu_seqlens_q.tolist()),
+                                                   itertools.pairwise(cu_seqlens_k.tolist())):
+        def plane(tensor, start, end):
+            return tensor[start:end].transpose(0, 1).unsqueeze(0)
+
+        keep = None if dropout_keep is None else dropout_keep[:, :, q_start:q_end, k_start:k_end]
+        out = float64_oracle(plane(q, q_start, q_end), plane(k, k_start, k_end), plane(v, k_start, k_end),
+                             causal=causal, sm_scale=sm_scale, dropout_keep=keep, dropout_p=dropout_p)
+        pieces.append(out[0].transpose(0, 1))
+    return torch.cat(pieces)
+
+
+def make_packed_inputs(q_lengths, k_lengths, heads, kv_heads, head_dim, dtype, *, scale=1.0, seed=0):
+    """q (total_q, H, D), k and v (total_k, Hkv, D) requiring grad; `scale` multiplies q as in make_inputs."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensor(rows, h, factor):
+        data = torch.randn(rows, h, head_dim, generator=generator, dtype=torch.float64) * factor
+        return data.to(DEVICE, dtype).requires_grad_()
+
+    return (tensor(sum(q_lengths), heads, scale), tensor(sum(k_lengths), kv_heads, 1.0),
+            tensor(sum(k_lengths), kv_heads, 1.0))
+
+
+def check_packed_against_oracle(case, impl, poison):
+    q, k, v = make_packed_inputs(case["q_lengths"], case["k_lengths"], case["heads"], case["kv_heads"],
+                                 case["head_dim"], case["dtype"], scale=case["scale"])
+    cu_seqlens_q, cu_seqlens_k = offsets(case["q_lengths"]), offsets(case["k_lengths"])
+    # max_seqlen may be any bound above the longest sequence: a larger one only adds idle programs.
+    bounds = (max(case["q_lengths"]) + case["slack"], max(case["k_lengths"]) + case["slack"])
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grad_out = grad_out.to(DEVICE, q.dtype)
+    options = dict(causal=case["causal"], sm_scale=case["sm_scale"])
+
+    with poisoned_allocations() if poison else contextlib.nullcontext():
+        got = run_with_grads(lambda *t: attention_varlen(*t, cu_seqlens_q, cu_seqlens_k, *bounds, **options,
+                                                         impl=impl, deterministic=case["deterministic"]),
+                             q, k, v, grad_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected = run_with_grads(lambda *t: packed_float64_oracle(*t, cu_seqlens_q, cu_seqlens_k, **options),
+                              q64, k64, v64, grad_out.double())
+    for name, a, e, unit in zip(("out", "dq", "dk", "dv"), got, expected, (1.0, 1.0, case["scale"], 1.0)):
+        assert a.dtype == case["dtype"], name
+        assert_close(a, e, case["dtype"], f"{name} {case}", unit=unit)
+
+
+@st.composite
+def packed_cases(draw, max_length, max_sequences):
+    """Sequences of odd lengths, length 1 often; self-attention (k lengths = q lengths) or cross-attention."""
+    count = draw(st.integers(1, max_sequences))
+    lengths = st.lists(st.one_of(st.just(1), st.integers(1, max_length)), min_size=count, max_size=count)
+    q_lengths = draw(lengths)
+    kv_heads, group = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2, 3]))
+    return dict(
+        q_lengths=q_lengths, k_lengths=draw(st.one_of(st.just(q_lengths), lengths)), heads=kv_heads * group,
+        kv_heads=kv_heads, head_dim=draw(st.sampled_from([16, 24, 32, 64])), dtype=draw(st.sampled_from(DTYPES)),
+        causal=draw(st.booleans()), scale=draw(st.sampled_from([1.0, 1.0, 30.0])),
+        sm_scale=draw(st.sampled_from([None, None, 0.3])), slack=draw(st.sampled_from([0, 0, 1, 40])),
+        deterministic=draw(st.booleans()),
+    )
+
+
+def targeted_packed_case(**overrides):
+    return dict(q_lengths=[16], k_lengths=[16], heads=1, kv_heads=1, head_dim=16, dtype=torch.float32,
+                causal=False, scale=1.0, sm_scale=None, slack=0, deterministic=True) | overrides
+
+
+@settings(max_examples=25)
+@given(case=packed_cases(max_length=100, max_sequences=5))
+@example(case=targeted_packed_case(q_lengths=[1, 97, 1, 33, 64], k_lengths=[1, 97, 1, 33, 64], heads=4,
+                                   kv_heads=2, head_dim=64, dtype=torch.bfloat16, causal=True, scale=30.0))
+@example(case=targeted_packed_case(q_lengths=[45, 3], k_lengths=[7, 80], heads=2, dtype=torch.float16,
+                                   causal=True, slack=40, deterministic=False))
+def test_triton_packed_kernels_match_float64_reference(case):
+    check_packed_against_oracle(case, "triton", poison=True)
+
+
+@settings(max_examples=40)
+@given(case=packed_cases(max_length=300, max_sequences=8))
+def test_packed_reference_path_matches_float64_reference(case):
+    check_packed_against_oracle(case, "torch", poison=False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_dropout_forward_and_backward_use_the_same_mask(causal):
+    """The kernels draw the entries of dropout_keep_mask(1, H, total_q, total_k) inside the sequences."""
+    q_lengths, k_lengths, heads, p = [37, 1, 20], [45, 9, 1], 2, 0.25
+    q, k, v = make_packed_inputs(q_lengths, k_lengths, heads, 1, 32, torch.float32)
+    cu_seqlens_q, cu_seqlens_k = offsets(q_lengths), offsets(k_lengths)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    with poisoned_allocations():
+        got = run_with_grads(lambda *t: attention_varlen(*t, cu_seqlens_q, cu_seqlens_k, 37, 45, causal=causal,
+                                                         dropout_p=p, generator=torch.Generator().manual_seed(11),
+                                                         impl="triton"), q, k, v, grad_out)
+    keep = dropout_keep_mask(1, heads, sum(q_lengths), sum(k_lengths), p,
+                             generator=torch.Generator().manual_seed(11), device=DEVICE)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected = run_with_grads(lambda *t: packed_float64_oracle(*t, cu_seqlens_q, cu_seqlens_k, causal=causal,
+                                                               dropout_keep=keep, dropout_p=p),
+                              q64, k64, v64, grad_out.double())
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
+        assert_close(a, e, torch.float32, name)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_packed_equals_padded_attention_over_the_same_sequences(impl):
+    """The packed call and the padded one (kv_lens) agree row for row: packing changes the layout, not the math."""
+    lengths, heads = [13, 1, 40, 7], 2
+    q, k, v = make_packed_inputs(lengths, lengths, heads, heads, 16, torch.float32)
+    packed = attention_varlen(q, k, v, offsets(lengths), offsets(lengths), 40, 40, causal=True, impl=impl)
+    padded_rows = [torch.nn.functional.pad(part.transpose(0, 1), (0, 0, 0, 40 - len(part)))
+                   for tensor in (q, k, v) for part in tensor.split(lengths)]
+    planes = [torch.stack(padded_rows[i * len(lengths):(i + 1) * len(lengths)]) for i in range(3)]
+    kv_lens = torch.tensor(lengths, device=DEVICE)
+    # Causal and kv_lens hide the padding from every real row: the padded rows' own outputs are not compared.
+    padded = attention(*planes, causal=True, kv_lens=kv_lens, impl=impl)
+    for part, row, length in zip(packed.split(lengths), padded, lengths):
+        torch.testing.assert_close(part, row[:, :length].transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_torch_compile_keeps_one_graph():
+    q, k, v = make_packed_inputs([5, 16], [5, 16], 2, 1, 16, torch.float32)
+    cu_seqlens = offsets([5, 16])
+
+    def packed(*tensors):
+        return attention_varlen(*tensors, cu_seqlens, cu_seqlens, 16, 16, causal=True, impl="triton")
+
+    compiled = torch.compile(packed, fullgraph=True, backend="aot_eager")
+    got = run_with_grads(compiled, q, k, v, torch.ones_like(q))
+    eager = run_with_grads(packed, q, k, v, torch.ones_like(q))
+    assert all(torch.equal(a, b) for a, b in zip(got, eager))
+
+
+def _bad_packed_calls():
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    return [
+        ("q must have 3 dimensions", dict(q=torch.randn(1, 8, 4, 16))),
+        ("k.shape[2]=8: expected the head dim of q, 16", dict(k=torch.randn(8, 2, 8), v=torch.randn(8, 2, 8))),
+        ("cu_seqlens_q.dtype=torch.float32", dict(cu_seqlens_q=cu.float())),
+        ("cu_seqlens_k has shape (1,)", dict(cu_seqlens_k=cu[:1])),
+        ("cu_seqlens_q = [0, 3, 7]: expected offsets increasing from 0 to 8", dict(cu_seqlens_q=cu - cu // 8)),
+        ("cu_seqlens_k = [0, 8, 8]: expected offsets increasing from 0 to 8 (the rows of k), every sequence at "
+         "least one row", dict(cu_seqlens_k=torch.tensor([0, 8, 8], dtype=torch.int32))),
+        ("max_seqlen_q=4: a sequence of cu_seqlens_q has 5 rows", dict(max_seqlen_q=4)),
+        ("max_seqlen_k=0: expected an integer >= 1", dict(max_seqlen_k=0)),
+        ("max_seqlen_q=5.0", dict(max_seqlen_q=5.0)),
+        ("cu_seqlens_k holds 1 sequences, cu_seqlens_q 2", dict(cu_seqlens_k=torch.tensor([0, 8]), max_seqlen_k=8)),
+        ("70000 sequences x 4 heads", dict(q=torch.randn(70000, 4, 16), k=torch.randn(70000, 2, 16),
+                                           v=torch.randn(70000, 2, 16),
+                                           cu_seqlens_q=torch.arange(70001), cu_seqlens_k=torch.arange(70001),
+                                           max_seqlen_q=1, max_seqlen_k=1)),
+    ]
+
+
+@pytest.mark.parametrize("message,overrides", _bad_packed_calls(), ids=[m for m, _ in _bad_packed_calls()])
+def test_invalid_packed_arguments_raise_a_value_error_naming_them(message, overrides):
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    args = dict(q=torch.randn(8, 4, 16), k=torch.randn(8, 2, 16), v=torch.randn(8, 2, 16), cu_seqlens_q=cu,
+                cu_seqlens_k=cu, max_seqlen_q=5, max_seqlen_k=5) | overrides
+    with pytest.raises(ValueError, match=re.escape(message)):
+        attention_varlen(**args)
+
+
+# Compiled for an H100/H200 by Triton's own compiler (front end, PTX, ptxas), run nowhere: in a session without a
+# GPU the interpreter runs the kernels as Python, and only this catches what the compiler alone rejects.
+COMPILE_FOR_SM90 = """
+import itertools, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fastlm.kernels.attention
+kernels = sys.modules["fastlm.kernels.attention"]
+types = {"LSE": "*fp32", "DELTA": "*fp32", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "KV_LENS": "*i32",
+         "SEED": "*i64", "qk_scale": "fp32", "sm_scale": "fp32", "dropout_p": "fp32", "dropout_scale": "fp32"}
+tensors = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
+for kernel, varlen in itertools.product(
+        (kernels._forward_kernel, kernels._query_block_grads_kernel, kernels._key_block_grads_kernel), (False, True)):
+    constants = dict(CAUSAL=True, HAS_KV_LENS=not varlen, VARLEN=varlen, DROPOUT=True, UPCAST=False,
+                     DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, ACCUMULATE_DQ=True)
+    constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
+    constants |= {name: None for name in ("CU_SEQLENS_Q", "CU_SEQLENS_K") if not varlen}
+    constants |= {"KV_LENS": None} if varlen else {}
+    signature = {name: "constexpr" if name in constants else "*bf16" if name in tensors else types.get(name, "i32")
+                 for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4, num_stages=2))
+    assert compiled.asm["cubin"], kernel.__name__
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="a GPU runs the compiled kernels in the tests above")
+def test_the_padded_and_packed_kernels_compile_for_sm90():
+    import subprocess
+
+    pytest.importorskip("triton.backends.nvidia")
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True,
+                            env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]

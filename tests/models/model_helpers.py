@@ -40,12 +40,13 @@ def corpus_pairs(directory: Path, count: int, max_bytes: int) -> list[tuple[str,
 def force_triton_kernels(monkeypatch) -> None:
     """Route the models' kernel calls to the Triton kernels (the CPU interpreter here), never the torch path."""
     pytest.importorskip("triton")
-    from fastlm.kernels import attention, linear_cross_entropy
+    from fastlm.kernels import attention, attention_varlen, linear_cross_entropy
     from fastlm.kernels.utils import interpreter_active
     if not (torch.cuda.is_available() or interpreter_active()):
         pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
     monkeypatch.setattr(models_blocks, "KERNEL_DEVICE_TYPES", ("cuda", "cpu"))
     monkeypatch.setattr(models_blocks, "attention", functools.partial(attention, impl="triton"))
+    monkeypatch.setattr(models_blocks, "attention_varlen", functools.partial(attention_varlen, impl="triton"))
     monkeypatch.setattr(models_base, "linear_cross_entropy", functools.partial(linear_cross_entropy, impl="triton"))
 
 

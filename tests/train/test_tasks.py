@@ -7,7 +7,7 @@ import pytest
 
 from fastlm.data import ParallelLines, prepare_parallel_corpus
 from fastlm.train.config import TrainConfig
-from fastlm.train.tasks import lm_batches, translation_batches
+from fastlm.train.tasks import check_packing, lm_batches, translation_batches
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
 from data_helpers import ByteTokenizer, write_lines  # noqa: E402
@@ -41,3 +41,21 @@ def test_the_config_decides_the_batches_of_every_task(pairs, max_tokens):
             assert max(rows) == 3 if name == "decoder" else max(rows) > 4, name
         else:
             assert max(rows) == 4, name
+
+
+def test_packing_packs_the_encoders_training_batches_only(pairs):
+    config = TrainConfig(batch_size=4, max_len=32, packing=True)
+    train = lm_batches("encoder", pairs.src, TOKENIZER, config, validation=False)
+    valid = lm_batches("encoder", pairs.src, TOKENIZER, config, validation=True)
+    assert "cu_seqlens" in train.batch(0, 0) and len(train.batch(0, 0)["input_ids"]) <= 4
+    # Validation keeps one sentence per row: every run is scored on the same masks, packed or not.
+    assert "cu_seqlens" not in valid.batch(0, 0)
+    assert train.num_batches(0) < lm_batches("encoder", pairs.src, TOKENIZER, TrainConfig(batch_size=4, max_len=32),
+                                             validation=False).num_batches(0)
+
+
+@pytest.mark.parametrize("task", ["pretrain-decoder", "finetune"])
+def test_packing_is_refused_where_sentences_are_not_packed(task):
+    with pytest.raises(ValueError, match=f"packing=True with {task}: only encoder pre-training"):
+        check_packing(TrainConfig(packing=True), task)
+    check_packing(TrainConfig(packing=True), "pretrain-encoder")
