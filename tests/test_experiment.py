@@ -58,6 +58,14 @@ def test_quick_grid_runs_every_stage_then_skips_it_all(tmp_path, ko_en_dir):
     again = experiment("--data", ko_en_dir, "--out", out)
     assert "$ fastlm" not in again.stdout, again.stdout  # nothing ran: every job was finished
 
+    # --translator: its jobs are finished, so it only exports the model and prints its scores and translations.
+    translator = experiment("--data", ko_en_dir, "--out", out, "--translator").stdout
+    assert "$ fastlm export" in translator and "$ fastlm finetune" not in translator, translator
+    assert "Everyday sentences" in translator and "오늘 날씨가 정말 좋네요." in translator
+    assert json.loads((out / "translator" / "config.json").read_text())["auto_map"]  # rope: the remote code
+    assert "--translator runs the jobs of one model" in subprocess.run(
+        [sys.executable, str(SCRIPT), "--translator", "--only", "x"], capture_output=True, text=True).stderr
+
     page = Path(experiment("--data", ko_en_dir, "--out", out, "--report").stdout.strip())
     text = page.read_text()
     assert "pending" not in text.split("## 1.")[1], text  # the quick grid is complete: no pending cell
@@ -87,19 +95,6 @@ def test_an_interrupted_job_resumes_and_a_changed_command_reruns(tmp_path, ko_en
     result_path.write_text(json.dumps({**first, "key": "an older command"}))
     rerun = experiment("--data", ko_en_dir, "--out", out, "--stages", "plateau", "--only", "plateau/baseline")
     assert "its command changed" in rerun.stdout and "$ fastlm pretrain" in rerun.stdout
-
-
-def test_the_translator_option_makes_its_jobs_alone_exports_it_and_prints_translations(tmp_path, ko_en_dir):
-    out = tmp_path / "experiment"
-    result = experiment("--data", ko_en_dir, "--out", out, "--translator")
-    made = {stage: sorted(p.stem for p in (out / "results" / stage).glob("*.json"))
-            for stage in ("pretrain", "finetune", "plateau", "sweep", "recipe")}
-    assert made == {"pretrain": ["char-decoder", "char-encoder"], "finetune": ["char-Enc2Dec-random-seed0"],
-                    "plateau": [], "sweep": [], "recipe": []}, result.stdout
-    assert "Everyday sentences" in result.stdout and "오늘 날씨가 정말 좋네요." in result.stdout
-    assert json.loads((out / "translator" / "config.json").read_text())["auto_map"]  # rope: the remote code
-    assert "--translator runs the jobs of one model" in subprocess.run(
-        [sys.executable, str(SCRIPT), "--translator", "--only", "x"], capture_output=True, text=True).stderr
 
 
 def test_two_processes_share_the_grid_and_run_each_job_once(tmp_path, ko_en_dir):
