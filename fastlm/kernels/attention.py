@@ -19,6 +19,10 @@ key block and sums dK, dV over its queries (and over the query heads of its grou
 block and sums dQ over its keys; nothing is added atomically. `deterministic=False` instead adds dQ atomically
 from the key-block kernel, saving the second pass at the price of bitwise reproducibility.
 
+`split_key_attention` (flash-decoding) is a forward-only path for KV-cache decoding: the keys are also cut into
+ranges attended in parallel, whose partial results a second kernel combines; `attention` takes it on CUDA when
+`split_count` says it pays and no gradient is needed.
+
 Dropout draws keep/drop from Philox keyed by a per-call seed, counter = (batch*H + head, query, key): the
 backward regenerates exactly the forward's mask; `dropout_keep_mask` returns it for tests and debugging.
 """
