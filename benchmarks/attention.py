@@ -86,6 +86,8 @@ CASES = [
     Case("long causal", 2, 16, 8192, 8192, 128, causal=True),
     Case("cross-attention padded", 16, 16, 512, 1024, 64, padded=True),
     Case("decode", 8, 16, 1, 4096, 128, backward=False, quick=True),
+    # 16 (sequence, head) pairs leave the one-pass kernel on 16 SMs: the case split-key decoding is for.
+    Case("decode long", 1, 16, 1, 16384, 128, backward=False, quick=True),
 ]
 
 

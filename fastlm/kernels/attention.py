@@ -19,6 +19,10 @@ key block and sums dK, dV over its queries (and over the query heads of its grou
 block and sums dQ over its keys; nothing is added atomically. `deterministic=False` instead adds dQ atomically
 from the key-block kernel, saving the second pass at the price of bitwise reproducibility.
 
+`split_key_attention` (flash-decoding) is a forward-only path for KV-cache decoding: the keys are also cut into
+ranges attended in parallel, whose partial results a second kernel combines; `attention` takes it on CUDA when
+`split_count` says it pays and no gradient is needed.
+
 Dropout draws keep/drop from Philox keyed by a per-call seed, counter = (batch*H + head, query, key): the
 backward regenerates exactly the forward's mask; `dropout_keep_mask` returns it for tests and debugging.
 """
@@ -209,6 +213,13 @@ def _query_blocks(start_n, valid_keys, causal_shift, q_len, BLOCK_M: tl.constexp
 
 
 @triton.jit
+def _finite_shift(row_max):
+    """What exp2's argument is shifted by: the row max, or 0 for a row that has seen only masked keys (max -inf),
+    so that exp2 gives 0 there rather than NaN."""
+    return tl.where(row_max == float("-inf"), 0.0, row_max)
+
+
+@triton.jit
 def _forward_step(acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
                   start_n, offs_m, offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, first_query,
                   first_key, Nq, Nk, dropout_p, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
@@ -222,8 +233,7 @@ def _forward_step(acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd
         visible = _visible(offs_m[:, None], offs_n[None, :], valid_keys, causal_shift, CAUSAL)
         scores = tl.where(visible, scores, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(scores, 1))
-    # A row that has seen only masked keys still has max -inf: shift it by 0 so exp2 gives 0 rather than NaN.
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    shift = _finite_shift(new_max)
     probs = tl.math.exp2(scores - shift[:, None])
     rescale = tl.math.exp2(row_max - shift)
     row_sum = row_sum * rescale + tl.sum(probs, 1)  # the softmax denominator counts dropped keys too
@@ -323,6 +333,100 @@ _forward = triton.autotune(
     key=_TUNING_KEY,
     prune_configs_by={"early_config_prune": _prune_configs("BLOCK_M", "BLOCK_N", 1, "Q_BUCKET")},
 )(_forward_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Split-key forward for decoding (flash-decoding)
+# ----------------------------------------------------------------------------------------------------------------
+# The forward above gives each program all the keys of one (query block, sequence x head). Decoding has one query
+# row per sequence, so it launches batch x heads programs: at long contexts and small batches most of the GPU's SMs
+# sit idle while each program walks thousands of keys. Here the keys are cut into `splits` ranges as well: a
+# partial kernel runs the same online softmax over one range and saves its unnormalised output, row max and row
+# sum; a combine kernel rescales the partials to their common max and normalises. Forward only (no LSE saved, no
+# dropout): the inference path.
+
+
+@triton.jit(do_not_specialize=_TUNING_ONLY_ARGS)
+def _split_key_partial_kernel(
+    Q, K, V, PARTIAL_OUT, PARTIAL_MAX, PARTIAL_SUM, KV_LENS,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    H, Nq, Nk, D, group_size, qk_scale, keys_per_split, splits, Q_BUCKET, K_BUCKET,
+    CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """(acc, row max, row sum) of one query block over keys [split * keys_per_split, + keys_per_split)."""
+    start_m, batch, head, kv_head, offs_m = _query_block_program(H, group_size, BLOCK_M)
+    split = tl.program_id(2)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(_head_start(Q, batch, head, 0, stride_qb, stride_qh, stride_qm), offs_m, offs_d, stride_qm,
+                   stride_qd, Nq, D, UPCAST)
+    K_head = _head_start(K, batch, kv_head, 0, stride_kb, stride_kh, stride_kn)
+    V_head = _head_start(V, batch, kv_head, 0, stride_vb, stride_vh, stride_vn)
+    valid_keys = _valid_key_count(KV_LENS, batch, Nk, HAS_KV_LENS)
+    causal_shift = Nk - Nq
+    unmasked_end, end = _key_blocks(start_m, valid_keys, causal_shift, Nq, BLOCK_M, BLOCK_N, CAUSAL)
+    # The split's keys that some row sees; empty (last <= first) for a split past them, which then saves
+    # max -inf and sum 0. Split bounds need not fall on blocks: `last` bounds the loads and the mask.
+    first = split * keys_per_split
+    last = tl.minimum(first + keys_per_split, end)
+    unmasked_last = first + (tl.maximum(tl.minimum(last, unmasked_end) - first, 0) // BLOCK_N) * BLOCK_N
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for start_n in range(first, unmasked_last, BLOCK_N):
+        acc, row_sum, row_max = _forward_step(
+            acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
+            offs_d, last, causal_shift, D, qk_scale, 0, 0, 0, 0, Nq, Nk, 0.0, False, CAUSAL, False, UPCAST,
+            DOT_PRECISION, BLOCK_N)
+    for start_n in range(unmasked_last, last, BLOCK_N):
+        acc, row_sum, row_max = _forward_step(
+            acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
+            offs_d, last, causal_shift, D, qk_scale, 0, 0, 0, 0, Nq, Nk, 0.0, True, CAUSAL, False, UPCAST,
+            DOT_PRECISION, BLOCK_N)
+
+    # Partials are (B * H, splits, Nq) rows, each of D values for the output.
+    rows = ((batch * H + head).to(tl.int64) * splits + split) * Nq
+    tl.store(PARTIAL_MAX + rows + offs_m, row_max, mask=offs_m < Nq)
+    tl.store(PARTIAL_SUM + rows + offs_m, row_sum, mask=offs_m < Nq)
+    _store_tile(PARTIAL_OUT + rows * D, acc, offs_m, offs_d, D, 1, Nq, D)
+
+
+@triton.jit
+def _split_key_combine_kernel(PARTIAL_OUT, PARTIAL_MAX, PARTIAL_SUM, O, stride_ob, stride_oh, stride_om, stride_od,
+                              H, Nq, D, splits, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """softmax(all keys) v from the partials: each rescaled by exp2(its max - the common max), summed, normalised."""
+    _, batch, head, _, offs_m = _query_block_program(H, 1, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for split in range(0, splits):
+        rows = ((batch * H + head).to(tl.int64) * splits + split) * Nq
+        split_max = tl.load(PARTIAL_MAX + rows + offs_m, mask=offs_m < Nq, other=float("-inf"))
+        split_sum = tl.load(PARTIAL_SUM + rows + offs_m, mask=offs_m < Nq, other=0.0)
+        split_out = _load_tile(PARTIAL_OUT + rows * D, offs_m, offs_d, D, 1, Nq, D, False)
+        new_max = tl.maximum(row_max, split_max)
+        shift = _finite_shift(new_max)
+        rescale, split_scale = tl.math.exp2(row_max - shift), tl.math.exp2(split_max - shift)
+        row_sum = row_sum * rescale + split_sum * split_scale
+        acc = acc * rescale[:, None] + split_out * split_scale[:, None]
+        row_max = new_max
+    out = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]  # rows that see no key: zeros
+    _store_tile(_head_start(O, batch, head, 0, stride_ob, stride_oh, stride_om), out, offs_m, offs_d, stride_om,
+                stride_od, Nq, D)
+
+
+# One query row per sequence is the case this path is for: every config holds 16 query rows (the smallest tl.dot
+# tile), and only the key block and pipelining vary.
+SPLIT_KEY_BLOCK_M = 16
+_split_key_partial = triton.autotune(
+    configs=tuning_configs(_gpu_configs([(16, 64, 4, 3), (16, 128, 4, 2), (16, 32, 4, 4)]),
+                           triton.Config({"BLOCK_M": SPLIT_KEY_BLOCK_M, "BLOCK_N": 16})),
+    key=["Q_BUCKET", "K_BUCKET", "BLOCK_D", "CAUSAL", "HAS_KV_LENS", "DOT_PRECISION", "splits"],
+)(_split_key_partial_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -649,6 +753,44 @@ def _launch_backward(grad_out, q, k, v, out, lse, kv_lens, packed: Optional[Pack
     return grad_q, grad_k, grad_v
 
 
+# Untuned guesses (no GPU has measured them): enough programs for about two waves of an H100/H200's 132 SMs, and
+# splits no shorter than a few key blocks, below which the partials cost more to write and combine than they save.
+ASSUMED_SM_COUNT = 132
+MIN_KEYS_PER_SPLIT = 256
+# Longer queries fill the GPU with query blocks: the one-pass forward serves them.
+MAX_SPLIT_KEY_QUERIES = SPLIT_KEY_BLOCK_M
+
+
+def split_count(programs: int, k_len: int, sm_count: int = ASSUMED_SM_COUNT) -> int:
+    """How many key ranges the split-key forward cuts Nk into when the one-pass forward would launch `programs`
+    (query blocks x batch x heads): 1 (no split) once those fill two waves of `sm_count` SMs or Nk is short;
+    otherwise enough to, each split keeping at least MIN_KEYS_PER_SPLIT keys. A heuristic, not yet measured."""
+    return max(1, min(triton.cdiv(2 * sm_count, programs), k_len // MIN_KEYS_PER_SPLIT))
+
+
+def _launch_split_key_forward(q, k, v, kv_lens, causal: bool, sm_scale: float, splits: int) -> torch.Tensor:
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    meta = _common_meta(q, k, kv_lens, None, causal, 0.0)
+    # The partials, fp32 whatever the inputs: one (acc, max, sum) per (sequence x head, split, query row).
+    partial_out = torch.empty((batch * heads, splits, q_len, head_dim), device=q.device, dtype=torch.float32)
+    partial_max = torch.empty((batch * heads, splits, q_len), device=q.device, dtype=torch.float32)
+    partial_sum = torch.empty_like(partial_max)
+    query_blocks = triton.cdiv(q_len, SPLIT_KEY_BLOCK_M)
+    _split_key_partial[(query_blocks, batch * heads, splits)](
+        q, k, v, partial_out, partial_max, partial_sum, kv_lens, *q.stride(), *k.stride(), *v.stride(),
+        heads, q_len, k_len, head_dim, heads // kv_heads, sm_scale * LOG2_E, triton.cdiv(k_len, splits), splits,
+        Q_BUCKET=meta["Q_BUCKET"], K_BUCKET=meta["K_BUCKET"], CAUSAL=causal, HAS_KV_LENS=kv_lens is not None,
+        UPCAST=meta["UPCAST"], DOT_PRECISION=meta["DOT_PRECISION"], BLOCK_D=meta["BLOCK_D"],
+    )
+    out = torch.empty_like(q)
+    _split_key_combine_kernel[(query_blocks, batch * heads)](
+        partial_out, partial_max, partial_sum, out, *out.stride(), heads, q_len, head_dim, splits,
+        BLOCK_M=SPLIT_KEY_BLOCK_M, BLOCK_D=meta["BLOCK_D"],
+    )
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The custom op (torch.compile sees one opaque node) and its autograd
 # ----------------------------------------------------------------------------------------------------------------
@@ -711,6 +853,18 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Forward only: no autograd is registered, so the public function refuses inputs that require grad.
+@torch.library.custom_op("fastlm::attention_split_key_fwd", mutates_args=())
+def _split_key_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: Optional[torch.Tensor],
+                          causal: bool, sm_scale: float, splits: int) -> torch.Tensor:
+    return _launch_split_key_forward(q, k, v, kv_lens, causal, sm_scale, splits)
+
+
+@_split_key_forward_op.register_fake
+def _split_key_forward_fake(q, k, v, kv_lens, causal, sm_scale, splits):
+    return torch.empty_like(q)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -867,6 +1021,17 @@ def dropout_keep_mask(batch: int, heads: int, q_len: int, k_len: int, dropout_p:
     return keep.bool()
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
+
+
+def _default_splits(q: torch.Tensor, k: torch.Tensor) -> int:
+    """split_count for these tensors, with the SM count of their GPU (ASSUMED_SM_COUNT off a GPU)."""
+    programs = triton.cdiv(q.shape[2], SPLIT_KEY_BLOCK_M) * q.shape[0] * q.shape[1]
+    sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else ASSUMED_SM_COUNT
+    return split_count(programs, k.shape[2], sm_count)
+
+
 def _attend(q, k, v, kv_lens, packed: Optional[Packed], *, causal: bool, sm_scale: Optional[float],
             dropout_p: float, generator: Optional[torch.Generator], impl: str, deterministic: bool) -> torch.Tensor:
     """Both public functions past their checks, in the (B, H, N, D) layout."""
@@ -880,6 +1045,10 @@ def _attend(q, k, v, kv_lens, packed: Optional[Packed], *, causal: bool, sm_scal
             dropout_keep = (torch.rand(shape, device=seed_device, generator=generator) >= dropout_p).to(q.device)
         return attention_reference(q, k, v, causal=causal, kv_lens=kv_lens, sm_scale=sm_scale,
                                    dropout_keep=dropout_keep, dropout_p=dropout_p, packed=packed)
+    if q.is_cuda and packed is None and dropout_p == 0.0 and not _needs_grad(q, k, v):
+        splits = _default_splits(q, k) if q.shape[2] <= MAX_SPLIT_KEY_QUERIES else 1
+        if splits > 1:
+            return _split_key_forward_op(q, k, v, kv_lens, causal, sm_scale, splits)
     seed = _draw_dropout_seed(generator, q.device) if dropout_p > 0.0 else None
     out, _ = _attention_forward_op(q, k, v, kv_lens, *(packed or (None, None, 0, 0)), seed, causal, sm_scale,
                                    dropout_p, deterministic)
@@ -931,3 +1100,28 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     out = _attend(q, k, v, None, packed, causal=causal, sm_scale=sm_scale, dropout_p=dropout_p,
                   generator=generator, impl=impl, deterministic=deterministic)
     return out[0].transpose(0, 1)
+
+
+def split_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                        kv_lens: Optional[torch.Tensor] = None, sm_scale: Optional[float] = None,
+                        splits: Optional[int] = None, impl: str = "auto") -> torch.Tensor:
+    """`attention` without dropout or gradients, its keys cut into `splits` ranges attended in parallel and then
+    combined (flash-decoding): for KV-cache decoding, whose few query rows leave most of a GPU idle otherwise.
+
+    `attention` takes this path by itself on CUDA when split_count says it pays (Nq <= MAX_SPLIT_KEY_QUERIES,
+    Nk long, few batch x heads, no gradient, no dropout); calling it directly forces it, e.g. in tests and
+    benchmarks. Any Nq is computed correctly (causal bottom-right aligned as in `attention`), though only a few
+    rows gain. splits: None picks split_count's count; any count >= 1 is valid, splits past the keys (or past
+    kv_lens) adding nothing. Raises a ValueError when a gradient would be needed: call it under torch.no_grad().
+    """
+    _validate(q, k, v, kv_lens, sm_scale, 0.0)
+    if _needs_grad(q, k, v):
+        raise ValueError("split_key_attention is forward-only, but q, k or v requires grad: call it under "
+                         "torch.no_grad() or use attention()")
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"splits={splits!r}: expected an integer >= 1 or None")
+    sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if select_impl(impl, q, k, v) == "torch":
+        return attention_reference(q, k, v, causal=causal, kv_lens=kv_lens, sm_scale=sm_scale)
+    splits = splits or _default_splits(q, k)
+    return _split_key_forward_op(q, k, v, kv_lens, causal, sm_scale, splits)

@@ -542,6 +542,82 @@ def test_invalid_packed_arguments_raise_a_value_error_naming_them(message, overr
         attention_varlen(**args)
 
 
+# Split-key decoding (split_key_attention): forward only, so no gradients; the one-pass kernel is a second oracle.
+
+
+@st.composite
+def split_key_cases(draw):
+    kv_heads = draw(st.sampled_from([1, 2]))
+    group = draw(st.sampled_from([1, 2, 3]))
+    batch = draw(st.integers(1, max(1, 4 // (kv_heads * group))))
+    k_len = draw(st.one_of(st.sampled_from([1, 16, 33, 129]), st.integers(1, 100)))
+    # Lengths far below k_len leave whole splits with no key.
+    kv_lens = draw(st.one_of(st.none(), st.lists(st.one_of(st.just(0), st.integers(0, 5), st.just(k_len),
+                                                           st.integers(0, k_len)), min_size=batch, max_size=batch)))
+    return dict(batch=batch, heads=kv_heads * group, kv_heads=kv_heads, q_len=draw(st.sampled_from([1, 1, 2, 5, 17])),
+                k_len=k_len, head_dim=draw(st.sampled_from([16, 24, 64])), dtype=draw(st.sampled_from(DTYPES)),
+                causal=draw(st.booleans()), kv_lens=kv_lens, scale=draw(st.sampled_from([1.0, 30.0])),
+                sm_scale=None, transposed=draw(st.booleans()),
+                # 1 (no split) up to more splits than the interpreter's 16-key blocks, or the heuristic's choice.
+                splits=draw(st.sampled_from([None, 1, 2, 3, 7, 16])))
+
+
+@settings(max_examples=12)
+@given(case=split_key_cases())
+@example(case=targeted_case(batch=2, heads=4, kv_heads=2, q_len=1, k_len=129, head_dim=64, dtype=torch.bfloat16,
+                            kv_lens=[3, 129], splits=8))
+@example(case=targeted_case(q_len=5, k_len=40, dtype=torch.float16, causal=True, kv_lens=[0], splits=3))
+# Whole key blocks past the first rows' diagonal: the causal mask must hold inside a split.
+@example(case=targeted_case(batch=2, q_len=17, k_len=50, causal=True, kv_lens=[50, 40], splits=1))
+def test_split_key_attention_matches_float64_reference_and_the_one_pass_kernel(case):
+    q, k, v = make_inputs(case["batch"], case["heads"], case["kv_heads"], case["q_len"], case["k_len"],
+                          case["head_dim"], case["dtype"], scale=case["scale"], transposed=case["transposed"])
+    kv_lens = None if case["kv_lens"] is None else torch.tensor(case["kv_lens"], device=DEVICE)
+    options = dict(causal=case["causal"], kv_lens=kv_lens, sm_scale=case["sm_scale"])
+    with torch.no_grad():
+        with poisoned_allocations():
+            got = attention_kernels.split_key_attention(q, k, v, **options, splits=case["splits"], impl="triton")
+        one_pass = attention(q, k, v, **options, impl="triton")
+        expected = float64_oracle(q, k, v, **options)
+    assert got.dtype == case["dtype"]
+    assert_close(got, expected, case["dtype"], f"split-key {case}")
+    assert_close(got, one_pass.double(), case["dtype"], f"split-key against one-pass {case}")
+
+
+def test_split_key_attention_refuses_gradients_and_bad_split_counts():
+    q, k, v = make_inputs(1, 2, 1, 1, 20, 16, torch.float32)
+    with pytest.raises(ValueError, match="forward-only"):
+        attention_kernels.split_key_attention(q, k, v, impl="torch")
+    for splits in (0, -1, 2.0, True):
+        with torch.no_grad(), pytest.raises(ValueError, match=re.escape(f"splits={splits!r}")):
+            attention_kernels.split_key_attention(q, k, v, splits=splits, impl="torch")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="attention() takes the split-key path on CUDA only")
+def test_attention_decodes_long_contexts_by_split_keys_on_cuda(monkeypatch):
+    calls = []
+    split_key_forward = attention_kernels._split_key_forward_op
+    monkeypatch.setattr(attention_kernels, "_split_key_forward_op", lambda *a: calls.append(a) or split_key_forward(*a))
+    q, k, v = make_inputs(1, 2, 1, 1, 4096, 64, torch.bfloat16)
+    with torch.no_grad():
+        out = attention(q, k, v)
+        assert len(calls) == 1 and calls[0][-1] > 1, "no grad, one query row, 4096 keys: split"
+        assert_close(out, float64_oracle(q, k, v), torch.bfloat16, "attention by split keys")
+    attention(q, k, v)
+    assert len(calls) == 1, "with gradients: the one-pass kernel"
+
+
+@pytest.mark.parametrize("programs,k_len,expected", [
+    (1, 100, 1),            # short context: no split
+    (1, 4096, 16),          # one sequence x head, 4096 keys: 16 splits of 256
+    (1, 1 << 20, 264),      # capped at two waves of 132 SMs
+    (64, 8192, 5),          # 64 programs: ceil(264 / 64) splits
+    (264, 1 << 20, 1),      # two waves already: no split
+])
+def test_split_count_fills_the_gpu_with_splits_of_at_least_the_minimum_keys(programs, k_len, expected):
+    assert attention_kernels.split_count(programs, k_len, sm_count=132) == expected
+
+
 # Compiled for an H100/H200 by Triton's own compiler (front end, PTX, ptxas), run nowhere: in a session without a
 # GPU the interpreter runs the kernels as Python, and only this catches what the compiler alone rejects.
 COMPILE_FOR_SM90 = """
@@ -550,16 +626,19 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import fastlm.kernels.attention
 kernels = sys.modules["fastlm.kernels.attention"]
-types = {"LSE": "*fp32", "DELTA": "*fp32", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "KV_LENS": "*i32",
+types = {"LSE": "*fp32", "DELTA": "*fp32", "PARTIAL_OUT": "*fp32", "PARTIAL_MAX": "*fp32", "PARTIAL_SUM": "*fp32",
+         "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "KV_LENS": "*i32",
          "SEED": "*i64", "qk_scale": "fp32", "sm_scale": "fp32", "dropout_p": "fp32", "dropout_scale": "fp32"}
 tensors = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
-for kernel, varlen in itertools.product(
-        (kernels._forward_kernel, kernels._query_block_grads_kernel, kernels._key_block_grads_kernel), (False, True)):
+padded_only = [(kernels._split_key_partial_kernel, False), (kernels._split_key_combine_kernel, False)]
+for kernel, varlen in [*itertools.product(
+        (kernels._forward_kernel, kernels._query_block_grads_kernel, kernels._key_block_grads_kernel), (False, True)),
+        *padded_only]:
     constants = dict(CAUSAL=True, HAS_KV_LENS=not varlen, VARLEN=varlen, DROPOUT=True, UPCAST=False,
                      DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, ACCUMULATE_DQ=True)
-    constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
     constants |= {name: None for name in ("CU_SEQLENS_Q", "CU_SEQLENS_K") if not varlen}
     constants |= {"KV_LENS": None} if varlen else {}
+    constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
     signature = {name: "constexpr" if name in constants else "*bf16" if name in tensors else types.get(name, "i32")
                  for name in kernel.arg_names}
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32),
@@ -569,7 +648,7 @@ for kernel, varlen in itertools.product(
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="a GPU runs the compiled kernels in the tests above")
-def test_the_padded_and_packed_kernels_compile_for_sm90():
+def test_the_padded_packed_and_split_key_kernels_compile_for_sm90():
     import subprocess
 
     pytest.importorskip("triton.backends.nvidia")
