@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,6 +136,8 @@ class Grid:
     """The jobs of the grid at a preset, or of its --quick smoke version."""
     preset: str
     quick: bool
+    # A report can show the levels that have results only: the others are named once instead of as pending rows.
+    shown_levels: tuple[str, ...] | None = field(default=None, kw_only=True)
 
     @property
     def scale(self) -> dict:
@@ -151,6 +153,8 @@ class Grid:
 
     @property
     def levels(self) -> tuple[str, ...]:
+        if self.shown_levels is not None:
+            return self.shown_levels
         return LEVELS[:1] if self.quick else LEVELS
 
     @property

@@ -5,6 +5,7 @@ translations in OUT/translations and the test sets' references, so it runs anywh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import subprocess
@@ -17,6 +18,7 @@ from grid import (BEAMS, DECODER_SETTINGS, ENCODER_SETTINGS, EVERYDAY, EVERYDAY_
 
 PENDING = "pending"
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
+FIRST_STUDY = Path(__file__).resolve().parent / "first_study.md"  # the full grid's earlier run, in short
 TEST_SET_NAMES = {"test": "news test", HELDOUT: "held-out"}
 SIGNIFICANT = 0.05  # p-values below this are marked
 
@@ -27,11 +29,14 @@ def write_report(grid: Grid, out: Path, data: str, references: dict[str, Path], 
     results = load_results(out / "results")
     figures = page.parent / "results"
     figures.mkdir(parents=True, exist_ok=True)
+    shown = dataclasses.replace(grid, shown_levels=levels_with_results(grid, results))
     sections = [header(grid, results, data), findings(grid),
                 tokenizer_section(grid, results), plateau_section(grid, results, figures, page.parent),
-                pretrain_section(grid, results, figures, page.parent),
-                translation_section(grid, results, figures, page.parent, out, references),
+                pretrain_section(shown, results, figures, page.parent),
+                translation_section(shown, results, figures, page.parent, out, references),
                 sweep_section(grid, results), recipe_section(grid, results, out, references["valid"])]
+    if not grid.quick and FIRST_STUDY.is_file():
+        sections.append(FIRST_STUDY.read_text(encoding="utf-8").strip())
     page.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return page
 
@@ -40,6 +45,22 @@ def load_results(root: Path) -> dict[str, dict]:
     """"stage/name" -> result, for every finished job."""
     return {f"{path.parent.name}/{path.stem}": json.loads(path.read_text(encoding="utf-8"))
             for path in sorted(root.glob("*/*.json"))}
+
+
+def levels_with_results(grid: Grid, results: dict) -> tuple[str, ...]:
+    """The levels with a finished pre-training or translation run (all of them while none has one): the page
+    names the others once rather than filling their rows with pending cells."""
+    ran = tuple(level for level in grid.levels
+                if any(name.startswith((f"pretrain/{level}-", f"finetune/{level}-")) for name in results))
+    return ran or grid.levels
+
+
+def stage_not_run(grid: Grid, results: dict, stage: str) -> str | None:
+    """What a full-grid section says instead of a table of pending cells when none of its jobs has run."""
+    if grid.quick or any(name.startswith(f"{stage}/") for name in results):
+        return None
+    return (f"Not run for this page: section 7 (the first study) gives its result, at the same settings. "
+            f"`python experiments/ko_en.py --stages {stage}` runs it.")
 
 
 def header(grid: Grid, results: dict, data: str) -> str:
@@ -66,7 +87,17 @@ def header(grid: Grid, results: dict, data: str) -> str:
         f"{scale['eval_interval']} steps on the whole valid split; test scores on the news test split and on "
         f"{grid.heldout_pairs} pairs held out of train (drawn before any tokenizer or model saw train). "
         f"Data: {data}. A GPU reruns everything at `--preset small` (or `base`).",
+        *levels_not_shown(grid, results),
     ])
+
+
+def levels_not_shown(grid: Grid, results: dict) -> list[str]:
+    missing = [level for level in grid.levels if level not in levels_with_results(grid, results)]
+    if not missing:
+        return []
+    jobs = sum(1 for job in grid.finetune_jobs() if job[0] in missing) + 2 * len(missing)
+    return ["", f"Not run yet, so not shown: the {' and '.join(missing)} level ({jobs} pre-training and translation "
+            "jobs pending; `python experiments/ko_en.py` runs them after the others)."]
 
 
 def findings(grid: Grid) -> str:
@@ -135,6 +166,9 @@ def plateau_section(grid: Grid, results: dict, figures: Path, base: Path) -> str
         if r and level:  # drawn as the distance to its own tokenizer's plateau: vocabularies compare
             curves[name] = [{"step": e["step"], "loss": e["loss"] - level} for e in r["evals"]]
     unigram = results.get(f"tokenizers/byte-{grid.train_vocab}", {}).get("unigram_loss_ko")
+    not_run = stage_not_run(grid, results, "plateau")
+    if not_run:
+        return f"## 2. The MLM plateau\n\n{not_run}"
     text = ("## 2. The MLM plateau\n\nEncoder MLM on Korean, byte level, vocab "
             f"{grid.train_vocab}, preset {grid.preset} (tiny: lr 1e-3, warmup 30), batch "
             f"{grid.scale['batch_size']}, mask 15%, pre-norm, learned positions: each row "
@@ -366,6 +400,9 @@ def everyday(grid: Grid, out: Path) -> str:
 
 
 def sweep_section(grid: Grid, results: dict) -> str:
+    not_run = stage_not_run(grid, results, "sweep")
+    if not_run:
+        return f"## 5. Weight decay x learning rate (encoder MLM)\n\n{not_run}"
     cells = grid.sweep_cells
     lrs = list(dict.fromkeys(lr for _, lr in cells))
     decays = list(dict.fromkeys(wd for wd, _ in cells))

@@ -135,3 +135,29 @@ def test_a_quick_report_names_the_bundled_sample_it_ran_on(tmp_path):
     text = page.read_text(encoding="utf-8")
     assert "Data: fastlm's bundled sample (`fastlm/demo_data`), cut into 300/24/24 train/valid/test lines" in text
     assert "shared/data" not in text and "None: a `--quick` run" in text
+
+
+def test_a_full_grid_page_shows_the_levels_and_stages_that_ran_and_names_the_others(tmp_path):
+    """Char-level results only, no plateau or sweep: the page names the byte level and those stages once, with
+    the command that runs them, instead of rows of pending cells, and ends with the first study."""
+    import report
+
+    results = tmp_path / "out" / "results"
+    evals = [{"step": 500, "loss": 5.0, "perplexity": 148.0, "accuracy": 0.2}]
+    finished = {"pretrain/char-encoder": {"final": evals[0], "evals": evals},
+                "finetune/char-Rnd2Rnd-random-seed0": {"best": evals[0], "final": evals[0], "evals": evals,
+                                                       "seconds": 3600.0}}
+    for name, result in finished.items():
+        (results / name).parent.mkdir(parents=True, exist_ok=True)
+        (results / f"{name}.json").write_text(json.dumps(result), encoding="utf-8")
+    missing = tmp_path / "missing.en"
+    page = report.write_report(ko_en.Grid("tiny", False), tmp_path / "out", "test data",
+                               {"test": missing, "heldout": missing, "valid": missing}, tmp_path / "RESULTS.md")
+    text = page.read_text(encoding="utf-8")
+    assert "Not run yet, so not shown: the byte level (12 pre-training and translation jobs pending" in text
+    assert "| char | Rnd2Rnd | random | 0 | 500 | 500 | 1 | 5 |" in text
+    assert "| byte |" not in text.split("## 3. Pre-training")[1].split("## 5.")[0]
+    for stage in ("plateau", "sweep"):
+        assert f"Not run for this page: section 7 (the first study) gives its result, at the same settings. " \
+               f"`python experiments/ko_en.py --stages {stage}` runs it." in text
+    assert text.rstrip().endswith(report.FIRST_STUDY.read_text(encoding="utf-8").strip())
