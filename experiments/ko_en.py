@@ -540,6 +540,27 @@ def write_lines(path: Path, lines: list[str]) -> None:
     os.replace(partial, path)
 
 
+def data_problem(data: Path) -> str | None:
+    """Why `data` cannot feed the grid (a missing file, sides of a split that do not pair up), or None."""
+    missing = [f"{split}.{lang}" for split in ("train", "valid", "test") for lang in ("ko", "en")
+               if not (data / f"{split}.{lang}").is_file()]
+    if missing:
+        return (f"no {', '.join(missing)} there: expected train, valid and test splits, each as a .ko file and an .en "
+                "file of the same number of lines (line i of one translates line i of the other)")
+    for split in ("train", "valid", "test"):
+        counts = {}
+        for lang in ("ko", "en"):
+            try:  # as the grid reads them (carve_heldout, the test stage)
+                counts[lang] = len((data / f"{split}.{lang}").read_text(encoding="utf-8").splitlines())
+            except UnicodeDecodeError as error:
+                return f"{split}.{lang} is not UTF-8 text ({error.reason} at byte {error.start})"
+        if counts["ko"] != counts["en"]:
+            return f"{split}.ko has {counts['ko']} lines, {split}.en {counts['en']}: expected pairs, line by line"
+        if not counts["ko"]:
+            return f"{split}.ko and {split}.en are empty"
+    return None
+
+
 def quick_lines(data: Path, split: str, lang: str) -> list[str]:
     """The first lines of a split of --data, or (without it) of fastlm's bundled sample, split train/valid/test."""
     count = QUICK_LINES[split]
@@ -642,8 +663,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.preset != "tiny":
         parser.error(f"--quick runs its own micro scale: --preset {args.preset} does not apply to it")
     out = args.out or REPO / "runs" / ("experiment-quick" if args.quick else "experiment")
-    if not args.quick and not (args.data / "train.ko").is_file():
-        parser.error(f"--data {args.data}: no train.ko there (expected train/valid/test .ko/.en files)")
+    problem = None if args.quick else data_problem(args.data)
+    if problem:
+        parser.error(f"--data {args.data}: {problem}")
     experiment = Experiment(args.preset, args.quick, data=args.data.absolute(), out=out.absolute(), only=args.only)
     if args.report:
         page = args.report_to or (out / "report" / "RESULTS.md" if args.quick else REPO / "docs" / "RESULTS.md")

@@ -161,3 +161,21 @@ def test_a_full_grid_page_shows_the_levels_and_stages_that_ran_and_names_the_oth
         assert f"Not run for this page: section 7 (the first study) gives its result, at the same settings. " \
                f"`python experiments/ko_en.py --stages {stage}` runs it." in text
     assert text.rstrip().endswith(report.FIRST_STUDY.read_text(encoding="utf-8").strip())
+
+
+def test_data_that_cannot_feed_the_grid_is_refused_with_the_reason(tmp_path):
+    def problem(files: dict[str, bytes]) -> str | None:
+        data = tmp_path / str(len(list(tmp_path.iterdir())))
+        data.mkdir()
+        for name, content in files.items():
+            (data / name).write_bytes(content)
+        return ko_en.data_problem(data)
+
+    pairs = {f"{split}.{lang}": "가\n나\n".encode() if lang == "ko" else b"a\nb\n"
+             for split in ("train", "valid", "test") for lang in ("ko", "en")}
+    assert problem(pairs) is None
+    assert problem({name: content for name, content in pairs.items() if name != "valid.en"}).startswith(
+        "no valid.en there")
+    assert problem({**pairs, "test.en": b"a\n"}) == "test.ko has 2 lines, test.en 1: expected pairs, line by line"
+    assert problem({**pairs, "train.ko": b"\xff\n\n"}).startswith("train.ko is not UTF-8 text")
+    assert problem({**pairs, "valid.ko": b"", "valid.en": b""}) == "valid.ko and valid.en are empty"
