@@ -326,12 +326,17 @@ _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16})  # unequal b
 # The tuner also keys on the dtype of every tensor argument (Triton adds those itself).
 _TUNING_KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "CAUSAL", "HAS_KV_LENS", "VARLEN", "DROPOUT", "DOT_PRECISION"]
 
+# The last three suit head dim 64 on Hopper, where a tile holds half the bytes it does at 128: key blocks of 128 with
+# 3 stages (shared memory lets them through at d <= 64 only) and a 4-stage pipeline of 64-key blocks (d <= 128).
+_FORWARD_GPU_CONFIGS = _gpu_configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 4),
+                                     (64, 64, 4, 3), (64, 32, 4, 4), (16, 64, 4, 3), (16, 128, 4, 2),
+                                     (128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4)])
+_prune_forward = _prune_configs("BLOCK_M", "BLOCK_N", 1, "Q_BUCKET")
+
 _forward = triton.autotune(
-    configs=tuning_configs(_gpu_configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 4),
-                                         (64, 64, 4, 3), (64, 32, 4, 4), (16, 64, 4, 3), (16, 128, 4, 2)]),
-                           _INTERPRETER_CONFIG),
+    configs=tuning_configs(_FORWARD_GPU_CONFIGS, _INTERPRETER_CONFIG),
     key=_TUNING_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_M", "BLOCK_N", 1, "Q_BUCKET")},
+    prune_configs_by={"early_config_prune": _prune_forward},
 )(_forward_kernel)
 
 
@@ -618,31 +623,35 @@ def _query_block_grads_kernel(
                 offs_m, offs_d, stride_dqm, stride_dqd, q_len, D)
 
 
-# Key-block kernels: BLOCK_N keys stay resident while BLOCK_M query rows stream past.
-_KEY_BLOCK_CONFIGS = tuning_configs(
-    _gpu_configs([(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 1)]),
-    _INTERPRETER_CONFIG,
-)
+# Key-block kernels: BLOCK_N keys stay resident while BLOCK_M query rows stream past. The last two are for head dim
+# 64, as in the forward: query blocks of 128 with 3 stages (d <= 64 only) and one more stage for (64, 128).
+_KEY_BLOCK_GPU_CONFIGS = _gpu_configs([(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 8, 2), (32, 64, 4, 3),
+                                       (32, 32, 4, 1), (128, 128, 8, 3), (64, 128, 8, 3)])
+_prune_key_block = _prune_configs("BLOCK_N", "BLOCK_M", 2, "K_BUCKET")
 
 _key_block_grads = triton.autotune(
-    configs=_KEY_BLOCK_CONFIGS,
+    configs=tuning_configs(_KEY_BLOCK_GPU_CONFIGS, _INTERPRETER_CONFIG),
     key=_TUNING_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_N", "BLOCK_M", 2, "K_BUCKET")},
+    prune_configs_by={"early_config_prune": _prune_key_block},
 )(_key_block_grads_kernel)
 
 # The same kernel adding dQ atomically: autotuning reruns it, so the dQ buffer must be zeroed before each trial.
 _key_block_grads_accumulating_dq = triton.autotune(
-    configs=_KEY_BLOCK_CONFIGS,
+    configs=tuning_configs(_KEY_BLOCK_GPU_CONFIGS, _INTERPRETER_CONFIG),
     key=_TUNING_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_N", "BLOCK_M", 2, "K_BUCKET")},
+    prune_configs_by={"early_config_prune": _prune_key_block},
     reset_to_zero=["DQ"],
 )(_key_block_grads_kernel)
 
+# The last two are for head dim 64: key blocks of 128 with 3 stages (d <= 64 only) and one more stage for (128, 64).
+_QUERY_BLOCK_GPU_CONFIGS = _gpu_configs([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
+                                         (128, 128, 8, 3), (128, 64, 8, 3)])
+_prune_query_block = _prune_configs("BLOCK_M", "BLOCK_N", 2, "Q_BUCKET")
+
 _query_block_grads = triton.autotune(
-    configs=tuning_configs(_gpu_configs([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]),
-                           _INTERPRETER_CONFIG),
+    configs=tuning_configs(_QUERY_BLOCK_GPU_CONFIGS, _INTERPRETER_CONFIG),
     key=_TUNING_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_M", "BLOCK_N", 2, "Q_BUCKET")},
+    prune_configs_by={"early_config_prune": _prune_query_block},
 )(_query_block_grads_kernel)
 
 

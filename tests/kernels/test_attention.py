@@ -287,6 +287,28 @@ def test_tuning_buckets_are_the_lengths_rounded_up_to_a_power_of_two():
     assert attention_kernels._tuning_buckets(1, 129) == {"Q_BUCKET": 1, "K_BUCKET": 256}
 
 
+# (configs, pruner, the rows argument, the configs added for head dim 64, those of them that fit at d <= 64 only)
+HEAD_DIM_64_CONFIGS = [
+    ("_FORWARD_GPU_CONFIGS", "_prune_forward", "Q_BUCKET",
+     {(128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4)}, {(128, 128, 4, 3), (128, 128, 8, 3)}),
+    ("_KEY_BLOCK_GPU_CONFIGS", "_prune_key_block", "K_BUCKET", {(128, 128, 8, 3), (64, 128, 8, 3)}, {(128, 128, 8, 3)}),
+    ("_QUERY_BLOCK_GPU_CONFIGS", "_prune_query_block", "Q_BUCKET", {(128, 128, 8, 3), (128, 64, 8, 3)},
+     {(128, 128, 8, 3)}),
+]
+
+
+@pytest.mark.parametrize("configs,pruner,rows_arg,added,head_dim_64_only", HEAD_DIM_64_CONFIGS)
+def test_head_dim_64_configs_pass_the_shared_memory_pruning_only_where_they_fit(configs, pruner, rows_arg, added,
+                                                                                head_dim_64_only):
+    def kept(head_dim):
+        pruned = getattr(attention_kernels, pruner)(getattr(attention_kernels, configs),
+                                                    {"BLOCK_D": head_dim, rows_arg: 2048})
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in pruned}
+
+    assert added <= kept(64)
+    assert added - head_dim_64_only <= kept(128) and not head_dim_64_only & kept(128)
+    assert not added & kept(256)
+
 def test_lengths_of_one_bucket_share_one_tuning(monkeypatch):
     """Forward and backward tune once for all query and key lengths in 33..64, again for 65; the config picked
     for one length is exact for the others of its bucket. Every tuner gets two candidates and a stand-in benchmark
