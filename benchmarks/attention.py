@@ -3,12 +3,13 @@
     python benchmarks/attention.py [--quick] [--json PATH] [--budget SECONDS]
 
 Forward and forward+backward, bf16, TFLOP/s of *useful* work (only the (query, key) pairs a mask lets through, so
-a padded row's TFLOP/s ratio is its time ratio) and the extra peak memory of one call. Every case runs fastlm and
-each SDPA backend (flash, efficient, cuDNN, math); padded cases also run FlexAttention with a padding BlockMask
-(compiled, as torch documents it; its compilation happens in the warm-up calls, which are not timed) and, where
-`flash_attn` is installed and the case is not causal, flash-attn's `flash_attn_varlen_func` on keys unpadded
-beforehand (every query row kept, so that all providers compute the same output). "best peer" is the fastest of
-them, the one the targets are stated against.
+a padded row's TFLOP/s ratio is its time ratio) and the extra peak memory of one call. Every case runs fastlm, each
+SDPA backend (flash, efficient, cuDNN, math) and FlexAttention (compiled, as torch documents it, with a BlockMask of
+the case's causal and padding mask where it has one; its compilation happens in the warm-up calls, which are not
+timed); padded cases also run, where `flash_attn` is installed and the case is not causal, flash-attn's
+`flash_attn_varlen_func` on keys unpadded beforehand (every query row kept, so that all providers compute the same
+output). "best peer" is the fastest of them, the one the targets are stated against. The notes name the forward
+each row of fastlm took (`forward_path`: TMA loads, pointer loads, split keys, or the reference path).
 
 Without a GPU it says so, runs a tiny correctness-only pass of the same cases (the Triton kernels under the
 interpreter) and times the padded cases at batch CPU_BATCH in fp32 (what the models attend in on the CPU), where
@@ -36,6 +37,7 @@ from benchmarks.harness import (  # noqa: E402
     CaseBudget, Measurement, Row, add_budget_argument, base_parser, peak_memory_mib, report, time_interleaved,
 )
 from fastlm.kernels import attention  # noqa: E402
+from fastlm.kernels.attention import forward_path  # noqa: E402
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -44,6 +46,9 @@ except ImportError:
 else:
     # Compiled as torch documents FlexAttention (eager it is a slow reference); a fixed shape per case.
     flex_attention = torch.compile(flex_attention, dynamic=False)
+    # Each case and kind (with or without grad) compiles it anew: more than dynamo's default of 8 recompilations,
+    # past which it would run eagerly.
+    torch._dynamo.config.cache_size_limit = 64
 try:
     from flash_attn import flash_attn_varlen_func
 except ImportError:
@@ -76,8 +81,10 @@ class Case:
         return f"{self.name} {self.batch}x{self.heads}x{self.q_len}x{self.k_len}x{self.head_dim}"
 
 
+# --quick runs its cases in this order and --budget cuts the tail: head dim 64 (forward+backward, then decoding) first.
 CASES = [
     Case("BERT", 32, 12, 512, 512, 64, quick=True),
+    Case("decode", 8, 16, 1, 4096, 64, backward=False, quick=True),
     Case("BERT padded", 32, 12, 512, 512, 64, padded=True, quick=True),
     Case("GPT", 8, 16, 2048, 2048, 64),
     Case("GPT causal", 8, 16, 2048, 2048, 64, causal=True),
@@ -125,15 +132,22 @@ class Provider:
     adapt: Callable[..., tuple[torch.Tensor, ...]] = same_layout
 
 
-def flex_provider(case: Case, kv_lens) -> Provider:
-    """FlexAttention with a BlockMask of the case's semantics: key blocks past a row's length are skipped."""
+def flex_provider(case: Case, kv_lens, device: str) -> Provider:
+    """FlexAttention with a BlockMask of the case's semantics (key blocks that no row of a block sees are skipped),
+    or none for a case that masks nothing."""
+    if not case.causal and kv_lens is None:
+        return Provider(lambda q, k, v: flex_attention(q, k, v))
     shift = case.k_len - case.q_len
 
     def visible(batch, head, query, key):
+        before_diagonal = key <= query + shift  # bottom-right aligned, as fastlm's causal mask
+        if kv_lens is None:
+            return before_diagonal
         keep = key < kv_lens[batch]
-        return keep & (key <= query + shift) if case.causal else keep
+        return keep & before_diagonal if case.causal else keep
 
-    block_mask = create_block_mask(visible, case.batch, None, case.q_len, case.k_len, device=kv_lens.device)
+    batch = None if kv_lens is None else case.batch  # one mask for every sequence when they share it
+    block_mask = create_block_mask(visible, batch, None, case.q_len, case.k_len, device=device)
     return Provider(lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask))
 
 
@@ -157,8 +171,8 @@ def flash_varlen_provider(case: Case, kv_lens) -> Provider:
     return Provider(run, adapt)
 
 
-def providers(case: Case, kv_lens, impl: str) -> tuple[dict[str, Provider], dict[str, str]]:
-    """name -> Provider: fastlm, each SDPA backend and, on padded cases, FlexAttention and flash-attn's varlen call,
+def providers(case: Case, kv_lens, impl: str, device: str) -> tuple[dict[str, Provider], dict[str, str]]:
+    """name -> Provider: fastlm, each SDPA backend, FlexAttention and, on padded cases, flash-attn's varlen call,
     all with the same semantics; and name -> why, for the peers that cannot run the case here."""
     # SDPA's is_causal is top-left aligned and it has no lengths: anything else takes an explicit mask.
     needs_mask = kv_lens is not None or (case.causal and case.q_len != case.k_len)
@@ -174,12 +188,12 @@ def providers(case: Case, kv_lens, impl: str) -> tuple[dict[str, Provider], dict
     found = {"fastlm": Provider(lambda q, k, v: attention(q, k, v, causal=case.causal, kv_lens=kv_lens, impl=impl))}
     found.update({name: sdpa(backend) for name, backend in SDPA_BACKENDS.items()})
     missing = {}
-    if kv_lens is None:
-        return found, missing
     if flex_attention is None:
         missing["flex"] = f"no FlexAttention in torch {torch.__version__}"
     else:
-        found["flex"] = flex_provider(case, kv_lens)
+        found["flex"] = flex_provider(case, kv_lens, device)
+    if kv_lens is None:
+        return found, missing
     if flash_attn_varlen_func is None:
         missing["flash-varlen"] = "flash_attn is not installed"
     elif case.causal:  # its causal mask is aligned to each sequence's own end, not to the padded width's
@@ -195,9 +209,20 @@ def useful_tflop(case: Case, kv_lens) -> float:
     return 4 * pairs * case.head_dim / 1e12
 
 
-def measure(case: Case, repeat: int, device: str, dtype: torch.dtype, skipped: dict[str, set[str]]) -> list[Row]:
+def fastlm_paths(case: Case, q, k, v, kv_lens) -> dict[str, str]:
+    """kind -> the forward fastlm's `attention` takes in that kind's timed calls ("fwd" runs without gradients)."""
+    with torch.no_grad():
+        paths = {"fwd": forward_path(q, k, v, kv_lens=kv_lens)}
+    if case.backward:
+        paths["fwd+bwd"] = forward_path(*(t.detach().requires_grad_() for t in (q, k, v)), kv_lens=kv_lens)
+    return paths
+
+
+def measure(case: Case, repeat: int, device: str, dtype: torch.dtype, skipped: dict[str, set[str]],
+            paths: dict[str, list[str]]) -> list[Row]:
     """The case's fwd (and fwd+bwd) row: each provider warmed up and its memory measured on its own, then all timed
-    in turns. A provider that refuses the case is left out, and named in `skipped` under its reason."""
+    in turns. A provider that refuses the case is left out, and named in `skipped` under its reason; each row is
+    named in `paths` under the forward fastlm took."""
     generator = torch.Generator().manual_seed(0)
     q, k, v, kv_lens = make_inputs(case, device, dtype, generator)
     grad_out = torch.randn_like(q)
@@ -207,7 +232,9 @@ def measure(case: Case, repeat: int, device: str, dtype: torch.dtype, skipped: d
         work["fwd+bwd"] = 3.5 * forward_tflop  # the backward does 5 matmuls to the forward's 2
     steps: dict[str, dict] = {kind: {} for kind in work}
     peaks: dict[str, dict] = {kind: {} for kind in work}
-    found, missing = providers(case, kv_lens, "auto")
+    for kind, path in fastlm_paths(case, q, k, v, kv_lens).items():
+        paths.setdefault(path, []).append(f"{case.label} {kind}")
+    found, missing = providers(case, kv_lens, "auto", device)
     for name, why in missing.items():
         skipped.setdefault(why, set()).add(name)
     for name, provider in found.items():
@@ -266,7 +293,7 @@ def check_correctness(cases: list[Case]) -> bool:
         results = {}
         for name, impl_dtype in (("fastlm", torch.bfloat16), ("sdpa-math", torch.float64)):
             leaves = [t.to(impl_dtype).requires_grad_() for t in (q, k, v)]
-            out = providers(case, kv_lens, "triton")[0][name].run(*leaves)
+            out = providers(case, kv_lens, "triton", "cpu")[0][name].run(*leaves)
             results[name] = [out, *torch.autograd.grad(out, leaves, grad_out.to(impl_dtype))]
         errors = [(a.double() - b).abs().max().item() / max(b.abs().max().item(), 1.0)
                   for a, b in zip(results["fastlm"], results["sdpa-math"])]
@@ -285,6 +312,7 @@ def main() -> None:
     cases = [c for c in CASES if c.quick or not args.quick]
     repeat = 5 if args.quick else 20
     skipped: dict[str, set[str]] = {}
+    paths: dict[str, list[str]] = {}
     if torch.cuda.is_available():
         correct, device, dtype = True, "cuda", torch.bfloat16
         title = "Fused attention, bf16: fastlm vs SDPA backends, FlexAttention and flash-attn"
@@ -295,8 +323,10 @@ def main() -> None:
         cases = [dataclasses.replace(case, batch=CPU_BATCH) for case in cases if case.padded]
         title = "Attention on padded rows, CPU, fp32: fastlm's reference path vs SDPA backends and FlexAttention"
     rows = [row for case in cases if budget.allows(case.label)
-            for row in measure(case, repeat, device, dtype, skipped)]
+            for row in measure(case, repeat, device, dtype, skipped, paths)]
     notes = "TFLOP/s count only the (query, key) pairs the mask lets through; fwd+bwd counts 3.5x the forward."
+    if paths:
+        notes += " fastlm's forward: " + "; ".join(f"{path} ({', '.join(rows)})" for path, rows in paths.items()) + "."
     if skipped:
         notes += " Not run: " + "; ".join(f"{', '.join(sorted(names))} ({reason})" for reason, names in skipped.items())
         notes += "."

@@ -21,7 +21,9 @@
 #   T_TEST_EACH      per-test timeout in seconds, where pytest-timeout is installed (default: none; it fails a
 #                    hypothesis test mid-example, which hypothesis then reports as flaky)
 #   CE_ARGS ATTN_ARGS TRAIN_ARGS    extra benchmark flags (defaults: "", "--quick", ""; ATTN_ARGS="" runs every
-#                    attention case, in the budget's limits: each new head dim / mask kind autotunes ~15 configs)
+#                    attention case, in the budget's limits: each new head dim / mask kind autotunes ~15-22 configs
+#                    and compiles FlexAttention; --quick starts with the head-dim-64 cases, forward+backward and
+#                    decoding, so that the budget cuts d=128 first)
 #   SKIP             steps not to run, space-separated: build tests cross_entropy attention train heavy_tests
 #                    train_compiled
 set -u

@@ -217,7 +217,7 @@ def report(title: str, rows: list[Row], *, json_path: str | None = None, notes: 
     print(text, flush=True)
     if json_path:
         record = {"title": title, "date": when, "machine": device_name(), "versions": versions(), "command": command,
-                  "rows": [asdict(r) | {"ratios": r.ratio(ours)} for r in rows]}
+                  "notes": notes, "rows": [asdict(r) | {"ratios": r.ratio(ours)} for r in rows]}
         with open(json_path, "w") as f:
             json.dump(record, f, indent=2)
     return text

@@ -1,5 +1,5 @@
-"""benchmarks/attention.py: the padded-row peers (FlexAttention's BlockMask, flash-attn's unpadded varlen layout)
-compute what fastlm computes, so that their times compare like with like."""
+"""benchmarks/attention.py: the peers (FlexAttention with or without its BlockMask, flash-attn's unpadded varlen
+layout) compute what fastlm computes, so that their times compare like with like; the rows name fastlm's path."""
 
 import pytest
 import torch
@@ -15,20 +15,20 @@ def bench():
     return load_benchmark("attention")
 
 
-def padded_case(bench, causal: bool):
-    case = bench.Case("padded", 2, 3, 24, 40, 16, causal=causal, padded=True)
+def padded_case(bench, causal: bool, padded: bool = True):
+    case = bench.Case("padded" if padded else "dense", 2, 3, 24, 40, 16, causal=causal, padded=padded)
     q, k, v, kv_lens = bench.make_inputs(case, "cpu", torch.float32, torch.Generator().manual_seed(0))
     expected = attention_reference(q, k, v, causal=causal, kv_lens=kv_lens, sm_scale=16**-0.5)
     return case, (q, k, v), kv_lens, expected
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("causal", [False, True])
-def test_flex_block_mask_has_fastlms_semantics(bench, monkeypatch, causal):
+@pytest.mark.parametrize("causal,padded", [(False, True), (True, True), (True, False), (False, False)])
+def test_flex_block_mask_has_fastlms_semantics(bench, monkeypatch, causal, padded):
     # Eager FlexAttention applies the same mask; compiling it here would only cost the test time.
     monkeypatch.setattr(bench, "flex_attention", flex_attention)
-    case, inputs, kv_lens, expected = padded_case(bench, causal)
-    out = bench.flex_provider(case, kv_lens).run(*inputs)
+    case, inputs, kv_lens, expected = padded_case(bench, causal, padded)
+    out = bench.flex_provider(case, kv_lens, "cpu").run(*inputs)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -55,5 +55,12 @@ def test_flash_varlen_layout_unpads_the_keys_and_keeps_every_query(bench, monkey
 def test_flash_varlen_is_named_not_run_on_causal_padded_rows(bench, monkeypatch):
     monkeypatch.setattr(bench, "flash_attn_varlen_func", varlen_oracle)
     case, _, kv_lens, _ = padded_case(bench, causal=True)
-    found, missing = bench.providers(case, kv_lens, "torch")
+    found, missing = bench.providers(case, kv_lens, "torch", "cpu")
     assert "flash-varlen" not in found and "causal" in missing["flash-varlen"]
+
+
+def test_rows_name_the_forward_fastlm_takes(bench):
+    case, (q, k, v), _, _ = padded_case(bench, causal=True, padded=False)
+    assert bench.fastlm_paths(case, q, k, v, None) == {"fwd": "reference", "fwd+bwd": "reference"}  # off CUDA
+    decode = bench.Case("decode", 1, 2, 1, 40, 16, backward=False)
+    assert bench.fastlm_paths(decode, q[:1, :2, :1], k[:1, :2], v[:1, :2], None) == {"fwd": "reference"}

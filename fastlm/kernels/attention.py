@@ -19,6 +19,9 @@ key block and sums dK, dV over its queries (and over the query heads of its grou
 block and sums dQ over its keys; nothing is added atomically. `deterministic=False` instead adds dQ atomically
 from the key-block kernel, saving the second pass at the price of bitwise reproducibility.
 
+On Hopper (sm_90+) the one-pass forward loads its q, k, v tiles through TMA tensor descriptors (the USE_TMA flag
+of the same kernel) where `tma_forward_applies`; `forward_path` names the forward `attention` takes.
+
 `split_key_attention` (flash-decoding) is a forward-only path for KV-cache decoding: the keys are also cut into
 ranges attended in parallel, whose partial results a second kernel combines; `attention` takes it on CUDA when
 `split_count` says it pays and no gradient is needed.
@@ -27,6 +30,7 @@ Dropout draws keep/drop from Philox keyed by a per-call seed, counter = (batch*H
 backward regenerates exactly the forward's mask; `dropout_keep_mask` returns it for tests and debugging.
 """
 
+import contextvars
 import itertools
 import math
 from typing import NamedTuple, Optional, Sequence, Tuple
@@ -78,6 +82,32 @@ def _load_tile(base, rows, cols, stride_row, stride_col, n_rows, n_cols, UPCAST:
     )
     if UPCAST:
         tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _tile_source(base, n_rows, n_cols, stride_row, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    """What _load_rows reads tiles of base[:n_rows, :n_cols] from: with USE_TMA a tensor descriptor, so that
+    Hopper's copy engine (TMA) fetches each tile asynchronously and zero-fills what lies outside; else the pointer."""
+    if USE_TMA:
+        source = tl.make_tensor_descriptor(base, shape=[n_rows, n_cols], strides=[stride_row, 1],
+                                           block_shape=[BLOCK_ROWS, BLOCK_COLS])
+    else:
+        source = base
+    return source
+
+
+@triton.jit
+def _load_rows(source, first_row, rows, cols, stride_row, stride_col, n_rows, n_cols, UPCAST: tl.constexpr,
+               USE_TMA: tl.constexpr):
+    """Rows `rows` (first_row onwards) of a _tile_source, as _load_tile loads them."""
+    if USE_TMA:
+        tile = source.load([first_row, 0])
+        if UPCAST:
+            tile = tile.to(tl.float32)
+    else:
+        tile = _load_tile(source, rows, cols, stride_row, stride_col, n_rows, n_cols, UPCAST)
     return tile
 
 
@@ -220,14 +250,16 @@ def _finite_shift(row_max):
 
 
 @triton.jit
-def _forward_step(acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+def _forward_step(acc, row_sum, row_max, q, K_tiles, V_tiles, stride_kn, stride_kd, stride_vn, stride_vd,
                   start_n, offs_m, offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, first_query,
                   first_key, Nq, Nk, dropout_p, MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Fold one key block into the running (acc, row_sum, row_max) of the online softmax."""
+                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                  USE_TMA: tl.constexpr):
+    """Fold one key block into the running (acc, row_sum, row_max) of the online softmax. K_tiles, V_tiles: the
+    head's keys and values as _tile_source gives them (TMA descriptors with USE_TMA, else pointers)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_tile(K_head, offs_n, offs_d, stride_kn, stride_kd, valid_keys, D, UPCAST)
-    v = _load_tile(V_head, offs_n, offs_d, stride_vn, stride_vd, valid_keys, D, UPCAST)
+    k = _load_rows(K_tiles, start_n, offs_n, offs_d, stride_kn, stride_kd, valid_keys, D, UPCAST, USE_TMA)
+    v = _load_rows(V_tiles, start_n, offs_n, offs_d, stride_vn, stride_vd, valid_keys, D, UPCAST, USE_TMA)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
     if MASKED:
         visible = _visible(offs_m[:, None], offs_n[None, :], valid_keys, causal_shift, CAUSAL)
@@ -255,8 +287,11 @@ def _forward_kernel(
     H, Nq, Nk, D, group_size, qk_scale, dropout_p, dropout_scale, Q_BUCKET, K_BUCKET,
     CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    """USE_TMA: the q, k and v tiles come through TMA descriptors, one per (sequence, head) whose rows end at q_len
+    or at the valid keys, so that the copy engine's zero fill is the pointer path's mask (the launcher checks TMA's
+    alignment rules: tma_forward_applies). The rest of the kernel is the same."""
     start_m, offs_m, head, batch, batch_head, first_query, q_len, first_key, k_len, K_head, V_head = \
         _query_block_start(K, V, CU_SEQLENS_Q, CU_SEQLENS_K, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
                            stride_vn, H, Nq, Nk, group_size, VARLEN, BLOCK_M)
@@ -264,8 +299,11 @@ def _forward_kernel(
     Q_head = _head_start(Q, batch, head, first_query, stride_qb, stride_qh, stride_qm)
     seed = _dropout_seed(SEED, DROPOUT)
 
-    q = _load_tile(Q_head, offs_m, offs_d, stride_qm, stride_qd, q_len, D, UPCAST)
+    q_tiles = _tile_source(Q_head, q_len, D, stride_qm, BLOCK_M, BLOCK_D, USE_TMA)
+    q = _load_rows(q_tiles, start_m, offs_m, offs_d, stride_qm, stride_qd, q_len, D, UPCAST, USE_TMA)
     valid_keys = _valid_key_count(KV_LENS, batch, k_len, HAS_KV_LENS)
+    K_tiles = _tile_source(K_head, valid_keys, D, stride_kn, BLOCK_N, BLOCK_D, USE_TMA)
+    V_tiles = _tile_source(V_head, valid_keys, D, stride_vn, BLOCK_N, BLOCK_D, USE_TMA)
     causal_shift = k_len - q_len
     unmasked_end, end = _key_blocks(start_m, valid_keys, causal_shift, q_len, BLOCK_M, BLOCK_N, CAUSAL)
 
@@ -274,14 +312,14 @@ def _forward_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for start_n in range(0, unmasked_end, BLOCK_N):
         acc, row_sum, row_max = _forward_step(
-            acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
+            acc, row_sum, row_max, q, K_tiles, V_tiles, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
             offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, first_query, first_key, Nq, Nk,
-            dropout_p, False, CAUSAL, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
+            dropout_p, False, CAUSAL, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N, USE_TMA)
     for start_n in range(unmasked_end, end, BLOCK_N):
         acc, row_sum, row_max = _forward_step(
-            acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
+            acc, row_sum, row_max, q, K_tiles, V_tiles, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
             offs_d, valid_keys, causal_shift, D, qk_scale, seed, batch_head, first_query, first_key, Nq, Nk,
-            dropout_p, True, CAUSAL, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N)
+            dropout_p, True, CAUSAL, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_N, USE_TMA)
 
     sees_keys = row_sum > 0.0
     out = acc * (dropout_scale / tl.where(sees_keys, row_sum, 1.0))[:, None]
@@ -326,12 +364,17 @@ _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16})  # unequal b
 # The tuner also keys on the dtype of every tensor argument (Triton adds those itself).
 _TUNING_KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "CAUSAL", "HAS_KV_LENS", "VARLEN", "DROPOUT", "DOT_PRECISION"]
 
+# The last three suit head dim 64 on Hopper, where a tile holds half the bytes it does at 128: key blocks of 128 with
+# 3 stages (shared memory lets them through at d <= 64 only) and a 4-stage pipeline of 64-key blocks (d <= 128).
+_FORWARD_GPU_CONFIGS = _gpu_configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 4),
+                                     (64, 64, 4, 3), (64, 32, 4, 4), (16, 64, 4, 3), (16, 128, 4, 2),
+                                     (128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4)])
+_prune_forward = _prune_configs("BLOCK_M", "BLOCK_N", 1, "Q_BUCKET")
+
 _forward = triton.autotune(
-    configs=tuning_configs(_gpu_configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 4),
-                                         (64, 64, 4, 3), (64, 32, 4, 4), (16, 64, 4, 3), (16, 128, 4, 2)]),
-                           _INTERPRETER_CONFIG),
-    key=_TUNING_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_M", "BLOCK_N", 1, "Q_BUCKET")},
+    configs=tuning_configs(_FORWARD_GPU_CONFIGS, _INTERPRETER_CONFIG),
+    key=[*_TUNING_KEY, "USE_TMA"],
+    prune_configs_by={"early_config_prune": _prune_forward},
 )(_forward_kernel)
 
 
@@ -380,12 +423,12 @@ def _split_key_partial_kernel(
         acc, row_sum, row_max = _forward_step(
             acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
             offs_d, last, causal_shift, D, qk_scale, 0, 0, 0, 0, Nq, Nk, 0.0, False, CAUSAL, False, UPCAST,
-            DOT_PRECISION, BLOCK_N)
+            DOT_PRECISION, BLOCK_N, False)
     for start_n in range(unmasked_last, last, BLOCK_N):
         acc, row_sum, row_max = _forward_step(
             acc, row_sum, row_max, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, start_n, offs_m,
             offs_d, last, causal_shift, D, qk_scale, 0, 0, 0, 0, Nq, Nk, 0.0, True, CAUSAL, False, UPCAST,
-            DOT_PRECISION, BLOCK_N)
+            DOT_PRECISION, BLOCK_N, False)
 
     # Partials are (B * H, splits, Nq) rows, each of D values for the output.
     rows = ((batch * H + head).to(tl.int64) * splits + split) * Nq
@@ -618,31 +661,35 @@ def _query_block_grads_kernel(
                 offs_m, offs_d, stride_dqm, stride_dqd, q_len, D)
 
 
-# Key-block kernels: BLOCK_N keys stay resident while BLOCK_M query rows stream past.
-_KEY_BLOCK_CONFIGS = tuning_configs(
-    _gpu_configs([(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 1)]),
-    _INTERPRETER_CONFIG,
-)
+# Key-block kernels: BLOCK_N keys stay resident while BLOCK_M query rows stream past. The last two are for head dim
+# 64, as in the forward: query blocks of 128 with 3 stages (d <= 64 only) and one more stage for (64, 128).
+_KEY_BLOCK_GPU_CONFIGS = _gpu_configs([(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 8, 2), (32, 64, 4, 3),
+                                       (32, 32, 4, 1), (128, 128, 8, 3), (64, 128, 8, 3)])
+_prune_key_block = _prune_configs("BLOCK_N", "BLOCK_M", 2, "K_BUCKET")
 
 _key_block_grads = triton.autotune(
-    configs=_KEY_BLOCK_CONFIGS,
+    configs=tuning_configs(_KEY_BLOCK_GPU_CONFIGS, _INTERPRETER_CONFIG),
     key=_TUNING_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_N", "BLOCK_M", 2, "K_BUCKET")},
+    prune_configs_by={"early_config_prune": _prune_key_block},
 )(_key_block_grads_kernel)
 
 # The same kernel adding dQ atomically: autotuning reruns it, so the dQ buffer must be zeroed before each trial.
 _key_block_grads_accumulating_dq = triton.autotune(
-    configs=_KEY_BLOCK_CONFIGS,
+    configs=tuning_configs(_KEY_BLOCK_GPU_CONFIGS, _INTERPRETER_CONFIG),
     key=_TUNING_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_N", "BLOCK_M", 2, "K_BUCKET")},
+    prune_configs_by={"early_config_prune": _prune_key_block},
     reset_to_zero=["DQ"],
 )(_key_block_grads_kernel)
 
+# The last two are for head dim 64: key blocks of 128 with 3 stages (d <= 64 only) and one more stage for (128, 64).
+_QUERY_BLOCK_GPU_CONFIGS = _gpu_configs([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
+                                         (128, 128, 8, 3), (128, 64, 8, 3)])
+_prune_query_block = _prune_configs("BLOCK_M", "BLOCK_N", 2, "Q_BUCKET")
+
 _query_block_grads = triton.autotune(
-    configs=tuning_configs(_gpu_configs([(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]),
-                           _INTERPRETER_CONFIG),
+    configs=tuning_configs(_QUERY_BLOCK_GPU_CONFIGS, _INTERPRETER_CONFIG),
     key=_TUNING_KEY,
-    prune_configs_by={"early_config_prune": _prune_configs("BLOCK_M", "BLOCK_N", 2, "Q_BUCKET")},
+    prune_configs_by={"early_config_prune": _prune_query_block},
 )(_query_block_grads_kernel)
 
 
@@ -701,6 +748,45 @@ def _common_meta(q: torch.Tensor, k: torch.Tensor, kv_lens: Optional[torch.Tenso
     )
 
 
+# Where the one-pass forward loads through TMA: on Hopper or later, in the case it was written and compiled for (dense:
+# no kv_lens, not packed; 16-bit; the head dims of the common models) and where TMA can copy the tensors.
+TMA_DTYPES = (torch.float16, torch.bfloat16)
+TMA_HEAD_DIMS = (64, 128)
+TMA_MIN_CAPABILITY = (9, 0)  # Hopper
+
+
+def _tma_can_copy(tensor: torch.Tensor) -> bool:
+    """TMA's rules for a tensor it copies tiles of: a 16-byte aligned start and strides, a contiguous last dim."""
+    return (tensor.stride(-1) == 1 and tensor.data_ptr() % 16 == 0
+            and all(stride * tensor.element_size() % 16 == 0 for stride in tensor.stride()[:-1]))
+
+
+def tma_forward_applies(q, k, v, kv_lens: Optional[torch.Tensor], packed: Optional[Packed],
+                        capability: Tuple[int, int]) -> bool:
+    """Whether the one-pass forward loads its q, k, v tiles through TMA on a GPU of compute `capability`."""
+    return (tuple(capability) >= TMA_MIN_CAPABILITY and kv_lens is None and packed is None
+            and q.dtype in TMA_DTYPES and q.shape[-1] in TMA_HEAD_DIMS and all(map(_tma_can_copy, (q, k, v))))
+
+
+def _loads_by_tma(q, k, v, kv_lens: Optional[torch.Tensor], packed: Optional[Packed]) -> bool:
+    """tma_forward_applies for these tensors' own GPU; never off CUDA."""
+    return q.is_cuda and tma_forward_applies(q, k, v, kv_lens, packed, torch.cuda.get_device_capability(q.device))
+
+
+def _run_with_tma_scratch(device: torch.device, launch) -> None:
+    """Run `launch` where Triton can allocate the global scratch it builds device-side TMA descriptors in; inside a
+    copy of the caller's context, so that an allocator the caller set stays theirs."""
+
+    def allocate(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device=device)  # torch's blocks are 512-byte aligned
+
+    def run() -> None:
+        triton.set_allocator(allocate)
+        launch()
+
+    contextvars.copy_context().run(run)
+
+
 def _launch_forward(q, k, v, kv_lens, packed: Optional[Packed], seed, causal: bool, sm_scale: float,
                     dropout_p: float):
     batch, heads, q_len, head_dim = q.shape
@@ -709,13 +795,21 @@ def _launch_forward(q, k, v, kv_lens, packed: Optional[Packed], seed, causal: bo
     cu_seqlens_q, cu_seqlens_k = packed[:2] if packed is not None else (None, None)
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads, q_len), device=q.device, dtype=torch.float32)
+    use_tma = _loads_by_tma(q, k, v, kv_lens, packed)
     grid = lambda meta: (triton.cdiv(longest_q, meta["BLOCK_M"]), sequences * heads)  # noqa: E731
-    _forward[grid](
-        q, k, v, out, lse, kv_lens, cu_seqlens_q, cu_seqlens_k, seed,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, q_len, k_len, head_dim, heads // kv_heads, sm_scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p),
-        **_common_meta(q, k, kv_lens, packed, causal, dropout_p),
-    )
+
+    def launch() -> None:
+        _forward[grid](
+            q, k, v, out, lse, kv_lens, cu_seqlens_q, cu_seqlens_k, seed,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            heads, q_len, k_len, head_dim, heads // kv_heads, sm_scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p),
+            USE_TMA=use_tma, **_common_meta(q, k, kv_lens, packed, causal, dropout_p),
+        )
+
+    if use_tma:
+        _run_with_tma_scratch(q.device, launch)
+    else:
+        launch()
     return out, lse
 
 
@@ -1032,6 +1126,26 @@ def _default_splits(q: torch.Tensor, k: torch.Tensor) -> int:
     return split_count(programs, k.shape[2], sm_count)
 
 
+def _automatic_splits(q, k, v, packed: Optional[Packed], dropout_p: float) -> int:
+    """How many key ranges `attention` cuts these inputs into by itself: more than one only on CUDA, for a few
+    query rows without gradients or dropout, where split_count says it pays."""
+    if not q.is_cuda or packed is not None or dropout_p > 0.0 or _needs_grad(q, k, v):
+        return 1
+    return _default_splits(q, k) if q.shape[2] <= MAX_SPLIT_KEY_QUERIES else 1
+
+
+def forward_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_lens: Optional[torch.Tensor] = None,
+                 dropout_p: float = 0.0, impl: str = "auto") -> str:
+    """Which forward `attention` runs on these inputs, for benchmarks and debugging: "reference" (the plain-torch
+    path), "split-key" (split_key_attention's kernels), "tma" or "pointer" (the one-pass kernel, loading its tiles
+    through TMA descriptors or by pointers)."""
+    if select_impl(impl, q, k, v) == "torch":
+        return "reference"
+    if _automatic_splits(q, k, v, None, dropout_p) > 1:
+        return "split-key"
+    return "tma" if _loads_by_tma(q, k, v, kv_lens, None) else "pointer"
+
+
 def _attend(q, k, v, kv_lens, packed: Optional[Packed], *, causal: bool, sm_scale: Optional[float],
             dropout_p: float, generator: Optional[torch.Generator], impl: str, deterministic: bool) -> torch.Tensor:
     """Both public functions past their checks, in the (B, H, N, D) layout."""
@@ -1045,10 +1159,9 @@ def _attend(q, k, v, kv_lens, packed: Optional[Packed], *, causal: bool, sm_scal
             dropout_keep = (torch.rand(shape, device=seed_device, generator=generator) >= dropout_p).to(q.device)
         return attention_reference(q, k, v, causal=causal, kv_lens=kv_lens, sm_scale=sm_scale,
                                    dropout_keep=dropout_keep, dropout_p=dropout_p, packed=packed)
-    if q.is_cuda and packed is None and dropout_p == 0.0 and not _needs_grad(q, k, v):
-        splits = _default_splits(q, k) if q.shape[2] <= MAX_SPLIT_KEY_QUERIES else 1
-        if splits > 1:
-            return _split_key_forward_op(q, k, v, kv_lens, causal, sm_scale, splits)
+    splits = _automatic_splits(q, k, v, packed, dropout_p)
+    if splits > 1:
+        return _split_key_forward_op(q, k, v, kv_lens, causal, sm_scale, splits)
     seed = _draw_dropout_seed(generator, q.device) if dropout_p > 0.0 else None
     out, _ = _attention_forward_op(q, k, v, kv_lens, *(packed or (None, None, 0, 0)), seed, causal, sm_scale,
                                    dropout_p, deterministic)

@@ -287,6 +287,29 @@ def test_tuning_buckets_are_the_lengths_rounded_up_to_a_power_of_two():
     assert attention_kernels._tuning_buckets(1, 129) == {"Q_BUCKET": 1, "K_BUCKET": 256}
 
 
+# (configs, pruner, the rows argument, the configs added for head dim 64, those of them that fit at d <= 64 only)
+HEAD_DIM_64_CONFIGS = [
+    ("_FORWARD_GPU_CONFIGS", "_prune_forward", "Q_BUCKET",
+     {(128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4)}, {(128, 128, 4, 3), (128, 128, 8, 3)}),
+    ("_KEY_BLOCK_GPU_CONFIGS", "_prune_key_block", "K_BUCKET", {(128, 128, 8, 3), (64, 128, 8, 3)}, {(128, 128, 8, 3)}),
+    ("_QUERY_BLOCK_GPU_CONFIGS", "_prune_query_block", "Q_BUCKET", {(128, 128, 8, 3), (128, 64, 8, 3)},
+     {(128, 128, 8, 3)}),
+]
+
+
+@pytest.mark.parametrize("configs,pruner,rows_arg,added,head_dim_64_only", HEAD_DIM_64_CONFIGS)
+def test_head_dim_64_configs_pass_the_shared_memory_pruning_only_where_they_fit(configs, pruner, rows_arg, added,
+                                                                                head_dim_64_only):
+    def kept(head_dim):
+        pruned = getattr(attention_kernels, pruner)(getattr(attention_kernels, configs),
+                                                    {"BLOCK_D": head_dim, rows_arg: 2048})
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in pruned}
+
+    assert added <= kept(64)
+    assert added - head_dim_64_only <= kept(128) and not head_dim_64_only & kept(128)
+    assert not added & kept(256)
+
+
 def test_lengths_of_one_bucket_share_one_tuning(monkeypatch):
     """Forward and backward tune once for all query and key lengths in 33..64, again for 65; the config picked
     for one length is exact for the others of its bucket. Every tuner gets two candidates and a stand-in benchmark
@@ -618,6 +641,71 @@ def test_split_count_fills_the_gpu_with_splits_of_at_least_the_minimum_keys(prog
     assert attention_kernels.split_count(programs, k_len, sm_count=132) == expected
 
 
+@pytest.fixture
+def dispatch_as_on_hopper(monkeypatch):
+    """attention() dispatching as on an sm_90 GPU, also for CPU tensors under the interpreter: the TMA forward
+    wherever tma_forward_applies. Returns the list of its decisions."""
+    if DEVICE == "cuda" and torch.cuda.get_device_capability() < attention_kernels.TMA_MIN_CAPABILITY:
+        pytest.skip("this GPU has no TMA")
+    decisions = []
+
+    def loads_by_tma(q, k, v, kv_lens, packed):
+        decisions.append(attention_kernels.tma_forward_applies(q, k, v, kv_lens, packed, (9, 0)))
+        return decisions[-1]
+
+    monkeypatch.setattr(attention_kernels, "_loads_by_tma", loads_by_tma)
+    return decisions
+
+
+@pytest.mark.parametrize("case", [
+    # Query and key lengths off the blocks, grouped heads.
+    targeted_case(heads=2, kv_heads=1, q_len=40, k_len=70, head_dim=64, dtype=torch.float16),
+    # (B, N, H, D) storage; rows before the diagonal see no key.
+    targeted_case(heads=2, q_len=33, k_len=20, head_dim=128, dtype=torch.bfloat16, causal=True, transposed=True),
+    targeted_case(q_len=1, k_len=50, head_dim=64, dtype=torch.float16, causal=True, scale=30.0),  # decoding
+])
+def test_tma_forward_matches_float64_reference(case, dispatch_as_on_hopper):
+    check_against_oracle(case, "triton", poison=True)  # the backward reads the TMA forward's LSE
+    assert dispatch_as_on_hopper == [True]
+
+
+def test_tma_forward_reads_no_key_past_the_last(dispatch_as_on_hopper):
+    """k and v are the first 37 rows of buffers whose further rows are NaN: a key tile that reaches past them
+    without the copy engine's zero fill poisons the output."""
+    q, k, v = (t.detach() for t in make_inputs(1, 2, 1, 20, 37, 64, torch.bfloat16))
+    nan_rows = torch.full((1, 1, 27, 64), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    k_rows, v_rows = (torch.cat([t, nan_rows], dim=2)[:, :, :37] for t in (k, v))
+    with torch.no_grad():
+        out = attention(q, k_rows, v_rows, impl="triton")
+    assert dispatch_as_on_hopper == [True]
+    assert_close(out, float64_oracle(q, k, v), torch.bfloat16, "TMA forward beside NaN rows")
+
+
+def test_tma_forward_applies_on_hopper_to_dense_16_bit_tensors_tma_can_copy():
+    def tensors(dtype=torch.bfloat16, head_dim=64, row_width=None):
+        """q, k, v (B, H, N, head_dim), each the first head_dim columns of rows of `row_width` when given."""
+        return [torch.zeros(2, 4, 8, row_width or head_dim, dtype=dtype)[..., :head_dim] for _ in range(3)]
+
+    def applies(qkv, kv_lens=None, packed=None, capability=(9, 0)):
+        return attention_kernels.tma_forward_applies(*qkv, kv_lens, packed, capability)
+
+    aligned = tensors()
+    assert applies(aligned) and applies(aligned, capability=(10, 0))
+    assert applies(tensors(torch.float16, 128)) and applies(tensors(row_width=72))  # 144-byte rows
+    assert not applies(aligned, capability=(8, 9))
+    assert not applies(aligned, kv_lens=torch.tensor([8, 8]))
+    assert not applies(aligned, packed=attention_kernels.Packed(torch.tensor([0, 8]), torch.tensor([0, 8]), 8, 8))
+    assert not any(applies(tensors(*other)) for other in [(torch.float32, 64), (torch.half, 80), (torch.half, 256)])
+    assert not applies(tensors(row_width=68))  # 136-byte rows
+    misaligned_start = torch.zeros(2 * 4 * 8 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 4, 8, 64)
+    assert not applies([misaligned_start, *aligned[1:]])
+    assert not applies([aligned[0], aligned[1].transpose(-1, -2).contiguous().transpose(-1, -2), aligned[2]])
+    # Off CUDA attention() never takes it, whatever the tensors.
+    assert not attention_kernels._loads_by_tma(*aligned, None, None)
+    assert attention_kernels.forward_path(*aligned, impl="triton") == "pointer"
+    assert attention_kernels.forward_path(*aligned) == "reference"
+
+
 # Compiled for an H100/H200 by Triton's own compiler (front end, PTX, ptxas), run nowhere: in a session without a
 # GPU the interpreter runs the kernels as Python, and only this catches what the compiler alone rejects.
 COMPILE_FOR_SM90 = """
@@ -630,12 +718,17 @@ types = {"LSE": "*fp32", "DELTA": "*fp32", "PARTIAL_OUT": "*fp32", "PARTIAL_MAX"
          "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "KV_LENS": "*i32",
          "SEED": "*i64", "qk_scale": "fp32", "sm_scale": "fp32", "dropout_p": "fp32", "dropout_scale": "fp32"}
 tensors = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
-padded_only = [(kernels._split_key_partial_kernel, False), (kernels._split_key_combine_kernel, False)]
-for kernel, varlen in [*itertools.product(
-        (kernels._forward_kernel, kernels._query_block_grads_kernel, kernels._key_block_grads_kernel), (False, True)),
-        *padded_only]:
+padded_only = [(kernels._split_key_partial_kernel, False, {}), (kernels._split_key_combine_kernel, False, {})]
+# The forward loading through TMA descriptors: the dense case it serves, at both its head dims; without dropout,
+# which the pointer forward compiles and which would triple the time of these compiles.
+tma = [(kernels._forward_kernel, False, dict(USE_TMA=True, HAS_KV_LENS=False, DROPOUT=False, BLOCK_D=head_dim))
+       for head_dim in kernels.TMA_HEAD_DIMS]
+for kernel, varlen, overrides in [*((kernel, varlen, {}) for kernel, varlen in itertools.product(
+        (kernels._forward_kernel, kernels._query_block_grads_kernel, kernels._key_block_grads_kernel), (False, True))),
+        *padded_only, *tma]:
     constants = dict(CAUSAL=True, HAS_KV_LENS=not varlen, VARLEN=varlen, DROPOUT=True, UPCAST=False,
-                     DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, ACCUMULATE_DQ=True)
+                     DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, ACCUMULATE_DQ=True, USE_TMA=False)
+    constants |= overrides
     constants |= {name: None for name in ("CU_SEQLENS_Q", "CU_SEQLENS_K") if not varlen}
     constants |= {"KV_LENS": None} if varlen else {}
     constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
@@ -644,11 +737,13 @@ for kernel, varlen in [*itertools.product(
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=4, num_stages=2))
     assert compiled.asm["cubin"], kernel.__name__
+    # Descriptors that Triton quietly lowered to pointer loads would compile as well: the PTX must copy by TMA.
+    assert not overrides.get("USE_TMA") or "cp.async.bulk.tensor" in compiled.asm["ptx"], kernel.__name__
 """
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="a GPU runs the compiled kernels in the tests above")
-def test_the_padded_packed_and_split_key_kernels_compile_for_sm90():
+def test_the_padded_packed_split_key_and_tma_kernels_compile_for_sm90():
     import subprocess
 
     pytest.importorskip("triton.backends.nvidia")
