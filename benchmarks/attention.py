@@ -9,7 +9,8 @@ the case's causal and padding mask where it has one; its compilation happens in 
 timed); padded cases also run, where `flash_attn` is installed and the case is not causal, flash-attn's
 `flash_attn_varlen_func` on keys unpadded beforehand (every query row kept, so that all providers compute the same
 output). "best peer" is the fastest of them, the one the targets are stated against. The notes name the forward
-each row of fastlm took (`forward_path`: TMA loads, pointer loads, split keys, or the reference path).
+each row of fastlm took (`forward_path`: TMA loads, pointer loads, split keys, or the reference path). On Hopper,
+"fastlm-tma" is fastlm with its TMA forward enabled (`tma_enabled`, off by default until a GPU run has measured it).
 
 Without a GPU it says so, runs a tiny correctness-only pass of the same cases (the Triton kernels under the
 interpreter) and times the padded cases at batch CPU_BATCH in fp32 (what the models attend in on the CPU), where
@@ -37,6 +38,7 @@ from benchmarks.harness import (  # noqa: E402
     CaseBudget, Measurement, Row, add_budget_argument, base_parser, peak_memory_mib, report, time_interleaved,
 )
 from fastlm.kernels import attention  # noqa: E402
+from fastlm.kernels import attention as attention_kernels  # noqa: E402
 from fastlm.kernels.attention import forward_path  # noqa: E402
 
 try:  # torch >= 2.5
@@ -185,7 +187,18 @@ def providers(case: Case, kv_lens, impl: str, device: str) -> tuple[dict[str, Pr
                                                       is_causal=case.causal and mask is None)
         return Provider(run)
 
-    found = {"fastlm": Provider(lambda q, k, v: attention(q, k, v, causal=case.causal, kv_lens=kv_lens, impl=impl))}
+    def fastlm(tma: bool):
+        def run(q, k, v):
+            attention_kernels.tma_enabled = tma
+            try:
+                return attention(q, k, v, causal=case.causal, kv_lens=kv_lens, impl=impl)
+            finally:
+                attention_kernels.tma_enabled = False
+        return Provider(run)
+
+    found = {"fastlm": fastlm(tma=False)}
+    if device == "cuda" and torch.cuda.get_device_capability() >= attention_kernels.TMA_MIN_CAPABILITY:
+        found["fastlm-tma"] = fastlm(tma=True)  # opt-in until measured: timed beside the default path
     found.update({name: sdpa(backend) for name, backend in SDPA_BACKENDS.items()})
     missing = {}
     if flex_attention is None:
@@ -268,7 +281,7 @@ def measure(case: Case, repeat: int, device: str, dtype: torch.dtype, skipped: d
         seconds = time_interleaved(steps[kind], warmup=0, repeat=repeat)
         row = Row(f"{case.label} {kind}", "TFLOP/s", True,
                   [Measurement(name, tflop / seconds[name], peaks[kind][name]) for name in steps[kind]])
-        peers = [m.value for m in row.results if m.provider != "fastlm"]
+        peers = [m.value for m in row.results if not m.provider.startswith("fastlm")]
         if peers:  # the ratio the targets are stated against
             row.results.append(Measurement("best peer", max(peers)))
         rows.append(row)

@@ -33,6 +33,7 @@ backward regenerates exactly the forward's mask; `dropout_keep_mask` returns it 
 import contextvars
 import itertools
 import math
+import os
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -753,6 +754,10 @@ def _common_meta(q: torch.Tensor, k: torch.Tensor, kv_lens: Optional[torch.Tenso
 TMA_DTYPES = (torch.float16, torch.bfloat16)
 TMA_HEAD_DIMS = (64, 128)
 TMA_MIN_CAPABILITY = (9, 0)  # Hopper
+# The TMA forward is compiled for sm_90 and checked under the interpreter, but it has never run on a GPU: until a GPU
+# run has shown it correct and fast there, attention() takes it only when asked, by FASTLM_ATTENTION_TMA=1 in the
+# environment or by setting this flag (the benchmarks time both paths).
+tma_enabled = os.environ.get("FASTLM_ATTENTION_TMA") == "1"
 
 
 def _tma_can_copy(tensor: torch.Tensor) -> bool:
@@ -769,8 +774,8 @@ def tma_forward_applies(q, k, v, kv_lens: Optional[torch.Tensor], packed: Option
 
 
 def _loads_by_tma(q, k, v, kv_lens: Optional[torch.Tensor], packed: Optional[Packed]) -> bool:
-    """tma_forward_applies for these tensors' own GPU; never off CUDA."""
-    return q.is_cuda and tma_forward_applies(q, k, v, kv_lens, packed, torch.cuda.get_device_capability(q.device))
+    """tma_forward_applies for these tensors' own GPU, where the TMA forward is enabled; never off CUDA."""
+    return tma_enabled and q.is_cuda and tma_forward_applies(q, k, v, kv_lens, packed, torch.cuda.get_device_capability(q.device))
 
 
 def _run_with_tma_scratch(device: torch.device, launch) -> None:

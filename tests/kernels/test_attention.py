@@ -681,7 +681,7 @@ def test_tma_forward_reads_no_key_past_the_last(dispatch_as_on_hopper):
     assert_close(out, float64_oracle(q, k, v), torch.bfloat16, "TMA forward beside NaN rows")
 
 
-def test_tma_forward_applies_on_hopper_to_dense_16_bit_tensors_tma_can_copy():
+def test_tma_forward_applies_on_hopper_to_dense_16_bit_tensors_tma_can_copy(monkeypatch):
     def tensors(dtype=torch.bfloat16, head_dim=64, row_width=None):
         """q, k, v (B, H, N, head_dim), each the first head_dim columns of rows of `row_width` when given."""
         return [torch.zeros(2, 4, 8, row_width or head_dim, dtype=dtype)[..., :head_dim] for _ in range(3)]
@@ -700,8 +700,12 @@ def test_tma_forward_applies_on_hopper_to_dense_16_bit_tensors_tma_can_copy():
     misaligned_start = torch.zeros(2 * 4 * 8 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 4, 8, 64)
     assert not applies([misaligned_start, *aligned[1:]])
     assert not applies([aligned[0], aligned[1].transpose(-1, -2).contiguous().transpose(-1, -2), aligned[2]])
-    # Off CUDA attention() never takes it, whatever the tensors.
-    assert not attention_kernels._loads_by_tma(*aligned, None, None)
+    # Off CUDA attention() never takes it, whatever the tensors, enabled or not (by default it is not: it has never
+    # run on a GPU).
+    assert attention_kernels.tma_enabled == (os.environ.get("FASTLM_ATTENTION_TMA") == "1")
+    for enabled in (False, True):
+        monkeypatch.setattr(attention_kernels, "tma_enabled", enabled)
+        assert not attention_kernels._loads_by_tma(*aligned, None, None)
     assert attention_kernels.forward_path(*aligned, impl="triton") == "pointer"
     assert attention_kernels.forward_path(*aligned) == "reference"
 
