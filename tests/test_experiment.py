@@ -303,3 +303,18 @@ def test_a_page_of_selected_jobs_at_another_scale_says_what_ran(tmp_path):
     assert {p.name for p in (tmp_path / "results" / "small").glob("*.png")} == {"pretrain.png",
                                                                                  "translation-char.png", "bleu.png"}
 
+
+def test_the_budget_fills_the_seconds_and_keeps_the_second_seeds_where_they_fit():
+    """experiments/budget.py, on made-up probe measurements of the small grid: 400 s take the second seeds, 250 s
+    leave them out (the fine-tunings would get under two epochs with them)."""
+    import budget
+
+    probe = budget.Probe(budget.Stage(step_seconds=0.05, job_seconds=20), budget.Stage(0.08, 20),
+                         budget.Scoring(start_seconds=6, line_seconds=0.001), [1996, 1996, 1000, 1000, 10, 0, 0],
+                         score_processes=8, train_pairs=46348, batch_size=64)
+    grid = ko_en.Grid("small", False)
+    roomy, tight = (budget.plan(probe, grid, seconds, pretrained=False) for seconds in (400, 250))
+    assert (roomy.models, tight.models) == (6, 4)
+    assert roomy.finetune_epochs >= budget.MIN_SEED_EPOCHS > tight.finetune_epochs > 1
+    assert budget.SAFETY * 400 < sum(roomy.seconds().values()) <= 400
+    assert sum(tight.seconds().values()) <= 250
