@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,14 +36,20 @@ SAMPLES = 3  # good and bad sample translations kept per test result
 # length), stopped after `patience` evaluations without a new best. tiny: the recipe's 3-epoch runs were still
 # improving by 0.03-0.04 nats per 500 steps at the end (docs/RESULTS.md); 20 epochs (29000 steps, about 2.2 hours on
 # one core) with patience 6 (3000 steps, two epochs) leaves room to converge.
+# translate_batch: sentences translated together when scoring (fastlm translate --batch-size); tiny has none, so its
+# test commands stay those it ran (translate's 32). On a GPU a decoding step costs about the same for 32 sentences as
+# for 256, so 256 takes an eighth of the steps.
 SCALES = {
     "tiny": dict(batch_size=32, max_len=128, pretrain=10000, plateau=1000, finetune_epochs=20, patience=6,
                  sweep=1000, recipe_epochs=3, eval_interval=500),
     "small": dict(batch_size=64, max_len=128, pretrain=10000, plateau=3000, finetune_epochs=30, patience=6,
-                  sweep=3000, recipe_epochs=10, eval_interval=500),
+                  sweep=3000, recipe_epochs=10, eval_interval=500, translate_batch=256),
     "base": dict(batch_size=64, max_len=512, pretrain=20000, plateau=5000, finetune_epochs=30, patience=6,
-                 sweep=5000, recipe_epochs=10, eval_interval=1000),
+                 sweep=5000, recipe_epochs=10, eval_interval=1000, translate_batch=256),
 }
+# `ko_en.py --scale KEY=VALUE`: the entries a run may replace, and those that may be fractional.
+SCALE_KEYS = tuple(dict.fromkeys(key for scale in SCALES.values() for key in scale))
+FRACTIONAL_SCALE_KEYS = ("finetune_epochs", "recipe_epochs")
 # --quick: every stage in minutes, on a few hundred lines, a micro model and a handful of steps.
 QUICK_LINES = {"train": 300, "valid": 24, "test": 24}
 # The in-domain test: pairs drawn (seeded) from the train split and removed from it before any tokenizer,
@@ -133,15 +141,21 @@ QUICK_SWEEP = (("0", "1e-3"),)
 
 @dataclass
 class Grid:
-    """The jobs of the grid at a preset, or of its --quick smoke version."""
+    """The jobs of the grid at a preset, or of its --quick smoke version; `only` (STAGE/NAME globs) selects some of
+    them, `scale_overrides` replaces entries of the preset's scale (ko_en.py --only, --scale)."""
     preset: str
     quick: bool
     # A report can show the levels that have results only: the others are named once instead of as pending rows.
     shown_levels: tuple[str, ...] | None = field(default=None, kw_only=True)
+    only: list[str] = field(default_factory=list, kw_only=True)
+    scale_overrides: dict[str, int | float] = field(default_factory=dict, kw_only=True)
 
     @property
     def scale(self) -> dict:
-        return QUICK_SCALE if self.quick else SCALES[self.preset]
+        return {**(QUICK_SCALE if self.quick else SCALES[self.preset]), **self.scale_overrides}
+
+    def wanted(self, job: str) -> bool:
+        return not self.only or any(fnmatch.fnmatch(job, pattern) for pattern in self.only)
 
     @property
     def heldout_pairs(self) -> int:
@@ -153,9 +167,12 @@ class Grid:
 
     @property
     def levels(self) -> tuple[str, ...]:
+        """The levels with a selected pre-training or translation job."""
         if self.shown_levels is not None:
             return self.shown_levels
-        return LEVELS[:1] if self.quick else LEVELS
+        return tuple(level for level in (LEVELS[:1] if self.quick else LEVELS)
+                     if any(self.wanted(f"pretrain/{level}-{arch}") for arch in ("encoder", "decoder"))
+                     or self.level_finetune_jobs(level))
 
     @property
     def train_vocab(self) -> int:
@@ -170,20 +187,41 @@ class Grid:
         return list(QUICK_SWEEP) if self.quick else [(wd, lr) for lr in SWEEP_LRS for wd in WEIGHT_DECAYS]
 
     def finetune_jobs(self) -> list[tuple[str, str, str, int]]:
-        """(level, start, cross-attention init, seed) of every translation run: level by level (a level's
-        pre-training is done before the next level's starts), within one the main comparison's first seed, the
-        second seed of SEEDED_FIRST, the cross-attention inits, then the other starts' second seed."""
+        """(level, start, cross-attention init, seed) of every selected translation run: level by level (a level's
+        pre-training is done before the next level's starts)."""
+        return [job for level in self.levels for job in self.level_finetune_jobs(level)]
+
+    def level_finetune_jobs(self, level: str) -> list[tuple[str, str, str, int]]:
+        """The selected translation runs of a level: the main comparison's first seed, the second seed of
+        SEEDED_FIRST, the cross-attention inits, then the other starts' second seed."""
         seeds = MAIN_SEEDS[:1] if self.quick else MAIN_SEEDS
         starts = QUICK_STARTS if self.quick else tuple(STARTS)
         inits = () if self.quick else tuple(init for init in CROSS_ATTENTION_INITS if init != "random")
-        jobs = []
-        for level in self.levels:
-            jobs += [(level, start, "random", seeds[0]) for start in starts]
-            later = [(level, start, "random", seed) for seed in seeds[1:] for start in starts]
-            jobs += [job for job in later if job[1] in SEEDED_FIRST]
-            jobs += [(level, "Enc2Dec", init, seeds[0]) for init in inits]
-            jobs += [job for job in later if job[1] not in SEEDED_FIRST]
-        return jobs
+        jobs = [(level, start, "random", seeds[0]) for start in starts]
+        later = [(level, start, "random", seed) for seed in seeds[1:] for start in starts]
+        jobs += [job for job in later if job[1] in SEEDED_FIRST]
+        jobs += [(level, "Enc2Dec", init, seeds[0]) for init in inits]
+        jobs += [job for job in later if job[1] not in SEEDED_FIRST]
+        return [job for job in jobs if self.wanted(f"finetune/{finetune_name(*job)}")]
+
+
+def scale_override(text: str) -> tuple[str, int | float]:
+    """(key, value) of a --scale KEY=VALUE: a key of SCALE_KEYS and a number > 0, whole but for the
+    FRACTIONAL_SCALE_KEYS. A ValueError says what is wrong."""
+    key, equals, value = text.partition("=")
+    if not equals:
+        raise ValueError(f"{text!r}: expected KEY=VALUE, e.g. pretrain=3000")
+    if key not in SCALE_KEYS:
+        raise ValueError(f"{key!r} is not a scale entry: expected one of {', '.join(SCALE_KEYS)}")
+    kinds = (int, float) if key in FRACTIONAL_SCALE_KEYS else (int,)
+    for kind in kinds:
+        try:
+            number = kind(value)
+        except ValueError:
+            continue
+        if 0 < number < math.inf:
+            return key, number
+    raise ValueError(f"{key}={value!r}: expected a {'number' if float in kinds else 'whole number'} > 0")
 
 
 def finetune_name(level: str, start: str, init: str, seed: int) -> str:

@@ -14,6 +14,7 @@ drives `fastlm` commands alone (`python -m fastlm ...` in subprocesses):
     python experiments/ko_en.py                        # the whole grid, CPU scale (hours on 2 cores)
     python experiments/ko_en.py --stages plateau       # one stage (prerequisites are made as needed)
     python experiments/ko_en.py --preset small         # the same grid at GPU scale
+    python experiments/ko_en.py --preset small --scale pretrain=3000 finetune_epochs=4   # its steps to a budget
     python experiments/ko_en.py --quick --out /tmp/q   # a minutes-long smoke version of every stage
     python experiments/ko_en.py --report               # docs/RESULTS.md and its plots from what has finished
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import fnmatch
 import hashlib
 import json
 import math
@@ -47,7 +47,7 @@ from pathlib import Path
 from grid import (BEAMS, DECODER_SETTINGS, ENCODER_SETTINGS, EVERYDAY, EVERYDAY_PAIRS, HELDOUT, HELDOUT_SEED,
                   LEVELS, MISPAIRED, MODEL_SETTINGS, PLATEAU, PLATEAU_BASELINE, QUICK_LINES, QUICK_MODEL,
                   QUICK_RECIPE, RECIPE, RECIPE_BASE, REPO, SAMPLES, SCALES, STAGES, STARTS, TEST_SETS, TRANSLATOR,
-                  Grid, finetune_name, overrides, test_name, translation_path)
+                  Grid, finetune_name, overrides, scale_override, test_name, translation_path)
 from report import write_report
 
 sys.path.insert(0, str(REPO))  # the fastlm next to this script, for the statistics
@@ -67,10 +67,11 @@ class Stopped(Exception):
 
 @dataclass
 class Experiment(Grid):
-    """The grid's jobs, run from the data in `data` into `out`."""
+    """The grid's jobs, run from the data in `data` into `out`; with `train_only`, the training jobs without the
+    scoring that follows them (a later run without it scores them)."""
     data: Path
     out: Path
-    only: list[str] = field(default_factory=list)
+    train_only: bool = False
     child: subprocess.Popen | None = field(default=None, init=False)
 
     # ----- bookkeeping -----
@@ -99,9 +100,6 @@ class Experiment(Grid):
                 yield False
                 return
             yield True
-
-    def wanted(self, job: str) -> bool:
-        return not self.only or any(fnmatch.fnmatch(job, pattern) for pattern in self.only)
 
     def finished(self, stage: str, name: str, key: str, quiet: bool = False) -> dict | None:
         """The job's result if it finished with this key (its command and those of the jobs it depends on)."""
@@ -352,10 +350,8 @@ class Experiment(Grid):
                     self.pretrain(arch, level)
 
     def stage_finetune(self) -> None:
-        for level, start, init, seed in self.finetune_jobs():
+        for level, start, init, seed in self.finetune_jobs():  # those --only selects
             name = finetune_name(level, start, init, seed)
-            if not self.wanted(f"finetune/{name}"):
-                continue
             tokenizer, tokenizer_key = self.tokenizer(level, self.train_vocab)
             sides, keys = [], [tokenizer_key]
             for side, arch in zip(STARTS[start], ("encoder", "decoder")):
@@ -376,7 +372,7 @@ class Experiment(Grid):
                            "--cross-attention-init", init, "--bleu-sentences", "0",
                            *overrides(self.train_settings(self.epoch_steps(self.scale["finetune_epochs"]), seed),
                                      {"patience": self.scale["patience"]}, model)]
-                if self.train("finetune", name, command, tuple(keys)):
+                if self.train("finetune", name, command, tuple(keys)) and not self.train_only:
                     model_key = self.job_key(command, *keys)
                     self.test(name, tokenizer, model_key)
                     self.source_use(name, tokenizer, model_key)
@@ -416,13 +412,17 @@ class Experiment(Grid):
             for beam in beams:
                 result_name = test_name(name, test_set, beam)
                 command = ["translate", "--model", model, "--tokenizer", tokenizer,
-                           "--input", self.source(test_set, "ko"), "--beam", beam]
+                           "--input", self.source(test_set, "ko"), "--beam", beam, *self.translate_batch()]
                 key = self.job_key(command, model_key)
                 if self.finished("test", result_name, key):
                     continue
                 with self.claim("test", result_name) as mine:
                     if mine and not self.finished("test", result_name, key, quiet=True):
                         self.translate_and_score(result_name, command, key, test_set)
+
+    def translate_batch(self) -> list[str]:
+        """translate's --batch-size where the scale sets one (none at tiny: the commands its results were made by)."""
+        return ["--batch-size", str(self.scale["translate_batch"])] if "translate_batch" in self.scale else []
 
     def translate_and_score(self, result_name: str, command: list, key: str, test_set: str) -> None:
         output = translation_path(self.out, result_name)
@@ -490,7 +490,7 @@ class Experiment(Grid):
                        "--valid", self.corpus(tokenizer, "valid", "ko-en"), "--bleu-sentences", "0",
                        *overrides(self.train_settings(steps), {"batch_size": batch_size},
                                   self.model_settings(), settings)]
-            if self.train("recipe", name, command, (tokenizer_key,)):
+            if self.train("recipe", name, command, (tokenizer_key,)) and not self.train_only:
                 self.score_valid(name, tokenizer, self.job_key(command, tokenizer_key))
 
     def score_valid(self, name: str, tokenizer: Path, model_key: str) -> None:
@@ -500,7 +500,7 @@ class Experiment(Grid):
         evaluation = ["eval", "--model", model, "--tokenizer", tokenizer,
                       "--data", self.corpus(tokenizer, "valid", "ko-en"), "--json", "--eval_batches", "0"]
         translation = ["translate", "--model", model, "--tokenizer", tokenizer, "--input", self.source("valid", "ko"),
-                       "--beam", "1", "--max-new-tokens", str(self.scale["max_len"])]
+                       "--beam", "1", "--max-new-tokens", str(self.scale["max_len"]), *self.translate_batch()]
         key = self.job_key([*evaluation, *translation], model_key)
         if self.finished("valid", name, key):
             return
@@ -635,6 +635,13 @@ def test_scores(sources: list[str], hypotheses: list[str], references: list[str]
             "best": [sample(i) for i in best], "worst": [sample(i) for i in worst]}
 
 
+def scale_argument(text: str) -> tuple[str, int | float]:
+    try:
+        return scale_override(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -646,8 +653,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="training preset and scale of every stage: tiny for a CPU, small or base for a GPU")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run")
     parser.add_argument("--only", nargs="+", default=[], metavar="GLOB",
-                        help="run only the jobs whose STAGE/NAME matches (e.g. 'plateau/mask*')")
+                        help="run only the jobs whose STAGE/NAME matches (e.g. 'plateau/mask*'); with --report, "
+                        "the page shows the pre-training and translation jobs it selects")
     parser.add_argument("--quick", action="store_true", help="a minutes-long smoke version of every stage")
+    parser.add_argument("--scale", nargs="+", type=scale_argument, default=[], metavar="KEY=VALUE",
+                        help="replace entries of the preset's scale (experiments/grid.py, SCALES), e.g. pretrain=3000 "
+                        "finetune_epochs=4 eval_interval=250: the steps of a run sized to a budget (the jobs' "
+                        "commands change, so give the same --scale to every run over the same --out, --report too)")
+    parser.add_argument("--train-only", action="store_true",
+                        help="run the training jobs without the scoring that follows them (test translations, "
+                        "source use, valid scores); a later run without it scores them")
     parser.add_argument("--translator", action="store_true",
                         help="make only the study's best translator (" + finetune_name(*TRANSLATOR) + ": its "
                         "tokenizer, pre-training and fine-tuning), export it to OUT/translator, and print its scores "
@@ -655,18 +670,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true",
                         help="write the results page from what has finished instead of running jobs")
     parser.add_argument("--report-to", type=Path,
-                        help="results page, its plots in results/ beside it (default: docs/RESULTS.md; with "
-                        "--quick: OUT/report/RESULTS.md)")
+                        help="results page, its plots in results/ beside it, results/PRESET/ at another preset than "
+                        "tiny (default: docs/RESULTS.md; with --quick: OUT/report/RESULTS.md)")
     args = parser.parse_args(argv)
-    if args.translator and (args.report or args.only or args.stages != list(STAGES)):
-        parser.error("--translator runs the jobs of one model: it takes no --stages, --only or --report")
+    if args.translator and (args.report or args.only or args.stages != list(STAGES) or args.train_only):
+        parser.error("--translator runs the jobs of one model: it takes no --stages, --only, --report or --train-only")
     if args.quick and args.preset != "tiny":
         parser.error(f"--quick runs its own micro scale: --preset {args.preset} does not apply to it")
+    scale = dict(args.scale)
+    if len(scale) < len(args.scale):
+        parser.error("--scale: an entry given twice")
     out = args.out or REPO / "runs" / ("experiment-quick" if args.quick else "experiment")
     problem = None if args.quick else data_problem(args.data)
     if problem:
         parser.error(f"--data {args.data}: {problem}")
-    experiment = Experiment(args.preset, args.quick, data=args.data.absolute(), out=out.absolute(), only=args.only)
+    experiment = Experiment(args.preset, args.quick, data=args.data.absolute(), out=out.absolute(), only=args.only,
+                            scale_overrides=scale, train_only=args.train_only)
     if args.report:
         page = args.report_to or (out / "report" / "RESULTS.md" if args.quick else REPO / "docs" / "RESULTS.md")
         references = {split: experiment.source_path(split, "en") for split in (*TEST_SETS, "valid")}

@@ -19,23 +19,28 @@ from grid import (BEAMS, DECODER_SETTINGS, ENCODER_SETTINGS, EVERYDAY, EVERYDAY_
 PENDING = "pending"
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
 FIRST_STUDY = Path(__file__).resolve().parent / "first_study.md"  # the full grid's earlier run, in short
+FIRST_STUDY_STAGES = ("plateau", "sweep")  # the stages of the first study that this study did not re-run
+FINDINGS_PRESET = "tiny"  # the preset whose grid the findings and the first study describe
 TEST_SET_NAMES = {"test": "news test", HELDOUT: "held-out"}
 SIGNIFICANT = 0.05  # p-values below this are marked
 
 
 def write_report(grid: Grid, out: Path, data: str, references: dict[str, Path], page: Path) -> Path:
-    """Write `page` and its plots (in `page.parent/results/`) from the results in `out` of the grid's jobs, run on
-    `data` (in words); `references`: the English file of each test set and of "valid". Returns the page."""
+    """Write `page` and its plots (in `page.parent/results/`, or results/PRESET/) from the results in `out` of the
+    grid's jobs (those --only selects), run on `data` (in words); `references`: the English file of each test set and
+    of "valid". Returns the page."""
     results = load_results(out / "results")
-    figures = page.parent / "results"
+    # Another preset's plots go apart (results/small/...): its page can sit beside the tiny grid's in docs/.
+    figures = page.parent / "results" if grid.preset == FINDINGS_PRESET else page.parent / "results" / grid.preset
     figures.mkdir(parents=True, exist_ok=True)
     shown = dataclasses.replace(grid, shown_levels=levels_with_results(grid, results))
-    sections = [header(grid, results, data), findings(grid),
+    gpu = gpu_name()
+    sections = [header(grid, results, data, gpu), findings(grid),
                 tokenizer_section(grid, results), plateau_section(grid, results, figures, page.parent),
                 pretrain_section(shown, results, figures, page.parent),
-                translation_section(shown, results, figures, page.parent, out, references),
+                translation_section(shown, results, figures, page.parent, out, references, gpu),
                 sweep_section(grid, results), recipe_section(grid, results, out, references["valid"])]
-    if not grid.quick and FIRST_STUDY.is_file():
+    if has_first_study(grid):
         sections.append(FIRST_STUDY.read_text(encoding="utf-8").strip())
     page.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return page
@@ -55,38 +60,66 @@ def levels_with_results(grid: Grid, results: dict) -> tuple[str, ...]:
     return ran or grid.levels
 
 
+def has_first_study(grid: Grid) -> bool:
+    """Whether the page ends with the first study: a full grid of the preset it ran at."""
+    return not grid.quick and grid.preset == FINDINGS_PRESET and FIRST_STUDY.is_file()
+
+
 def stage_not_run(grid: Grid, results: dict, stage: str) -> str | None:
     """What a full-grid section says instead of a table of pending cells when none of its jobs has run."""
     if grid.quick or any(name.startswith(f"{stage}/") for name in results):
         return None
-    return (f"Not run for this page: section 7 (the first study) gives its result, at the same settings. "
-            f"`python experiments/ko_en.py --stages {stage}` runs it.")
+    elsewhere = ("section 7 (the first study) gives its result, at the same settings. "
+                 if has_first_study(grid) and stage in FIRST_STUDY_STAGES else "")
+    return f"Not run for this page: {elsewhere}`{run_command(grid)} --stages {stage}` runs it."
 
 
-def header(grid: Grid, results: dict, data: str) -> str:
+def run_command(grid: Grid) -> str:
+    """The command that runs the grid at this page's preset and scale."""
+    preset = [] if grid.quick or grid.preset == "tiny" else [f"--preset {grid.preset}"]
+    scale = ["--scale " + " ".join(f"{key}={value}" for key, value in grid.scale_overrides.items())] \
+        if grid.scale_overrides else []
+    return " ".join(["python experiments/ko_en.py", *(["--quick"] if grid.quick else []), *preset, *scale])
+
+
+def gpu_name() -> str | None:
+    """The GPU of the machine writing the page, by nvidia-smi, or None (no GPU, or no driver)."""
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True, check=True, timeout=20).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return names[0].strip() or None
+
+
+def header(grid: Grid, results: dict, data: str, gpu: str | None) -> str:
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     scale = grid.scale
-    command = "python experiments/ko_en.py" + (" --quick" if grid.quick else "")
+    command = run_command(grid) + (" --only " + " ".join(f"'{pattern}'" for pattern in grid.only) if grid.only else "")
+    machine = ", ".join([platform.machine(), platform.system(), *([f"GPU: {gpu}"] if gpu else [])])
+    overridden = (f", with `--scale` replacing the preset's {', '.join(grid.scale_overrides)}"
+                  if grid.scale_overrides else "")
     return "\n".join([
         "# Does pre-training help Korean->English translation?",
         "",
         f"Generated by `{command} --report` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-        f" from {len(results)} finished jobs (commit {commit}, {platform.machine()}, {platform.system()}). "
+        f" from {len(results)} finished jobs (commit {commit}, {machine}). "
         f"Cells marked *{PENDING}* have not run yet: `{command}` continues the grid where it "
         "stopped (finished jobs are skipped, interrupted ones resume exactly) and `--report` rewrites this page.",
         "",
-        f"Scale: `--preset {grid.preset}`{' (--quick)' if grid.quick else ''}: batch "
+        f"Scale: `--preset {grid.preset}`{' (--quick)' if grid.quick else ''}{overridden}: batch "
         f"{scale['batch_size']}, pre-training {scale['pretrain']} steps, plateau runs {scale['plateau']}, "
         f"translation until the valid loss stops improving (at most {scale['finetune_epochs']} epochs, stopped "
         f"after {scale['patience']} evaluations without a new best), weight-decay sweep {scale['sweep']}; "
         "evaluation every "
         f"{scale['eval_interval']} steps on the whole valid split; test scores on the news test split and on "
         f"{grid.heldout_pairs} pairs held out of train (drawn before any tokenizer or model saw train). "
-        f"Data: {data}. A GPU reruns everything at `--preset small` (or `base`).",
+        f"Data: {data}."
+        + (" A GPU reruns everything at `--preset small` (or `base`)." if grid.preset == "tiny" else ""),
         *levels_not_shown(grid, results),
     ])
 
@@ -97,14 +130,18 @@ def levels_not_shown(grid: Grid, results: dict) -> list[str]:
         return []
     jobs = sum(1 for job in grid.finetune_jobs() if job[0] in missing) + 2 * len(missing)
     return ["", f"Not run yet, so not shown: the {' and '.join(missing)} level ({jobs} pre-training and translation "
-            "jobs pending; `python experiments/ko_en.py` runs them after the others)."]
+            f"jobs pending; `{run_command(grid)}` runs them after the others)."]
 
 
 def findings(grid: Grid) -> str:
-    """The hand-written findings of the full grid; a --quick run's page describes that run alone."""
+    """The hand-written findings of the full grid; a --quick run's page, or another preset's, describes that run
+    alone."""
     if grid.quick:
         return ("## Findings\n\nNone: a `--quick` run checks that every stage runs, at a micro scale whose numbers "
                 "say nothing about translation. The full grid's findings are in docs/RESULTS.md.")
+    if grid.preset != FINDINGS_PRESET:
+        return (f"## Findings\n\nNone written for this page: those of docs/RESULTS.md are of the `--preset "
+                f"{FINDINGS_PRESET}` grid.")
     return FINDINGS.read_text(encoding="utf-8").strip() if FINDINGS.is_file() else "## Findings\n\nNone yet."
 
 
@@ -124,7 +161,9 @@ def fmt(value) -> str:
 
 def tokenizer_section(grid: Grid, results: dict) -> str:
     rows = []
-    in_grid = [f"{level}-{vocab_size}" for level in ("byte", "char") for vocab_size in grid.vocab_sizes]
+    # A page of selected jobs (--only) shows the tokenizers they made, not the tokenizers stage's others.
+    in_grid = [] if grid.only else [f"{level}-{vocab_size}" for level in ("byte", "char")
+                                    for vocab_size in grid.vocab_sizes]
     others = [name.split("/")[1] for name in results if name.startswith("tokenizers/")]  # e.g. the plateau's
     for name in sorted(set(in_grid + others), key=lambda n: (n.split("-")[0], int(n.split("-")[1]))):
         level, vocab_size = name.split("-")[0], int(name.split("-")[1])
@@ -147,8 +186,8 @@ def eval_at(result: dict | None, step: int):
 
 
 def plateau_section(grid: Grid, results: dict, figures: Path, base: Path) -> str:
-    interval = grid.scale["eval_interval"]
-    evaluated = list(range(interval, grid.scale["plateau"] + 1, interval))
+    interval, steps = grid.scale["eval_interval"], grid.scale["plateau"]
+    evaluated = sorted({*range(interval, steps + 1, interval), steps})  # a run evaluates at its end too
     stride = -(-len(evaluated) // 5)  # at most five step columns, the last one the end of the run
     marks = evaluated[stride - 1::stride]
     rows, curves = [], {}
@@ -209,7 +248,7 @@ def pretrain_section(grid: Grid, results: dict, figures: Path, base: Path) -> st
 
 
 def translation_section(grid: Grid, results: dict, figures: Path, base: Path, out: Path,
-                        references: dict[str, Path]) -> str:
+                        references: dict[str, Path], gpu: str | None) -> str:
     rows, curves, bars = [], {}, {}
     for level, start, init, seed in grid.finetune_jobs():
         name = finetune_name(level, start, init, seed)
@@ -231,10 +270,12 @@ def translation_section(grid: Grid, results: dict, figures: Path, base: Path, ou
             "source gap"]
     for test_set in TEST_SETS:
         head += [f"{TEST_SET_NAMES[test_set]} {metric} beam {beam}" for metric in ("BLEU", "chrF") for beam in BEAMS]
+    hours = f"on the {gpu} (shared by the jobs that ran at once)" if gpu else \
+        "on one CPU core (the process's one thread)"
     text = ("## 4. Translation ko->en\n\nEvery start trains until its validation loss stops improving (at most "
             f"{grid.scale['finetune_epochs']} epochs; stopped after {grid.scale['patience']} evaluations without a "
             "new best) and keeps its best checkpoint: the step of that checkpoint, the last step trained, the wall "
-            "hours of the job on one CPU core (the process's one thread), and the best validation loss (whole valid "
+            f"hours of the job {hours}, and the best validation loss (whole valid "
             "split); the source gap: the loss on the whole valid split with each English sentence given the Korean "
             "of another pair, minus the loss with its own (0: the model ignores its source and is an English LM); "
             "sacrebleu BLEU and chrF of the detokenised output (greedy = beam 1) on the raw news test split and on "
@@ -253,17 +294,33 @@ def translation_section(grid: Grid, results: dict, figures: Path, base: Path, ou
     return text
 
 
-def main_jobs(grid: Grid) -> tuple[list[str], list[int]]:
-    """The starts and seeds of the main comparison (the default cross-attention init)."""
-    jobs = [(start, seed) for _, start, init, seed in grid.finetune_jobs() if init == "random"]
-    return list(dict.fromkeys(start for start, _ in jobs)), sorted({seed for _, seed in jobs})
+def main_jobs(grid: Grid) -> dict[str, list[int]]:
+    """The starts of the main comparison (the default cross-attention init), in grid order, with the seeds of each
+    (all of MAIN_SEEDS in a full grid; --only may select fewer for some)."""
+    seeds: dict[str, set[int]] = {}
+    for _, start, init, seed in grid.finetune_jobs():
+        if init == "random":
+            seeds.setdefault(start, set()).add(seed)
+    return {start: sorted(each) for start, each in seeds.items()}
+
+
+def seeds_in_words(seeds: dict[str, list[int]]) -> str:
+    """"seeds 0, 1", or where the starts have different seeds "seeds 0, 1 (Rnd2Rnd, Enc2Dec), 0 (Enc2Rnd)"."""
+    by_seeds: dict[tuple[int, ...], list[str]] = {}
+    for start, each in seeds.items():
+        by_seeds.setdefault(tuple(each), []).append(start)
+    if len(by_seeds) == 1:
+        return "seeds " + ", ".join(map(str, next(iter(by_seeds))))
+    return "seeds " + "; ".join(f"{', '.join(map(str, each))} ({', '.join(starts)})"
+                                for each, starts in by_seeds.items())
 
 
 def main_comparison(grid: Grid, results: dict) -> str:
     """The starts per level over the seeds of the main comparison (default cross-attention init; test scores at
-    beam 4): the mean of each measure, each start's difference from Rnd2Rnd, and whether that difference exceeds
-    the measure's seed noise (the largest difference between two seeds of one start at that level)."""
-    starts, seeds = main_jobs(grid)
+    beam 4): the mean of each measure over the start's seeds, each start's difference from Rnd2Rnd, and whether that
+    difference exceeds the measure's seed noise (the largest difference between two seeds of one start at that
+    level, of the starts with two)."""
+    seeds = main_jobs(grid)
 
     def test_score(test_set: str, metric: str):
         return lambda name: results.get(f"test/{test_name(name, test_set, BEAMS[-1])}", {}).get(metric)
@@ -275,26 +332,28 @@ def main_comparison(grid: Grid, results: dict) -> str:
            for test_set in TEST_SETS for label, metric in (("BLEU", "bleu"), ("chrF", "chrf"))},
     }
     rows = []
+    seeded = any(len(each) > 1 for each in seeds.values())
     for level in grid.levels:
-        values = {start: {measure: [get(finetune_name(level, start, "random", seed)) for seed in seeds]
-                          for measure, get in measures.items()} for start in starts}
+        values = {start: {measure: [get(finetune_name(level, start, "random", seed)) for seed in each]
+                          for measure, get in measures.items()} for start, each in seeds.items()}
         noise = {measure: max((max(v[measure]) - min(v[measure]) for v in values.values()
-                               if None not in v[measure]), default=None) for measure in measures}
-        means = {start: {measure: None if None in v[measure] else sum(v[measure]) / len(seeds)
+                               if len(v[measure]) > 1 and None not in v[measure]), default=None)
+                 for measure in measures}
+        means = {start: {measure: None if None in v[measure] else sum(v[measure]) / len(v[measure])
                          for measure in measures} for start, v in values.items()}
-        for start in starts:
+        for start in seeds:
             row = [level, start]
             for measure in measures:
                 mean, baseline = means[start][measure], means.get("Rnd2Rnd", {}).get(measure)
                 delta = None if mean is None or baseline is None else mean - baseline
                 within = (start != "Rnd2Rnd" and delta is not None and noise[measure] is not None
-                          and len(seeds) > 1 and abs(delta) <= noise[measure])
+                          and abs(delta) <= noise[measure])
                 row += [mean, None if delta is None else f"{delta:+.3g}" + (" (within seed noise)" if within else "")]
             rows.append(row)
-        if len(seeds) > 1:
+        if seeded:
             rows.append([level, "seed noise", *[cell for measure in measures for cell in (noise[measure], "")]])
     head = ["level", "start"] + [f"{measure} {column}" for measure in measures for column in ("mean", "vs Rnd2Rnd")]
-    return (f"### The main comparison: means over seeds {', '.join(map(str, seeds))} (test scores at beam "
+    return (f"### The main comparison: means over {seeds_in_words(seeds)} (test scores at beam "
             f"{BEAMS[-1]})\n\nSeed noise is the largest difference between the seeds of one start at that level; a "
             "difference from Rnd2Rnd no larger than it is marked *within seed noise*. Each seed's numbers are in the "
             "table above; the paired bootstrap below tests each difference within one seed.\n\n" + table(head, rows))
@@ -303,10 +362,11 @@ def main_comparison(grid: Grid, results: dict) -> str:
 def significance(grid: Grid, results: dict, out: Path, references: dict[str, Path]) -> str:
     """Each start against Rnd2Rnd of the same level and seed, on each test set at beam 4: the BLEU and chrF
     differences and their p-values by paired bootstrap resampling (see paired_bootstrap)."""
-    starts, seeds = main_jobs(grid)
+    seeds = main_jobs(grid)
     rows = []
     for level in grid.levels:
-        for seed in seeds:
+        for seed in sorted({seed for each in seeds.values() for seed in each}):
+            starts = [start for start, each in seeds.items() if seed in each]
             for test_set in TEST_SETS:
                 names = {start: test_name(finetune_name(level, start, "random", seed), test_set, BEAMS[-1])
                          for start in starts}
@@ -317,7 +377,7 @@ def significance(grid: Grid, results: dict, out: Path, references: dict[str, Pat
                     tested = paired_bootstrap(read_lines(done.pop("Rnd2Rnd")),
                                               {start: read_lines(path) for start, path in done.items()},
                                               read_lines(references[test_set]))
-                for start in starts[1:]:
+                for start in (start for start in starts if start != "Rnd2Rnd"):
                     cells = [cell for metric in ("BLEU", "chrF") for cell in shown_test(tested.get(start), metric)]
                     rows.append([level, seed, TEST_SET_NAMES[test_set], start, *cells])
     return ("### Significance: each start against Rnd2Rnd, paired bootstrap\n\nsacrebleu's paired bootstrap "
@@ -422,6 +482,9 @@ def sweep_section(grid: Grid, results: dict) -> str:
 def recipe_section(grid: Grid, results: dict, out: Path, references: Path) -> str:
     """The low-resource settings, each one change to the base, on the whole valid split: loss (per token, and per
     character, which compares vocabularies), greedy BLEU and chrF, and each against the base by paired bootstrap."""
+    not_run = stage_not_run(grid, results, "recipe")
+    if not_run:
+        return f"## 6. The fine-tuning recipe (low-resource settings)\n\n{not_run}"
     names = list(QUICK_RECIPE if grid.quick else RECIPE)
     translations = {name: translation_path(out, f"valid-{name}") for name in names
                     if f"valid/{name}" in results and translation_path(out, f"valid-{name}").is_file()}

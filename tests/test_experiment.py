@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "ko_en.py"
 sys.path.insert(0, str(SCRIPT.parent))
@@ -179,3 +181,140 @@ def test_data_that_cannot_feed_the_grid_is_refused_with_the_reason(tmp_path):
     assert problem({**pairs, "test.en": b"a\n"}) == "test.ko has 2 lines, test.en 1: expected pairs, line by line"
     assert problem({**pairs, "train.ko": b"\xff\n\n"}).startswith("train.ko is not UTF-8 text")
     assert problem({**pairs, "valid.ko": b"", "valid.en": b""}) == "valid.ko and valid.en are empty"
+
+
+class JobKeys(ko_en.Experiment):
+    """The grid with every job taken for finished, and its key recorded: {(stage, name): key} of each training,
+    scoring (test, source, valid) and pre-training job, in grid order. Tokenizers and corpora are named, not made."""
+
+    def tokenizer(self, level: str, vocab_size: int):
+        return self.out / "tokenizers" / f"{level}-{vocab_size}.json", f"tokenizer-{level}-{vocab_size}"
+
+    def corpus(self, tokenizer, split: str, langs: str):
+        return self.out / "corpora" / tokenizer.stem / f"{split}.{langs}"
+
+    def finished(self, stage, name, key, quiet=False):
+        self.recorded[(stage, name)] = key  # a pre-training once, however often asked for
+        return {"key": key}
+
+
+def grid_job_keys(tmp_path, **grid) -> dict[tuple[str, str], str]:
+    """Every job of the full tiny grid (on 1200 made-up pairs), with its key."""
+    data = tmp_path / "data"
+    data.mkdir(parents=True)
+    for split, lines in (("train", 1200), ("valid", 3), ("test", 3)):
+        for lang, word in (("ko", "가"), ("en", "a")):
+            (data / f"{split}.{lang}").write_text("".join(f"{word} {i}\n" for i in range(lines)), encoding="utf-8")
+    experiment = JobKeys("tiny", False, data=data, out=tmp_path / "out", **grid)
+    experiment.recorded = {}
+    for name in ("char-encoder", "char-decoder", "byte-encoder", "byte-decoder"):  # what Enc2* starts wait for
+        experiment.result_path("pretrain", name).parent.mkdir(parents=True, exist_ok=True)
+        experiment.result_path("pretrain", name).touch()
+    for stage in ("plateau", "pretrain", "finetune", "sweep", "recipe"):
+        getattr(experiment, f"stage_{stage}")()
+    return experiment.recorded
+
+
+def test_the_tiny_grid_jobs_keep_the_keys_they_ran_with(tmp_path):
+    """A changed key reruns a finished job: the running grid's results hold these."""
+    import hashlib
+
+    keys = grid_job_keys(tmp_path)
+    stages = [stage for stage, _ in keys]
+    assert [stages.count(stage) for stage in ("plateau", "pretrain", "finetune", "test", "source", "sweep", "recipe",
+                                              "valid")] == [11, 4, 20, 20 * 5, 20, 15, 5, 5]
+    assert hashlib.sha256(json.dumps(list(keys.items())).encode()).hexdigest()[:16] == "5f57e8b74ed65be5"  # at 910ecf4
+
+
+def test_a_scale_override_changes_the_jobs_that_use_its_entry_alone(tmp_path):
+    default = grid_job_keys(tmp_path / "default")
+    longer = grid_job_keys(tmp_path / "longer", scale_overrides={"pretrain": 3000})
+    changed = {job for job in default if longer[job] != default[job]}
+    # The pre-trainings, and the translation runs that start from one and their scoring (their keys hold the
+    # pre-training's).
+    assert changed == {job for job in default if job[0] == "pretrain"
+                       or (job[0] in ("finetune", "test", "source") and "-Rnd2Rnd-" not in job[1])}
+    assert len(changed) == 4 + 16 * (1 + 5 + 1)
+    batched = grid_job_keys(tmp_path / "batched", scale_overrides={"translate_batch": 64})
+    assert {job for job in default if batched[job] != default[job]} == {job for job in default
+                                                                          if job[0] in ("test", "valid")}
+
+
+def test_a_bad_scale_override_is_a_parser_error(capsys):
+    for scale, message in ((["pretrain"], "'pretrain': expected KEY=VALUE"),
+                           (["steps=3"], "'steps' is not a scale entry: expected one of batch_size, max_len"),
+                           (["pretrain=1.5"], "pretrain='1.5': expected a whole number > 0"),
+                           (["finetune_epochs=0"], "finetune_epochs='0': expected a number > 0"),
+                           (["patience=2", "patience=3"], "--scale: an entry given twice")):
+        with pytest.raises(SystemExit):
+            ko_en.main(["--scale", *scale, "--report"])
+        assert message in capsys.readouterr().err, scale
+    assert ko_en.scale_override("finetune_epochs=2.5") == ("finetune_epochs", 2.5)
+    assert ko_en.scale_override("eval_interval=250") == ("eval_interval", 250)
+
+
+def test_a_page_of_selected_jobs_at_another_scale_says_what_ran(tmp_path):
+    """The GPU call's page (experiments/gpu.sh): --only's jobs alone, the --scale that ran in its header, means over
+    the seeds each start has, the plots apart from the tiny grid's, no findings of the tiny grid."""
+    import report
+
+    evals = [{"step": 500, "loss": 5.0, "perplexity": 148.0, "accuracy": 0.2}]
+    bleu = {"Rnd2Rnd": (1.0, 3.0), "Enc2Rnd": (2.0,), "Enc2Dec": (4.0, 6.0)}  # per seed
+    finished = {"pretrain/char-encoder": {"final": evals[0], "evals": evals},
+                "tokenizers/char-8000": {"tokens_per_sentence_ko": 41.3, "tokens_per_sentence_en": 43.2,
+                                         "byte_fallback_ko": 0.0144, "byte_fallback_en": 0.0024,
+                                         "unigram_loss_ko": 7.57, "seconds": 5.6}}
+    for start, scores in bleu.items():
+        for seed, score in enumerate(scores):
+            name = f"char-{start}-random-seed{seed}"
+            finished[f"finetune/{name}"] = {"best": evals[0], "final": evals[0], "evals": evals, "seconds": 360.0}
+            finished[f"test/{name}-beam4"] = {"bleu": score, "chrf": 10 * score, "best": [], "worst": []}
+    results = tmp_path / "out" / "results"
+    for name, result in finished.items():
+        (results / name).parent.mkdir(parents=True, exist_ok=True)
+        (results / f"{name}.json").write_text(json.dumps(result), encoding="utf-8")
+    only = ["pretrain/char-*", "finetune/char-*-random-seed0", "finetune/char-Rnd2Rnd-random-seed1",
+            "finetune/char-Enc2Dec-random-seed1"]
+    grid = ko_en.Grid("small", False, only=only, scale_overrides={"pretrain": 3000, "finetune_epochs": 2.5})
+    missing = tmp_path / "missing.en"
+    page = report.write_report(grid, tmp_path / "out", "test data",
+                               {"test": missing, "heldout": missing, "valid": missing}, tmp_path / "RESULTS-small.md")
+    text = page.read_text(encoding="utf-8")
+    command = ("python experiments/ko_en.py --preset small --scale pretrain=3000 finetune_epochs=2.5 --only "
+               "'pretrain/char-*' 'finetune/char-*-random-seed0' 'finetune/char-Rnd2Rnd-random-seed1' "
+               "'finetune/char-Enc2Dec-random-seed1'")
+    assert f"Generated by `{command} --report`" in text
+    assert ("Scale: `--preset small`, with `--scale` replacing the preset's pretrain, finetune_epochs: batch 64, "
+            "pre-training 3000 steps") in text and "at most 2.5 epochs" in text
+    assert "## Findings\n\nNone written for this page" in text and "## 7." not in text
+    tokenizers = text.split("## 1.")[1].split("## 2.")[0]
+    assert "| char | 8000 | 41.3 |" in tokenizers and tokenizers.count("| char |") == 1 and "| byte |" not in tokenizers
+    assert ("Not run for this page: `python experiments/ko_en.py --preset small --scale pretrain=3000 "
+            "finetune_epochs=2.5 --stages plateau` runs it.") in text
+    translations = text.split("## 4.")[1].split("###")[0]
+    assert translations.count("| char |") == 6 and "byte" not in translations and "copy-self" not in translations
+    comparison = text.split("### The main comparison")[1].split("###")[0]
+    assert "means over seeds 0, 1 (Rnd2Rnd, Enc2Dec); 0 (Enc2Rnd, Rnd2Dec)" in comparison
+    assert "| char | Rnd2Rnd | 5 | +0 |" in comparison  # mean valid loss over its two seeds
+    news_bleu = [row.split(" | ")[6:8] for row in comparison.splitlines() if row.startswith("| char |")]
+    # Rnd2Rnd 2 (1, 3), Enc2Rnd 2 (one seed), Rnd2Dec pending, Enc2Dec 5 (4, 6): seed noise 2 (both seeded starts).
+    assert news_bleu == [["2", "+0"], ["2", "+0 (within seed noise)"], ["pending", "pending"], ["5", "+3"],
+                         ["2", ""]], comparison
+    assert {p.name for p in (tmp_path / "results" / "small").glob("*.png")} == {"pretrain.png",
+                                                                                 "translation-char.png", "bleu.png"}
+
+
+def test_the_budget_fills_the_seconds_and_keeps_the_second_seeds_where_they_fit():
+    """experiments/budget.py, on made-up probe measurements of the small grid: 400 s take the second seeds, 250 s
+    leave them out (the fine-tunings would get under two epochs with them)."""
+    import budget
+
+    probe = budget.Probe(budget.Stage(step_seconds=0.05, job_seconds=20), budget.Stage(0.08, 20),
+                         budget.Scoring(start_seconds=6, line_seconds=0.001), [1996, 1996, 1000, 1000, 10, 0, 0],
+                         score_processes=8, train_pairs=46348, batch_size=64)
+    grid = ko_en.Grid("small", False)
+    roomy, tight = (budget.plan(probe, grid, seconds, pretrained=False) for seconds in (400, 250))
+    assert (roomy.models, tight.models) == (6, 4)
+    assert roomy.finetune_epochs >= budget.MIN_SEED_EPOCHS > tight.finetune_epochs > 1
+    assert budget.SAFETY * 400 < sum(roomy.seconds().values()) <= 400
+    assert sum(tight.seconds().values()) <= 250
