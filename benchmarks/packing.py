@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import os
 import statistics
@@ -78,15 +79,13 @@ def prepared(task: str, lines: list[tuple[str, ...]], tokenizer: Tokenizer, dire
 def batch_sources(task: str, corpus, tokenizer: Tokenizer, args) -> dict:
     """The three sources of SOURCES over one corpus, as the Trainer's tasks would build them."""
     if task == "mlm":
-        def source(**shape):
-            return MaskedLMBatches(corpus, max_len=args.max_len, mask_id=tokenizer.mask_id,
+        source = functools.partial(MaskedLMBatches, corpus, max_len=args.max_len, mask_id=tokenizer.mask_id,
                                    vocab_size=tokenizer.vocab_size, special_ids=tokenizer.special_ids,
-                                   mask_prob=TrainConfig.mask_prob, seed=0, **shape)
+                                   mask_prob=TrainConfig.mask_prob, seed=0)
     else:
-        def source(**shape):
-            return TranslationBatches(corpus.src, corpus.tgt, max_src_len=args.max_len, max_tgt_len=args.max_len,
-                                      bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                      seed=0, **shape)
+        source = functools.partial(TranslationBatches, corpus.src, corpus.tgt, max_src_len=args.max_len,
+                                   max_tgt_len=args.max_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                                   pad_id=tokenizer.pad_id, seed=0)
     return {"packed": source(batch_size=args.rows, packed=True), "padded": source(batch_size=args.rows),
             "padded-bucketed": source(max_tokens=args.rows * args.max_len)}
 

@@ -94,7 +94,8 @@ def scaled_dot_product(
     was 4x slower there (docs/PERFORMANCE.md, Packed batches)."""
     if impl == "fastlm" and q.device.type in KERNEL_DEVICE_TYPES:
         if packing is not None:
-            return packed_attention(q, k, v, packing, key_packing or packing, causal=causal, dropout_p=dropout_p)
+            keys = key_packing if key_packing is not None else packing
+            return packed_attention(q, k, v, packing, keys, causal=causal, dropout_p=dropout_p)
         return attention(q, k, v, causal=causal, kv_lens=kv_lens, dropout_p=dropout_p)
     n_queries, n_keys = q.shape[2], k.shape[2]
     if impl == "eager":
