@@ -3,6 +3,7 @@ sizes, plus the one-line-and-exit-code-2 promise for the mistakes a user can mak
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shlex
@@ -639,6 +640,34 @@ def test_packed_pretraining_runs_and_its_resume_keeps_packing(pretrained, tmp_pa
     assert "packing: checkpoint has True, this run False" in capsys.readouterr().err
     assert pretrain(*with_options(QUICK_RUN, packing="true", max_steps=4), "--resume") == 0
     assert train_steps(run) == [1, 2, 3, 4]
+
+
+def test_packed_finetuning_trains_on_packed_pairs_and_evaluates_one_pair_a_row(workspace, tmp_path, capsys,
+                                                                              monkeypatch):
+    from fastlm.cli import main
+    from fastlm.models import Seq2SeqLM
+
+    monkeypatch.delenv("FASTLM_DEBUG", raising=False)
+    packed_forwards = {True: [], False: []}  # training: whether each forward had packed rows; evaluation: same
+    forward = Seq2SeqLM.forward
+
+    def recording_forward(model, *args, **kwargs):
+        packed_forwards[model.training].append(kwargs.get("src_cu_seqlens") is not None)
+        return forward(model, *args, **kwargs)
+
+    monkeypatch.setattr(Seq2SeqLM, "forward", recording_forward)
+    run = tmp_path / "packed-finetune"
+    assert main(list(map(str, ["finetune", "--encoder", "random", "--decoder", "random", "--tokenizer",
+                               workspace / "tok.json", "--train", workspace / "train-pairs", "--valid",
+                               workspace / "valid-pairs", "--run-dir", run, "--bleu-sentences", "2",
+                               *with_options(QUICK_RUN, packing="true", max_steps=3), *MICRO_MODEL]))) == 0, \
+        capsys.readouterr().err
+    assert train_steps(run) == [1, 2, 3]
+    assert json.loads((run / "config.json").read_text())["train"]["packing"] is True
+    assert packed_forwards[True] == [True] * 3, "every training step on packed pairs"
+    assert packed_forwards[False] and not any(packed_forwards[False]), "validation one pair a row"
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    assert evals and all(math.isfinite(r["loss"]) for r in evals)
 
 
 def test_a_prepare_that_failed_before_a_shard_does_not_block_the_corrected_one(workspace, tmp_path, capsys):

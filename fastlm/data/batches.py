@@ -20,7 +20,9 @@ few distinct shapes for torch.compile), never beyond the maximum length.
 Packed masked-LM batches (packed=True) put several whole sentences in each row of up to max_len tokens (PackedRows)
 and add "cu_seqlens", the offsets of the sentences (and of each row's padding tail) in the flattened rows, so that
 the model attends within each sentence and restarts its positions there (fastlm.models.packing): the same
-computation per sentence as one sentence per padded row, with almost no padding.
+computation per sentence as one sentence per padded row, with almost no padding. Packed translation batches do the
+same on both sides of whole pairs, whose sources and targets stand in the same order in a row of src_ids and the row
+of tgt_ids ("src_cu_seqlens", "tgt_cu_seqlens").
 """
 
 from __future__ import annotations
@@ -105,12 +107,19 @@ class PackedRows:
     """The batches of every epoch for packed rows, as rows of item indices: the items shuffled by a permutation drawn
     from (seed, epoch), each chunk of BUCKET_CHUNK items packed into rows of at most `capacity` tokens (no item
     split: `lengths`, indexed by item, are at most capacity), the rows shuffled by the same generator and cut into
-    batches of `rows_per_batch` rows. Without shuffle: corpus order, rows in packing order (evaluation)."""
+    batches of `rows_per_batch` rows. Without shuffle: corpus order, rows in packing order (evaluation).
 
-    def __init__(self, lengths: np.ndarray, items: np.ndarray, *, capacity: int, rows_per_batch: int, seed: int,
-                 shuffle: bool):
-        self.lengths, self.items, self.capacity, self.rows_per_batch = lengths, items, capacity, rows_per_batch
-        self.seed, self.shuffle = seed, shuffle
+    Items of two sides (translation pairs: a source and a target) give `lengths` (items, 2) and a capacity per side:
+    a row then holds on both sides the same items (a row of sources and the row of their targets), within each
+    side's capacity."""
+
+    def __init__(self, lengths: np.ndarray, items: np.ndarray, *, capacity: int | tuple[int, ...],
+                 rows_per_batch: int, seed: int, shuffle: bool):
+        self.lengths = lengths[:, None] if lengths.ndim == 1 else lengths  # (items, sides)
+        if self.lengths.shape[1] > 2:
+            raise ValueError(f"lengths of shape {lengths.shape}: expected items of one side or two")
+        self.capacity = np.broadcast_to(capacity, self.lengths.shape[1:])
+        self.items, self.rows_per_batch, self.seed, self.shuffle = items, rows_per_batch, seed, shuffle
         self.plan = lru_cache(maxsize=2)(self._plan)  # two epochs, as LengthBuckets
 
     def _plan(self, epoch: int) -> list[list[np.ndarray]]:
@@ -118,23 +127,59 @@ class PackedRows:
         return [rows[i:i + self.rows_per_batch] for i in range(0, len(rows), self.rows_per_batch)]
 
     def _pack(self, items: np.ndarray) -> list[np.ndarray]:
-        """Best-fit decreasing: longest first, each item into the open row it leaves the least room in, else a new
-        row; the rows come out nearly full (the shortest items fill the gaps), and the shuffled order of the chunk
-        still decides which of equally long items share a row."""
-        order = items[np.argsort(-self.lengths[items], kind="stable")]
+        """Best-fit decreasing: largest first (by the largest share of a side's capacity an item takes), each item
+        into the open row that fits it on both sides with the least room left on the first side (then the second),
+        else a new row; the rows come out nearly full (the smallest items fill the gaps), and the shuffled order of
+        the chunk still decides which of equally large items share a row."""
+        shares = (self.lengths[items] / self.capacity).max(axis=1)
+        order = items[np.argsort(-shares, kind="stable")]
         rows: list[list[int]] = []
-        rooms: list[tuple[int, int]] = []  # (room left, row) of every row with room, ascending
-        for item, length in zip(order.tolist(), self.lengths[order].tolist()):
-            slot = bisect.bisect_left(rooms, (length, -1))  # the least room >= length
-            if slot < len(rooms):
-                room, row = rooms.pop(slot)
-            else:
-                room, row = self.capacity, len(rows)
+        open_rows = _OpenRows()
+        for item, sizes in zip(order.tolist(), self.lengths[order].tolist()):
+            found = open_rows.take_best_fit(sizes)
+            if found is None:
+                found = (*self.capacity.tolist(), len(rows))
                 rows.append([])
+            *rooms, row = found
             rows[row].append(item)
-            if room > length:
-                bisect.insort(rooms, (room - length, row))
+            left = [room - size for room, size in zip(rooms, sizes)]
+            if min(left) > 0:
+                open_rows.add(left, row)
         return [np.array(row, dtype=np.int64) for row in rows]
+
+
+class _OpenRows:
+    """The rows of a packing with room left on every side, filed by their room on the first side: by_room[room]
+    holds (room on the second side, if any, row) ascending. Filed by room rather than in one sorted list so that
+    rows without room for an item on the second side cost its search nothing: in one list, translation pairs
+    (ko-en) had the search step over 170 such rows on average."""
+
+    def __init__(self):
+        self.by_room: dict[int, list[tuple[int, ...]]] = {}
+        self.rooms: list[int] = []  # the keys of by_room, ascending
+
+    def add(self, rooms: list[int], row: int) -> None:
+        if rooms[0] not in self.by_room:
+            self.by_room[rooms[0]] = []
+            bisect.insort(self.rooms, rooms[0])
+        bisect.insort(self.by_room[rooms[0]], (*rooms[1:], row))
+
+    def take_best_fit(self, sizes: list[int]) -> tuple[int, ...] | None:
+        """Remove the row that fits an item of `sizes` on every side with the least room on the first side, then on
+        the second (then the lowest row); return its (rooms on every side..., row), or None."""
+        for room in self.rooms[bisect.bisect_left(self.rooms, sizes[0]):]:
+            slot = bisect.bisect_left(self.by_room[room], (*sizes[1:], -1))
+            if slot < len(self.by_room[room]):
+                return (room, *self._pop(room, slot))
+        return None
+
+    def _pop(self, room: int, slot: int) -> tuple[int, ...]:
+        candidates = self.by_room[room]
+        taken = candidates.pop(slot)
+        if not candidates:
+            del self.by_room[room]
+            self.rooms.remove(room)
+        return taken
 
 
 def padded_width(length, max_len: int):
@@ -148,9 +193,9 @@ def padding_fraction(source, epoch: int = 0) -> float:
     sides of translation pairs), computed from the source's plan (`padded_rows`) without building a batch: for
     MaskedLMBatches and TranslationBatches (CausalLMBatches never pad)."""
     real = padded = 0
-    for rows, max_len in source.padded_rows(epoch):
+    for rows, width in source.padded_rows(epoch):
         real += int(rows.sum())
-        padded += len(rows) * int(padded_width(rows.max(), max_len))
+        padded += len(rows) * width
     return 1.0 - real / padded
 
 
@@ -188,7 +233,7 @@ class MaskedLMBatches:
             seed=seed, shuffle=shuffle)
         self._packing = None if not packed else PackedRows(
             self._lengths, self.items, capacity=max_len, seed=seed, shuffle=shuffle,
-            rows_per_batch=max(1, max_tokens // max_len) if max_tokens is not None else batch_size)
+            rows_per_batch=_rows_per_batch(batch_size, max_tokens, max_len))
 
     def num_batches(self, epoch: int) -> int:
         if self._packing is not None:
@@ -215,9 +260,11 @@ class MaskedLMBatches:
         return [np.concatenate(self._rows(epoch, index)) for index in range(self.num_batches(epoch))]
 
     def padded_rows(self, epoch: int):
-        """(the lengths of a batch's rows, max_len) for every batch of the epoch: what padding_fraction needs."""
+        """(the real tokens of each row of a batch, the width its rows are padded to) for every batch of the epoch:
+        what padding_fraction needs."""
         for index in range(self.num_batches(epoch)):
-            yield np.array([self._lengths[row].sum() for row in self._rows(epoch, index)]), self.max_len
+            rows = np.array([self._lengths[row].sum() for row in self._rows(epoch, index)])
+            yield rows, int(padded_width(rows.max(), self.max_len))
 
     def _rows(self, epoch: int, index: int) -> list[np.ndarray]:
         """The sentence indices of each row of a batch: several when packed, else one."""
@@ -288,57 +335,93 @@ class TranslationBatches:
     pairs or of at most `max_tokens` padded tokens (pairs x the wider padded side; exactly one of the two is
     given). Without shuffle (for evaluation) the pairs are still sorted by length within chunks of corpus order, and
     the batches keep that order, shortest first: a prefix of them is the shortest pairs, so evaluate them all, or
-    serve a `sample` (see the module)."""
+    serve a `sample` (see the module).
+
+    packed=True: rows of several whole pairs (PackedRows over both sides), the sources of a row back to back in its
+    row of src_ids and their targets in the same order in its row of tgt_ids, and "src_cu_seqlens",
+    "tgt_cu_seqlens" (int32, (n + 1,)): the offsets of each side's n sequences in its flattened rows, target
+    sequence i the translation of source sequence i (fastlm.models.packing). Every row keeps at least one padding
+    token on each side: its two padding tails are a pair of their own, so each row holds as many sequences on both
+    sides and none is empty (a query with no key to attend to would be NaN). A pair therefore keeps at most
+    max_len - 1 tokens a side, one fewer than padded batches keep of a pair cut at max_len. The alternatives cost
+    more: a tail only where a side has room leaves rows with one sequence more on one side, and rows one token wider
+    than max_len would pass a model whose max_seq_len is max_len. batch_size counts rows, and max_tokens allows
+    max_tokens // max(max_src_len, max_tgt_len) rows (one at least); lengths count each row's real tokens."""
 
     def __init__(self, src_corpus: TokenizedCorpus, tgt_corpus: TokenizedCorpus, *, max_src_len: int,
                  max_tgt_len: int, bos_id: int, eos_id: int, pad_id: int, max_tokens: int | None = None,
-                 batch_size: int | None = None, seed: int = 0, shuffle: bool = True, sample: int = 0):
+                 batch_size: int | None = None, seed: int = 0, shuffle: bool = True, sample: int = 0,
+                 packed: bool = False):
         if len(src_corpus) != len(tgt_corpus):
             raise ValueError(f"src_corpus has {len(src_corpus)} sentences, tgt_corpus has {len(tgt_corpus)}: "
                              "expected a parallel corpus")
         _check_batch_shape(batch_size, max_tokens)
-        _check_at_least("max_src_len", max_src_len, 3)  # <s>, one token, </s>
-        _check_at_least("max_tgt_len", max_tgt_len, 2)  # one token, </s>
+        self._tail = int(packed)  # padding tokens every row keeps: a packed row's padding tails pair up
+        _check_at_least("max_src_len", max_src_len, 3 + self._tail)  # <s>, one token, </s>
+        _check_at_least("max_tgt_len", max_tgt_len, 2 + self._tail)  # one token, </s>
         for name, special_id in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
             _check_id(name, special_id, max(src_corpus.vocab_size, tgt_corpus.vocab_size))
         self.src_corpus, self.tgt_corpus = src_corpus, tgt_corpus
         self.max_src_len, self.max_tgt_len = max_src_len, max_tgt_len
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.max_tokens, self.batch_size, self.seed, self.shuffle = max_tokens, batch_size, seed, shuffle
-        self._src_lengths = np.minimum(_content_lengths(src_corpus) + 2, max_src_len)
-        self._tgt_lengths = np.minimum(_content_lengths(tgt_corpus) + 1, max_tgt_len)
+        # The most tokens a side of a pair keeps.
+        self._src_limit, self._tgt_limit = max_src_len - self._tail, max_tgt_len - self._tail
+        self._src_lengths = np.minimum(_content_lengths(src_corpus) + 2, self._src_limit)
+        self._tgt_lengths = np.minimum(_content_lengths(tgt_corpus) + 1, self._tgt_limit)
+        self.items = _served_items(len(src_corpus), sample, seed)  # the pairs served
         # What a pair costs in a padded batch: the wider of its two padded sides.
         widths = np.maximum(padded_width(self._src_lengths, max_src_len), padded_width(self._tgt_lengths, max_tgt_len))
-        self.items = _served_items(len(src_corpus), sample, seed)  # the pairs served
-        self._buckets = LengthBuckets(np.maximum(self._src_lengths, self._tgt_lengths), widths, self.items,
-                                      batch_size=batch_size, max_tokens=max_tokens, seed=seed, shuffle=shuffle)
+        self._buckets = None if packed else LengthBuckets(
+            np.maximum(self._src_lengths, self._tgt_lengths), widths, self.items, batch_size=batch_size,
+            max_tokens=max_tokens, seed=seed, shuffle=shuffle)
+        self._packing = None if not packed else PackedRows(
+            np.stack([self._src_lengths, self._tgt_lengths], axis=1), self.items,
+            capacity=(self._src_limit, self._tgt_limit), seed=seed, shuffle=shuffle,
+            rows_per_batch=_rows_per_batch(batch_size, max_tokens, max(max_src_len, max_tgt_len)))
 
     def num_batches(self, epoch: int) -> int:
-        return len(self.epoch_plan(epoch))
+        planner = self._packing if self._packing is not None else self._buckets
+        return len(planner.plan(epoch))
 
     def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
-        plan = self.epoch_plan(epoch)
-        _check_index(index, len(plan))
-        pairs = plan[index]
-        sources = [_wrapped(_content(self.src_corpus, i)[:self.max_src_len - 2], self.bos_id, self.eos_id)
-                   for i in pairs]
-        targets = [_wrapped(_content(self.tgt_corpus, i)[:self.max_tgt_len - 1], None, self.eos_id) for i in pairs]
-        src_ids, src_lengths = _padded(sources, self.pad_id, self.max_src_len)
-        tgt_ids, tgt_lengths = _padded(targets, self.pad_id, self.max_tgt_len)
+        _check_index(index, self.num_batches(epoch))
+        rows = self._rows(epoch, index)
+        sources = [[_wrapped(_content(self.src_corpus, i)[:self._src_limit - 2], self.bos_id, self.eos_id)
+                    for i in row] for row in rows]
+        targets = [[_wrapped(_content(self.tgt_corpus, i)[:self._tgt_limit - 1], None, self.eos_id) for i in row]
+                   for row in rows]
+        src_ids, src_lengths = _padded([np.concatenate(row) for row in sources], self.pad_id, self.max_src_len,
+                                       self._tail)
+        tgt_ids, tgt_lengths = _padded([np.concatenate(row) for row in targets], self.pad_id, self.max_tgt_len,
+                                       self._tail)
         padding = torch.arange(tgt_ids.shape[1])[None, :] >= tgt_lengths[:, None]
-        return {"src_ids": src_ids, "src_lengths": src_lengths, "tgt_ids": tgt_ids, "tgt_lengths": tgt_lengths,
-                "labels": tgt_ids.masked_fill(padding, IGNORE_INDEX)}
+        batch = {"src_ids": src_ids, "src_lengths": src_lengths, "tgt_ids": tgt_ids, "tgt_lengths": tgt_lengths,
+                 "labels": tgt_ids.masked_fill(padding, IGNORE_INDEX)}
+        if self._packing is not None:
+            for side, sequences, ids in (("src", sources, src_ids), ("tgt", targets, tgt_ids)):
+                batch[f"{side}_cu_seqlens"] = _sequence_offsets([[len(s) for s in row] for row in sequences],
+                                                                ids.shape[1])
+        return batch
 
     def epoch_plan(self, epoch: int) -> list[np.ndarray]:
-        """The pair indices of every batch of the epoch, in batch order."""
-        return self._buckets.plan(epoch)
+        """The pair indices of every batch of the epoch, in batch order (row by row, when packed)."""
+        return [np.concatenate(self._rows(epoch, index)) for index in range(self.num_batches(epoch))]
 
     def padded_rows(self, epoch: int):
-        """(the lengths of a batch's rows, the side's maximum length) for both sides of every batch of the epoch:
-        what padding_fraction needs."""
-        for pairs in self.epoch_plan(epoch):
-            yield self._src_lengths[pairs], self.max_src_len
-            yield self._tgt_lengths[pairs], self.max_tgt_len
+        """(the real tokens of each row of a batch, the width its rows are padded to) for both sides of every batch
+        of the epoch: what padding_fraction needs."""
+        for index in range(self.num_batches(epoch)):
+            rows = self._rows(epoch, index)
+            for lengths, max_len in ((self._src_lengths, self.max_src_len), (self._tgt_lengths, self.max_tgt_len)):
+                tokens = np.array([lengths[row].sum() for row in rows])
+                yield tokens, int(padded_width(tokens.max() + self._tail, max_len))
+
+    def _rows(self, epoch: int, index: int) -> list[np.ndarray]:
+        """The pair indices of each row of a batch: several when packed, else one."""
+        if self._packing is not None:
+            return self._packing.plan(epoch)[index]
+        return list(self._buckets.plan(epoch)[index][:, None])
 
 
 def _served_items(count: int, sample: int, seed: int) -> np.ndarray:
@@ -373,10 +456,11 @@ def _wrapped(content: np.ndarray, bos_id: int | None, eos_id: int) -> np.ndarray
     return np.concatenate([np.asarray(head, dtype=np.int64), content.astype(np.int64), [eos_id]])
 
 
-def _padded(sequences: list[np.ndarray], pad_id: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids (B, T) int64 padded with pad_id, lengths (B,) int64); T = padded_width of the longest length."""
+def _padded(sequences: list[np.ndarray], pad_id: int, max_len: int, tail: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T) int64 padded with pad_id, lengths (B,) int64); T = padded_width of the longest length plus `tail`,
+    the padding every row keeps (see TranslationBatches, packed)."""
     lengths = np.array([len(sequence) for sequence in sequences], dtype=np.int64)
-    width = int(padded_width(int(lengths.max()), max_len))
+    width = int(padded_width(int(lengths.max()) + tail, max_len))
     ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
     for row, sequence in enumerate(sequences):
         ids[row, :len(sequence)] = sequence
@@ -393,6 +477,12 @@ def _sequence_offsets(rows: list[list[int]], width: int) -> torch.Tensor:
         if offsets[-1] < (row + 1) * width:
             offsets.append((row + 1) * width)
     return torch.tensor(offsets, dtype=torch.int32)
+
+
+def _rows_per_batch(batch_size: int | None, max_tokens: int | None, width: int) -> int:
+    """The rows of a batch of packed rows `width` tokens wide: batch_size, or as many as max_tokens pays for (one at
+    least, as a too-long item makes a batch of its own)."""
+    return max(1, max_tokens // width) if max_tokens is not None else batch_size
 
 
 def _special_id(corpus: TokenizedCorpus, name: str, given: int | None, vocab_size: int) -> int:

@@ -41,9 +41,9 @@ def apply_rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
 
 
 def attention_mask(n_queries: int, n_keys: int, *, causal: bool, kv_lens: Tensor | None, device,
-                   packing: Packing | None = None) -> Tensor | None:
+                   packing: Packing | None = None, key_packing: Packing | None = None) -> Tensor | None:
     """Boolean (B or 1, 1, Nq, Nk) mask, True = may attend; causal aligned bottom-right like the fastlm kernel;
-    with `packing` (self-attention over packed rows), within each sequence only."""
+    with `packing` (packed query rows), within each sequence only: of the same rows, or of `key_packing`'s."""
     mask = None
     if causal:
         query = torch.arange(n_queries, device=device)[:, None]
@@ -53,7 +53,8 @@ def attention_mask(n_queries: int, n_keys: int, *, causal: bool, kv_lens: Tensor
         valid = (torch.arange(n_keys, device=device) < kv_lens[:, None])[:, None, None, :]
         mask = valid if mask is None else mask & valid
     if packing is not None:
-        mask = packing.same_sequence() if mask is None else mask & packing.same_sequence()
+        same_sequence = packing.same_sequence(key_packing)
+        mask = same_sequence if mask is None else mask & same_sequence
     return mask
 
 
@@ -64,38 +65,43 @@ def attention_mask(n_queries: int, n_keys: int, *, causal: bool, kv_lens: Tensor
 KERNEL_DEVICE_TYPES = ("cuda",)
 
 
-def packed_attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing, *, causal: bool, dropout_p: float) -> Tensor:
-    """fastlm's varlen kernel over packed rows: (B, heads, T, hd) in and out, flattened to its (B * T, heads, hd)."""
-    batch, heads, length, head_dim = q.shape
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, queries: Packing, keys: Packing, *, causal: bool,
+                     dropout_p: float) -> Tensor:
+    """fastlm's varlen kernel over packed rows: q (B, H, Tq, hd) and k, v (B, Hkv, Tk, hd), flattened to its
+    (B * T, heads, hd); query sequence i of `queries` attends to key sequence i of `keys`. Returns (B, H, Tq, hd)."""
 
     def flat(x: Tensor) -> Tensor:
-        return x.transpose(1, 2).reshape(batch * length, x.shape[1], head_dim)
+        batch, heads, length, head_dim = x.shape
+        return x.transpose(1, 2).reshape(batch * length, heads, head_dim)
 
-    out = attention_varlen(flat(q), flat(k), flat(v), packing.cu_seqlens, packing.cu_seqlens, packing.max_seqlen,
-                           packing.max_seqlen, causal=causal, dropout_p=dropout_p)
-    return out.view(batch, length, heads, head_dim).transpose(1, 2)
+    out = attention_varlen(flat(q), flat(k), flat(v), queries.cu_seqlens, keys.cu_seqlens, queries.max_seqlen,
+                           keys.max_seqlen, causal=causal, dropout_p=dropout_p)
+    return out.view(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
 
 
 def scaled_dot_product(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool, kv_lens: Tensor | None, dropout_p: float, impl: str,
-    packing: Packing | None = None,
+    packing: Packing | None = None, key_packing: Packing | None = None,
 ) -> Tensor:
     """softmax(q k^T / sqrt(hd)) v for q (B, H, Nq, hd), k/v (B, Hkv, Nk, hd) with one of three implementations.
 
     kv_lens = None means no row is padded: the caller knows it from the batch's structure (causal-LM blocks carry no
     lengths), since reading a device tensor to find out would cost a host sync on every forward. `packing`: packed
-    rows (self-attention), each sequence attending within itself; kv_lens is then None, the padding being a sequence
-    of its own. On the CPU that mask is dense (B, 1, T, T): FlexAttention's document masks would skip the blocks
+    query rows, each sequence attending within itself (self-attention) or, with `key_packing`, to the key sequence of
+    its index (cross-attention over packed pairs); kv_lens is then None, the padding being a sequence of its own. On
+    the CPU that mask is dense (B, 1, Nq, Nk): FlexAttention's document masks would skip the blocks
     between sentences, but torch 2.13 has no FlexAttention backward on the CPU, and SDPA over nested jagged tensors
     was 4x slower there (docs/PERFORMANCE.md, Packed batches)."""
     if impl == "fastlm" and q.device.type in KERNEL_DEVICE_TYPES:
         if packing is not None:
-            return packed_attention(q, k, v, packing, causal=causal, dropout_p=dropout_p)
+            keys = key_packing if key_packing is not None else packing
+            return packed_attention(q, k, v, packing, keys, causal=causal, dropout_p=dropout_p)
         return attention(q, k, v, causal=causal, kv_lens=kv_lens, dropout_p=dropout_p)
     n_queries, n_keys = q.shape[2], k.shape[2]
     if impl == "eager":
         # The teaching version. Each key/value head serves n_heads / n_kv_heads query heads.
-        mask = attention_mask(n_queries, n_keys, causal=causal, kv_lens=kv_lens, device=q.device, packing=packing)
+        mask = attention_mask(n_queries, n_keys, causal=causal, kv_lens=kv_lens, device=q.device, packing=packing,
+                              key_packing=key_packing)
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])     # (B, H, Nq, Nk)
@@ -108,7 +114,7 @@ def scaled_dot_product(
     # The mask is built only where padding (or a non-square causal block) needs it.
     is_causal = causal and kv_lens is None and packing is None and n_queries == n_keys
     mask = None if is_causal else attention_mask(n_queries, n_keys, causal=causal, kv_lens=kv_lens, device=q.device,
-                                                 packing=packing)
+                                                 packing=packing, key_packing=key_packing)
     # SDPA's bf16 forward and backward on the CPU took 3.6x as long as casting to fp32 and back around the fp32 call
     # (tiny preset, 32 rows of 48 tokens, docs/PERFORMANCE.md): under CPU autocast, training attends in fp32
     # (inside, autocast would cast back to bf16). Inference keeps bf16: that forward is as fast.
@@ -180,9 +186,11 @@ class Attention(nn.Module):
         cache: AttentionCache | None = None,
         stepping: bool = False,
         packing: Packing | None = None,
+        memory_packing: Packing | None = None,
     ) -> Tensor:
-        """x (B, T, D) -> (B, T, D). Cross-attention reads keys/values from `memory` (B, S, D); self-attention over
-        packed rows attends within each sequence of `packing`.
+        """x (B, T, D) -> (B, T, D). Cross-attention reads keys/values from `memory` (B, S, D). Over packed rows
+        (`packing`) self-attention attends within each sequence, and cross-attention from sequence i to sequence i
+        of the packed memory (`memory_packing`).
 
         With a cache, self-attention writes its keys/values at `positions`; when `stepping` (one new token per row,
         the earlier ones cached) it attends over the whole cache, `kv_lens` marking the valid keys of each row.
@@ -207,7 +215,8 @@ class Attention(nn.Module):
                     k, v, causal = cached_k, cached_v, False
         dropout_p = self.config.attn_dropout if self.training else 0.0
         out = scaled_dot_product(q, k, v, causal=causal, kv_lens=kv_lens, dropout_p=dropout_p,
-                                 impl=self.config.attn_impl, packing=packing)
+                                 impl=self.config.attn_impl, packing=packing,
+                                 key_packing=memory_packing if self.cross else packing)
         batch, _, length, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, self.config.d_model))
 
@@ -263,6 +272,7 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         packing: Packing | None = None,
+        memory_packing: Packing | None = None,
     ) -> Tensor:
         stepping = cache is not None and cache.filled
         x = self._residual(x, self.self_attn_norm, lambda h: self.self_attn(
@@ -270,9 +280,29 @@ class Block(nn.Module):
             cache=cache.attention(layer, "self") if cache is not None else None, packing=packing))
         if self.cross_attn is not None:
             x = self._residual(x, self.cross_attn_norm, lambda h: self.cross_attn(
-                h, kv_lens=memory_lengths, memory=memory,
+                h, kv_lens=memory_lengths, memory=memory, packing=packing, memory_packing=memory_packing,
                 cache=cache.attention(layer, "cross") if cache is not None else None))
         return self._residual(x, self.ff_norm, self.ff)
+
+
+def packings(input_ids: Tensor, cu_seqlens: Tensor | None, memory: Tensor | None, memory_cu_seqlens: Tensor | None,
+             cache: KVCache | None) -> tuple[Packing, Packing | None]:
+    """The Packing of packed rows and of the memory they cross-attend to (None without a memory); a ValueError for
+    what packed rows are not for: generation, whose KV cache holds one sequence per row, or a memory packed
+    without its rows (or the reverse)."""
+    if cache is not None:
+        raise ValueError("cu_seqlens with a KV cache: packed rows are for training and evaluation; generation "
+                         "takes one sequence per row")
+    if cu_seqlens is None:
+        raise ValueError("memory_cu_seqlens without cu_seqlens: a packed memory pairs its sequences with those of "
+                         "packed rows")
+    if memory is not None and memory_cu_seqlens is None:
+        raise ValueError("cu_seqlens with a memory but no memory_cu_seqlens: cross-attention over packed rows needs "
+                         "the offsets of the memory's sequences, sequence i of the rows attending to its sequence i")
+    if memory is None and memory_cu_seqlens is not None:
+        raise ValueError("memory_cu_seqlens without a memory: there is no cross-attention to pair sequences for")
+    memory_packing = None if memory is None else Packing.from_offsets(memory_cu_seqlens, *memory.shape[:2])
+    return Packing.from_offsets(cu_seqlens, *input_ids.shape), memory_packing
 
 
 class TransformerStack(nn.Module):
@@ -318,20 +348,20 @@ class TransformerStack(nn.Module):
         memory_lengths: Tensor | None = None,
         cache: KVCache | None = None,
         cu_seqlens: Tensor | None = None,
+        memory_cu_seqlens: Tensor | None = None,
     ) -> Tensor:
         """(B, T) ids -> (B, T, D) hidden states.
 
         Without a cache, or with an empty one (which this call fills), the ids are whole rows. With a filled cache
         they are (B, 1): the last token of each row, at position lengths - 1, the earlier ones being cached.
         With cu_seqlens (packed rows, see packing.py) positions restart in every sequence and each attends within
-        itself; padding is a sequence of its own, so `lengths` no longer masks attention."""
-        packing = None
-        if cu_seqlens is not None:
-            if cache is not None or memory is not None:
-                raise ValueError("cu_seqlens with a cache or a memory: packed rows are for self-attention in "
-                                 "training and evaluation, without cross-attention or generation")
-            packing = Packing.from_offsets(cu_seqlens, *input_ids.shape)
-            positions, lengths = packing.positions, None
+        itself; padding is a sequence of its own, so `lengths` no longer masks attention. A memory packed likewise
+        comes with memory_cu_seqlens (pairing its sequences with the rows', see packing.py), and memory_lengths
+        no longer masks cross-attention."""
+        packing = memory_packing = None
+        if cu_seqlens is not None or memory_cu_seqlens is not None:
+            packing, memory_packing = packings(input_ids, cu_seqlens, memory, memory_cu_seqlens, cache)
+            positions, lengths, memory_lengths = packing.positions, None, None
         elif cache is not None and cache.filled:
             positions = (lengths - 1)[:, None]
         else:
@@ -339,7 +369,7 @@ class TransformerStack(nn.Module):
         x = self.embeddings(input_ids, positions)
         for layer, block in enumerate(self.blocks):
             x = block(x, lengths=lengths, positions=positions, memory=memory, memory_lengths=memory_lengths,
-                      cache=cache, layer=layer, packing=packing)
+                      cache=cache, layer=layer, packing=packing, memory_packing=memory_packing)
         if cache is not None:
             cache.filled = True
         return self.final_norm(x)

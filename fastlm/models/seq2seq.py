@@ -15,6 +15,7 @@ from .config import ModelConfig
 from .decoder import DecoderLM, last_token_states, output_projection
 from .encoder import EncoderLM
 from .kv_cache import KVCache
+from .packing import paired_packing_checks
 
 logger = logging.getLogger("fastlm.models")
 
@@ -70,9 +71,10 @@ class Seq2SeqLM(LanguageModel):
         """The token the decoder reads before the first target token: </s> (see the class docstring)."""
         return self.config.eos_id
 
-    def encode(self, src_ids: Tensor, src_lengths: Tensor | None) -> Tensor:
-        """(B, S) source ids -> (B, S, decoder d_model) memory for the decoder's cross-attention."""
-        memory = self.encoder(src_ids, src_lengths)
+    def encode(self, src_ids: Tensor, src_lengths: Tensor | None, src_cu_seqlens: Tensor | None = None) -> Tensor:
+        """(B, S) source ids -> (B, S, decoder d_model) memory for the decoder's cross-attention; src_cu_seqlens:
+        packed source rows (see forward)."""
+        memory = self.encoder(src_ids, src_lengths, cu_seqlens=src_cu_seqlens)
         return self.memory_proj(memory) if self.memory_proj is not None else memory
 
     def forward(
@@ -84,20 +86,33 @@ class Seq2SeqLM(LanguageModel):
         labels: Tensor | None = None,
         return_logits: bool = False,
         label_smoothing: float = 0.0,
+        src_cu_seqlens: Tensor | None = None,
+        tgt_cu_seqlens: Tensor | None = None,
     ) -> ModelOutput:
         """src_ids (B, S); tgt_ids (B, T): the target without a start token, ending with </s>. The decoder reads
         decoder_start_id followed by tgt_ids[:, :-1] (teacher forcing) and position t is scored against labels[t]
         (pass tgt_ids; positions at or beyond tgt_lengths are ignored). label_smoothing: as in F.cross_entropy (see
-        EncoderLM.forward)."""
-        run_checks(token_checks(self.encoder_config, src_ids, src_lengths, None, names=("src_ids", "src_lengths", ""))
-                   + token_checks(self.config, tgt_ids, tgt_lengths, labels, names=("tgt_ids", "tgt_lengths", "labels")))
+        EncoderLM.forward).
+
+        src_cu_seqlens, tgt_cu_seqlens (n + 1,): packed pairs, several to a row (TranslationBatches with
+        packed=True): the offsets of the n source sequences in the flattened (B * S) src_ids and of their n
+        translations in the flattened (B * T) tgt_ids, each row's padding tails a pair of their own (see
+        packing.py). The encoder attends within each source sequence, the decoder causally within each target
+        sequence and across to the source sequence of its index, and the shift behind decoder_start_id is within
+        each target sequence: every pair computes what it computes alone. Lengths still count each row's real
+        tokens."""
+        checks = (token_checks(self.encoder_config, src_ids, src_lengths, None, names=("src_ids", "src_lengths", ""))
+                  + token_checks(self.config, tgt_ids, tgt_lengths, labels, names=("tgt_ids", "tgt_lengths", "labels")))
         if tgt_ids.shape[0] != src_ids.shape[0]:
             raise ValueError(f"tgt_ids of shape {tuple(tgt_ids.shape)}: expected {src_ids.shape[0]} rows, one per row "
                              f"of src_ids {tuple(src_ids.shape)}")
-        memory = self.encode(src_ids, src_lengths)                            # (B, S, D)
-        start = tgt_ids.new_full((tgt_ids.shape[0], 1), self.decoder_start_id)
-        decoder_input = torch.cat([start, tgt_ids[:, :-1]], dim=1)            # (B, T), same lengths as tgt_ids
-        hidden = self.decoder(decoder_input, tgt_lengths, memory=memory, memory_lengths=src_lengths)
+        if src_cu_seqlens is not None or tgt_cu_seqlens is not None:
+            checks += paired_packing_checks(src_cu_seqlens, src_ids, tgt_cu_seqlens, tgt_ids)
+        run_checks(checks)
+        memory = self.encode(src_ids, src_lengths, src_cu_seqlens)           # (B, S, D)
+        decoder_input = shifted_right(tgt_ids, self.decoder_start_id, tgt_cu_seqlens)
+        hidden = self.decoder(decoder_input, tgt_lengths, memory=memory, memory_lengths=src_lengths,
+                              cu_seqlens=tgt_cu_seqlens, memory_cu_seqlens=src_cu_seqlens)
         targets = ignore_padding(labels, tgt_lengths) if labels is not None else None
         return lm_output(hidden, self.lm_head, targets, return_logits, label_smoothing)
 
@@ -177,6 +192,18 @@ class Seq2SeqLM(LanguageModel):
         source, target = self.encoder_config, self.config
         return [(source.n_layers, source.d_model, length), (target.n_layers, target.d_model, length),
                 (target.n_layers, target.d_model, length)]
+
+
+def shifted_right(tgt_ids: Tensor, start_id: int, cu_seqlens: Tensor | None) -> Tensor:
+    """(B, T) -> (B, T): every target sequence (each row, or each sequence of cu_seqlens in the flattened rows)
+    moved one token right behind start_id, its last token dropped: what the decoder reads under teacher forcing.
+    Within each sequence, so that no packed pair reads the end of the pair before it."""
+    flat = tgt_ids.reshape(-1)
+    if cu_seqlens is None:
+        starts = torch.arange(0, flat.numel(), tgt_ids.shape[1], device=flat.device)
+    else:
+        starts = cu_seqlens[:-1].long()
+    return flat.roll(1).index_fill(0, starts, start_id).view_as(tgt_ids)
 
 
 def _log_new_tensors(new: dict[str, Tensor], cross_attention_init: str, share_embeddings: bool) -> None:

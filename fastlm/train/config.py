@@ -56,9 +56,9 @@ class TrainConfig:
     # (Batches). A causal LM's blocks all have max_len tokens: there it means max_tokens // max_len blocks.
     max_tokens: int = 0  # > 0: micro-batches of <= max_tokens padded tokens, length-bucketed, not batch_size rows
     # Off by default: runs keep the batches they always had, and a packed batch holds more sentences than a padded one
-    # of batch_size rows (a new recipe). Validation batches stay one sentence per row, so that every run is scored on
-    # the same masks. Throughput: docs/PERFORMANCE.md (Packed batches).
-    packing: bool = False  # MLM: pack whole sentences into rows of max_len (batch_size counts rows), no padding FLOPs
+    # of batch_size rows (a new recipe). Validation batches stay one sentence (pair) per row, so that every run is
+    # scored on the same batches, and its loss stays comparable. Throughput: docs/PERFORMANCE.md (Packed batches).
+    packing: bool = False  # MLM, finetune: whole sentences (pairs) packed in rows of max_len; batch_size counts rows
     grad_accum: int = 1  # micro-batches per optimizer step and process
     max_len: int = 128  # MLM max length / causal block length / translation max source and target length
     # 0.4, not BERT's 0.15: on ko-en at the tiny scale the encoder stayed on the unigram plateau with 15% and left it

@@ -157,12 +157,14 @@ def _ordering(config: TrainConfig, validation: bool) -> dict:
     return {"seed": config.seed, "shuffle": True}
 
 
+# The tasks whose training batches pack (TrainConfig.packing); causal blocks hold no padding to save.
+PACKING_TASKS = ("pretrain-encoder", "finetune")
+
+
 def check_packing(config: TrainConfig, task: str) -> None:
-    """Only masked-LM pre-training packs sentences: causal blocks have no padding to save, and translation pairs
-    are not packed (their two sides would need rows that pair up)."""
-    if config.packing and task != "pretrain-encoder":
-        raise ValueError(f"packing=True with {task}: only encoder pre-training (masked LM) packs sentences; "
-                         "leave packing off")
+    if config.packing and task not in PACKING_TASKS:
+        raise ValueError(f"packing=True with {task}: only encoder pre-training (masked LM) and finetune pack "
+                         "sentences; causal blocks hold no padding to save, leave packing off")
 
 
 def lm_batches(arch: str, corpus: TokenizedCorpus, tokenizer: Tokenizer, config: TrainConfig, *, validation: bool):
@@ -180,7 +182,8 @@ def lm_batches(arch: str, corpus: TokenizedCorpus, tokenizer: Tokenizer, config:
 def translation_batches(corpus: ParallelCorpus, tokenizer: Tokenizer, config: TrainConfig, *, validation: bool):
     return TranslationBatches(corpus.src, corpus.tgt, **batch_shape(config), max_src_len=config.max_len,
                               max_tgt_len=config.max_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                              pad_id=tokenizer.pad_id, **_ordering(config, validation))
+                              pad_id=tokenizer.pad_id, packed=config.packing and not validation,
+                              **_ordering(config, validation))
 
 
 def _train(model, train_batches, valid_batches, config: TrainConfig, run_dir: Path, *, world: World | None,

@@ -113,7 +113,9 @@ def test_mlm_budget_batches_are_a_function_of_seed_epoch_index_and_change_every_
 @pytest.mark.parametrize("make", [
     lambda c: mlm(c.src), lambda c: mlm(c.src, batch_size=None, max_tokens=64), lambda c: mlm(c.src, packed=True),
     lambda c: translation(c, batch_size=5), lambda c: translation(c, max_tokens=120),
-], ids=["mlm-batch-size", "mlm-max-tokens", "mlm-packed", "translation-batch-size", "translation-max-tokens"])
+    lambda c: translation(c, batch_size=3, packed=True),
+], ids=["mlm-batch-size", "mlm-max-tokens", "mlm-packed", "translation-batch-size", "translation-max-tokens",
+        "translation-packed"])
 def test_padding_fraction_is_the_padding_of_the_batches_built(corpora, make):
     source = make(corpora)
     real = padded = 0
@@ -206,24 +208,39 @@ def test_packed_mlm_batches_are_a_function_of_seed_epoch_index(corpora):
     assert [b.tolist() for b in ordered.epoch_plan(0)] == [b.tolist() for b in ordered.epoch_plan(4)]
 
 
-@given(lengths=st.lists(st.integers(1, 50), max_size=400), capacity=st.integers(50, 120),
-       rows_per_batch=st.integers(1, 9), shuffle=st.booleans(), seed=st.integers(0, 2**31))
-def test_packed_rows_cover_every_item_once_within_capacity_nearly_full(lengths, capacity, rows_per_batch, shuffle,
-                                                                       seed):
-    lengths = np.array(lengths, dtype=np.int64)
-    packing = PackedRows(lengths, np.arange(len(lengths)), capacity=capacity, rows_per_batch=rows_per_batch,
-                         seed=seed, shuffle=shuffle)
-    plan = packing.plan(3)
-    rows = [row for batch in plan for row in batch]
+@st.composite
+def packing_cases(draw):
+    """Items of one side (sentences) or two (translation pairs, their sides' lengths loosely related), each side
+    within its capacity."""
+    sides = draw(st.sampled_from([1, 2]))
+    capacity = tuple(draw(st.integers(50, 120)) for _ in range(sides))
+    lengths = draw(st.lists(st.tuples(*(st.integers(1, 50) for _ in capacity)), max_size=400))
+    return np.array(lengths, dtype=np.int64).reshape(len(lengths), sides), capacity
+
+
+@given(case=packing_cases(), rows_per_batch=st.integers(1, 9), shuffle=st.booleans(), seed=st.integers(0, 2**31))
+def test_packed_rows_cover_every_item_once_within_capacity_nearly_full(case, rows_per_batch, shuffle, seed):
+    lengths, capacity = case
+    one_side = lengths.shape[1] == 1
+    given_lengths = lengths[:, 0] if one_side else lengths  # one side is given as (items,), as MLM gives it
+
+    def plan() -> list[list[np.ndarray]]:
+        return PackedRows(given_lengths, np.arange(len(lengths)), capacity=capacity[0] if one_side else capacity,
+                          rows_per_batch=rows_per_batch, seed=seed, shuffle=shuffle).plan(3)
+
+    rows = [row for batch in plan() for row in batch]
     assert sorted(np.concatenate([[], *rows]).astype(int).tolist()) == list(range(len(lengths)))
-    assert all(0 < len(batch) <= rows_per_batch for batch in plan)
-    loads = [int(lengths[row].sum()) for row in rows]
-    assert all(load <= capacity for load in loads)
-    # Best fit never opens a row for an item an open row could take: at most one row is at most half full.
-    assert sum(load <= capacity // 2 for load in loads) <= 1
-    again = PackedRows(lengths, np.arange(len(lengths)), capacity=capacity, rows_per_batch=rows_per_batch,
-                       seed=seed, shuffle=shuffle).plan(3)
-    assert [[r.tolist() for r in b] for b in again] == [[r.tolist() for r in b] for b in plan]
+    assert all(0 < len(batch) <= rows_per_batch for batch in plan())
+    loads = np.array([lengths[row].sum(axis=0) for row in rows]).reshape(len(rows), len(capacity))
+    assert (loads <= capacity).all()
+    # Best fit never opens a row for an item an open row could take, and rooms only shrink: of two rows, the item
+    # that opened the later one (its first) does not fit the earlier one on every side, even at the end.
+    openers = lengths[[row[0] for row in rows]]
+    fits = (openers[:, None, :] <= np.array(capacity) - loads[None, :, :]).all(axis=-1)  # [opener, row]
+    assert not (fits & fits.T & ~np.eye(len(rows), dtype=bool)).any()
+    if one_side:  # then at most one row is at most half full
+        assert (loads[:, 0] <= capacity[0] // 2).sum() <= 1
+    assert [[r.tolist() for r in b] for b in plan()] == [[r.tolist() for r in b] for b in plan()]
 
 
 def test_mlm_ids_default_to_the_corpus_tokenizer_and_are_checked(corpora):
@@ -362,6 +379,76 @@ def test_a_translation_sample_is_not_the_shortest_pairs(corpora):
     assert set(served(translation(corpora, batch_size=5, shuffle=False, sample=10))) != shortest
 
 
+def paired_sequences(batch) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """(source, target, decoder input, labels) of every pair a packed translation batch holds, its padding tails
+    included, sequence i of the source offsets with sequence i of the target offsets; the decoder input as
+    Seq2SeqLM.forward makes it."""
+    from fastlm.models.seq2seq import shifted_right
+
+    decoder_input = shifted_right(batch["tgt_ids"], EOS, batch["tgt_cu_seqlens"])
+    sides = [(batch["src_ids"], "src_cu_seqlens"), (batch["tgt_ids"], "tgt_cu_seqlens"),
+             (decoder_input, "tgt_cu_seqlens"), (batch["labels"], "tgt_cu_seqlens")]
+    split = []
+    for values, offsets_key in sides:
+        flat, offsets = values.reshape(-1).tolist(), batch[offsets_key].tolist()
+        split.append([tuple(flat[start:end]) for start, end in zip(offsets, offsets[1:])])
+    assert len(split[0]) == len(split[1]), "as many sequences on both sides"
+    return list(zip(*split))
+
+
+def test_packed_translation_rows_hold_whole_pairs_once_paired_by_index(corpora):
+    source = translation(corpora, packed=True, batch_size=3, max_src_len=64, max_tgt_len=96)
+    pairs, rows = [], 0
+    for batch in all_batches(source, epoch=0):
+        assert set(batch) == {"src_ids", "src_lengths", "tgt_ids", "tgt_lengths", "labels", "src_cu_seqlens",
+                              "tgt_cu_seqlens"}
+        first_sequence_of_rows = []
+        for side, max_len in (("src", 64), ("tgt", 96)):
+            ids, lengths, offsets = batch[f"{side}_ids"], batch[f"{side}_lengths"], batch[f"{side}_cu_seqlens"]
+            assert offsets.dtype == torch.int32 and len(ids) <= 3
+            assert (lengths < ids.shape[1]).all(), "every row keeps a padding tail"
+            assert ids.shape[1] == padded_width(int(lengths.max()) + 1, max_len)
+            padding = torch.arange(ids.shape[1])[None, :] >= lengths[:, None]
+            assert (ids[padding] == PAD).all()
+            row_starts = range(0, ids.numel(), ids.shape[1])
+            first_sequence_of_rows.append([offsets.tolist().index(start) for start in row_starts])
+        assert first_sequence_of_rows[0] == first_sequence_of_rows[1], "each row as many sequences on both sides"
+        for src, tgt, decoder_input, labels in paired_sequences(batch):
+            if src[0] == PAD:  # a row's padding tails: a pair of their own, without labels
+                assert set(src) == set(tgt) == {PAD} and set(labels) == {IGNORE_INDEX}
+                continue
+            assert src[0] == BOS and src[-1] == EOS and tgt[0] != BOS and tgt[-1] == EOS
+            # Labels `target </s>`, the decoder reading </s> then the target: shifted within the pair.
+            assert labels == tgt and decoder_input == (EOS, *tgt[:-1])
+            pairs.append((src[1:-1], tgt[:-1]))
+        rows += len(batch["src_ids"])
+    # A packed side keeps max_len - 1 tokens: one for the row's padding tail.
+    expected = [(tuple(TOKENIZER.encode(ko)[:61]), tuple(TOKENIZER.encode(en)[:94])) for ko, en in zip(KO, EN)]
+    assert Counter(pairs) == Counter(expected)
+    assert rows < 0.9 * len(KO), "rows of several pairs"
+
+
+def test_packed_translation_batches_are_a_function_of_seed_epoch_index_sharded_disjointly(corpora):
+    def make(**overrides) -> TranslationBatches:
+        # 300 // 96: three rows a batch.
+        return translation(corpora, **{"packed": True, "batch_size": None, "max_tokens": 300, "max_src_len": 64,
+                                       "max_tgt_len": 96, **overrides})
+
+    source = make()
+    for epoch in (0, 2, 3):
+        assert all(len(batch["src_ids"]) <= 3 for batch in all_batches(source, epoch))
+    resumed = make()  # a resumed run, or another rank, builds its batches from (seed, epoch, index) alone
+    assert all(torch.equal(source.batch(1, 2)[key], resumed.batch(1, 2)[key]) for key in source.batch(1, 2))
+    assert [b.tolist() for b in source.epoch_plan(0)] != [b.tolist() for b in source.epoch_plan(1)]
+    ordered = make(shuffle=False)
+    assert [b.tolist() for b in ordered.epoch_plan(0)] == [b.tolist() for b in ordered.epoch_plan(4)]
+    # DDP: rank r of 2 takes the batches of index % 2 == r, each rank from its own source.
+    shards = [[int(pair) for index in range(rank_source.num_batches(1)) if index % 2 == rank
+               for pair in rank_source.epoch_plan(1)[index]] for rank, rank_source in enumerate([make(), make()])]
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == list(range(len(KO)))
+
+
 def test_translation_settings_are_checked(corpora):
     with pytest.raises(ValueError, match="expected exactly one of them"):
         translation(corpora, batch_size=4, max_tokens=100)
@@ -381,9 +468,10 @@ def test_translation_settings_are_checked(corpora):
     (lambda c: translation(c, batch_size=2, bos_id=None), "bos_id=None"),
     (lambda c: mlm(c.src).batch(0, 1.5), "batch index=1.5"),
     (lambda c: translation(c, batch_size=2, sample=-1), "sample=-1: expected an integer >= 0"),
+    (lambda c: translation(c, batch_size=2, packed=True, max_src_len=3), "max_src_len=3: expected an integer >= 4"),
     (lambda c: mlm(c.src).batch(0.5, 0), "random stream keys \\(3, 0.5\\): expected integers"),
 ], ids=["batch-size-0", "batch-size-bool", "pad-id", "eos-id", "bos-id-none", "float-index", "negative-sample",
-        "float-epoch"])
+        "packed-max-src-len", "float-epoch"])
 def test_bad_batch_settings_name_the_argument(corpora, make, message):
     with pytest.raises((ValueError, IndexError), match=message):
         make(corpora)

@@ -449,7 +449,8 @@ def check_packed_against_oracle(case, impl, poison):
 
 @st.composite
 def packed_cases(draw, max_length, max_sequences):
-    """Sequences of odd lengths, length 1 often; self-attention (k lengths = q lengths) or cross-attention."""
+    """Sequences of odd lengths, length 1 often; self-attention (k lengths = q lengths) or cross-attention (other
+    k lengths, other totals: packed translation pairs, sequence i of the targets on sequence i of the sources)."""
     count = draw(st.integers(1, max_sequences))
     lengths = st.lists(st.one_of(st.just(1), st.integers(1, max_length)), min_size=count, max_size=count)
     q_lengths = draw(lengths)
@@ -474,6 +475,9 @@ def targeted_packed_case(**overrides):
                                    kv_heads=2, head_dim=64, dtype=torch.bfloat16, causal=True, scale=30.0))
 @example(case=targeted_packed_case(q_lengths=[45, 3], k_lengths=[7, 80], heads=2, dtype=torch.float16,
                                    causal=True, slack=40, deterministic=False))
+# Cross-attention of packed translation pairs: target rows of 8 tokens, [6, 1, 1] and [3, 5], on source rows of 16,
+# [2, 9, 5] and [11, 5], each row's last sequence its padding tail (Seq2SeqLM over TranslationBatches(packed=True)).
+@example(case=targeted_packed_case(q_lengths=[6, 1, 1, 3, 5], k_lengths=[2, 9, 5, 11, 5], heads=2, slack=2))
 def test_triton_packed_kernels_match_float64_reference(case):
     check_packed_against_oracle(case, "triton", poison=True)
 

@@ -43,19 +43,24 @@ def test_the_config_decides_the_batches_of_every_task(pairs, max_tokens):
             assert max(rows) == 4, name
 
 
-def test_packing_packs_the_encoders_training_batches_only(pairs):
+@pytest.mark.parametrize("task", ["encoder", "translation"])
+def test_packing_packs_the_training_batches_of_the_encoder_and_translation_only(pairs, task):
+    def source(config: TrainConfig, validation: bool):
+        if task == "encoder":
+            return lm_batches("encoder", pairs.src, TOKENIZER, config, validation=validation)
+        return translation_batches(pairs, TOKENIZER, config, validation=validation)
+
     config = TrainConfig(batch_size=4, max_len=32, packing=True)
-    train = lm_batches("encoder", pairs.src, TOKENIZER, config, validation=False)
-    valid = lm_batches("encoder", pairs.src, TOKENIZER, config, validation=True)
-    assert "cu_seqlens" in train.batch(0, 0) and len(train.batch(0, 0)["input_ids"]) <= 4
-    # Validation keeps one sentence per row: every run is scored on the same masks, packed or not.
-    assert "cu_seqlens" not in valid.batch(0, 0)
-    assert train.num_batches(0) < lm_batches("encoder", pairs.src, TOKENIZER, TrainConfig(batch_size=4, max_len=32),
-                                             validation=False).num_batches(0)
+    train, valid = source(config, validation=False), source(config, validation=True)
+    ids, offsets = {"encoder": ("input_ids", "cu_seqlens"), "translation": ("src_ids", "src_cu_seqlens")}[task]
+    assert offsets in train.batch(0, 0) and len(train.batch(0, 0)[ids]) <= 4
+    # Validation keeps one sentence (pair) per row: every run is scored on the same batches, packed or not.
+    assert offsets not in valid.batch(0, 0)
+    assert train.num_batches(0) < source(TrainConfig(batch_size=4, max_len=32), validation=False).num_batches(0)
 
 
-@pytest.mark.parametrize("task", ["pretrain-decoder", "finetune"])
-def test_packing_is_refused_where_sentences_are_not_packed(task):
-    with pytest.raises(ValueError, match=f"packing=True with {task}: only encoder pre-training"):
+def test_packing_is_refused_where_sentences_are_not_packed():
+    with pytest.raises(ValueError, match="packing=True with pretrain-decoder: only encoder pre-training"):
+        check_packing(TrainConfig(packing=True), "pretrain-decoder")
+    for task in ("pretrain-encoder", "finetune"):
         check_packing(TrainConfig(packing=True), task)
-    check_packing(TrainConfig(packing=True), "pretrain-encoder")
