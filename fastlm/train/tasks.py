@@ -282,9 +282,8 @@ def finetune(encoder: str | Path, decoder: str | Path, tokenizer_path: str | Pat
         pairs = open_parallel(valid_dir, tokenizer)
         valid = translation_batches(pairs, tokenizer, config, validation=True)
         if bleu_sentences:
-            def extra_eval(seq2seq) -> dict:
-                return bleu_on_pairs(seq2seq, tokenizer, pairs, bleu_sentences, decoding,
-                                     max_new_tokens=config.max_len)
+            extra_eval = functools.partial(bleu_on_pairs, tokenizer=tokenizer, pairs=pairs, count=bleu_sentences,
+                                           decoding=decoding, max_new_tokens=config.max_len)
     run_info = {"task": "finetune", "model": model.config_dict(), "tokenizer_sha256": tokenizer_sha256(tokenizer),
                 "data": {"tokenizer": str(tokenizer_path), "train": str(train_dir), "valid": str(valid_dir),
                          "encoder": str(encoder), "decoder": str(decoder)},
