@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-STAGES = ("tokenizers", "plateau", "pretrain", "finetune", "sweep", "recipe")
+STAGES = ("tokenizers", "plateau", "pretrain", "finetune", "datasize", "sweep", "recipe")
 LEVELS = ("char", "byte")  # the first study favoured char: it is pre-trained and fine-tuned first
 VOCAB_SIZES = (8000, 16000, 32000)
 TRAIN_VOCAB = 8000  # the vocabulary of every pre-training and translation run (the plateau stage also tries others)
@@ -134,6 +134,13 @@ QUICK_RECIPE = ("base", "ls0.1")
 # What `ko_en.py --translator` makes: the start the first study scored best (char level, Enc2Dec, seed 0), until this
 # study's results (docs/RESULTS.md) name another.
 TRANSLATOR = ("char", "Enc2Dec", "random", 0)
+# The datasize stage: what more translation pairs would give. The TRANSLATOR's start fine-tuned on part of the
+# train pairs, nested subsets drawn with SUBSET_SEED (the pairs of a smaller one are all in the larger), with the
+# same tokenizer, pre-trained sides, step cap, schedule and early stopping as on all of them; scored at beam 4 on
+# both test sets. The full-data point is the TRANSLATOR's own run.
+DATA_FRACTIONS = (0.25, 0.5)
+QUICK_DATA_FRACTIONS = (0.5,)
+SUBSET_SEED = 0
 WEIGHT_DECAYS = ("0", "1e-4", "1e-3", "1e-2", "1e-1")
 SWEEP_LRS = ("3e-4", "1e-3", "3e-3")
 QUICK_SWEEP = (("0", "1e-3"),)
@@ -160,6 +167,10 @@ class Grid:
     @property
     def heldout_pairs(self) -> int:
         return QUICK_HELDOUT_PAIRS if self.quick else HELDOUT_PAIRS
+
+    @property
+    def data_fractions(self) -> tuple[float, ...]:
+        return QUICK_DATA_FRACTIONS if self.quick else DATA_FRACTIONS
 
     @property
     def vocab_sizes(self) -> tuple[int, ...]:
@@ -226,6 +237,16 @@ def scale_override(text: str) -> tuple[str, int | float]:
 
 def finetune_name(level: str, start: str, init: str, seed: int) -> str:
     return f"{level}-{start}-{init}-seed{seed}"
+
+
+def subset_split(fraction: float) -> str:
+    """The split of the first `fraction` of the train pairs in the datasize stage's draw, e.g. "train25"."""
+    return f"train{round(fraction * 100)}"
+
+
+def datasize_name(fraction: float) -> str:
+    """The datasize stage's run of the TRANSLATOR's start on a fraction of the train pairs."""
+    return f"{finetune_name(*TRANSLATOR)}-{subset_split(fraction)}"
 
 
 def overrides(*settings: dict) -> list[str]:

@@ -9,7 +9,8 @@ drives `fastlm` commands alone (`python -m fastlm ...` in subprocesses):
    main comparison, same budget for all; each followed by its test scores (sacrebleu BLEU and chrF, detokenised,
    greedy and beam 4, via `fastlm translate --input`) on the raw news test split and on an in-domain held-out set
    carved from train, its sample translations, and its source use (the valid loss with mispaired sources);
-5. sweep: weight decay x lr on the encoder.
+5. datasize: the best start (TRANSLATOR) fine-tuned on a quarter and a half of the train pairs: what more pairs give;
+6. sweep: weight decay x lr on the encoder (and recipe: the fine-tuning recipe's low-resource settings).
 
     python experiments/ko_en.py                        # the whole grid, CPU scale (hours on 2 cores)
     python experiments/ko_en.py --stages plateau       # one stage (prerequisites are made as needed)
@@ -46,8 +47,9 @@ from pathlib import Path
 
 from grid import (BEAMS, DECODER_SETTINGS, ENCODER_SETTINGS, EVERYDAY, EVERYDAY_PAIRS, HELDOUT, HELDOUT_SEED,
                   LEVELS, MISPAIRED, MODEL_SETTINGS, PLATEAU, PLATEAU_BASELINE, QUICK_LINES, QUICK_MODEL,
-                  QUICK_RECIPE, RECIPE, RECIPE_BASE, REPO, SAMPLES, SCALES, STAGES, STARTS, TEST_SETS, TRANSLATOR,
-                  Grid, finetune_name, overrides, scale_override, test_name, translation_path)
+                  QUICK_RECIPE, RECIPE, RECIPE_BASE, REPO, SAMPLES, SCALES, STAGES, STARTS, SUBSET_SEED, TEST_SETS,
+                  TRANSLATOR, Grid, datasize_name, finetune_name, overrides, scale_override, subset_split, test_name,
+                  translation_path)
 from report import write_report
 
 sys.path.insert(0, str(REPO))  # the fastlm next to this script, for the statistics
@@ -157,7 +159,7 @@ class Experiment(Grid):
 
     def source_path(self, split: str, lang: str) -> Path:
         """Where the raw text of a split is, once `source` made it."""
-        if split in ("train", HELDOUT, MISPAIRED, EVERYDAY):
+        if split in ("train", HELDOUT, MISPAIRED, EVERYDAY, *map(subset_split, self.data_fractions)):
             return self.out / "data" / f"{split}.{lang}"
         return self.raw_path(split, lang)
 
@@ -180,6 +182,8 @@ class Experiment(Grid):
             write_lines(path, lines[-1:] + lines[:-1] if lang == "ko" else lines)
         elif split == EVERYDAY:
             write_lines(path, [pair[("ko", "en").index(lang)] for pair in EVERYDAY_PAIRS])
+        elif split in map(subset_split, self.data_fractions):
+            self.carve_subsets()
         else:
             self.raw_source(split, lang)
         return path
@@ -191,6 +195,18 @@ class Experiment(Grid):
         if self.quick and not path.is_file():
             write_lines(path, quick_lines(self.data, split, lang))
         return path
+
+    def heldout_sources(self) -> list[str] | None:
+        """The corpus each held-out pair came from, by the train table of --data's SOURCES.md (train_sources);
+        None in --quick (its train is a cut) or where that table does not describe train.ko line by line."""
+        if self.quick or not (self.data / "SOURCES.md").is_file():
+            return None
+        train_lines = len(self.raw_source("train", "ko").read_text(encoding="utf-8").splitlines())
+        sources = train_sources((self.data / "SOURCES.md").read_text(encoding="utf-8"), train_lines)
+        if sources is None:
+            return None
+        by_line = [name for name, count in sources for _ in range(count)]
+        return [by_line[line] for line in heldout_lines(train_lines, self.heldout_pairs)]
 
     def data_name(self) -> str:
         """The data the grid ran on, in words for the report."""
@@ -204,20 +220,29 @@ class Experiment(Grid):
                "has no train.ko)"
 
     def carve_heldout(self) -> None:
-        """Split the train pairs into OUT/data/train.* and OUT/data/heldout.* (HELDOUT_PAIRS drawn with
-        HELDOUT_SEED, kept in train order); the held-out files are written last, so a killed carve redoes itself."""
-        import numpy as np
-
+        """Split the train pairs into OUT/data/train.* and OUT/data/heldout.* (heldout_lines, kept in train
+        order); the held-out files are written last, so a killed carve redoes itself."""
         sides = {lang: self.raw_source("train", lang).read_text(encoding="utf-8").splitlines()
                  for lang in ("ko", "en")}
         if len(sides["ko"]) != len(sides["en"]):
             raise JobFailed(f"train.ko has {len(sides['ko'])} lines, train.en {len(sides['en'])}: expected pairs")
-        chosen = set(np.random.default_rng(HELDOUT_SEED).choice(len(sides["ko"]), size=self.heldout_pairs,
-                                                                replace=False).tolist())
+        chosen = set(heldout_lines(len(sides["ko"]), self.heldout_pairs))
         for split in ("train", HELDOUT):
             for lang, lines in sides.items():
                 write_lines(self.source_path(split, lang),
                             [line for i, line in enumerate(lines) if (i in chosen) == (split == HELDOUT)])
+
+    def carve_subsets(self) -> None:
+        """OUT/data/trainNN.*: the first fraction of the train pairs (held-out removed) in one draw with SUBSET_SEED,
+        kept in train order, so that each subset holds the smaller ones."""
+        import numpy as np
+
+        sides = {lang: self.source("train", lang).read_text(encoding="utf-8").splitlines() for lang in ("ko", "en")}
+        order = np.random.default_rng(SUBSET_SEED).permutation(len(sides["ko"]))
+        for fraction in self.data_fractions:
+            chosen = sorted(order[:round(fraction * len(order))].tolist())
+            for lang, lines in sides.items():
+                write_lines(self.source_path(subset_split(fraction), lang), [lines[i] for i in chosen])
 
     def tokenizer(self, level: str, vocab_size: int) -> tuple[Path, str]:
         """The tokenizer file of a level and size (trained and measured by the tokenizers stage) and its key."""
@@ -352,30 +377,54 @@ class Experiment(Grid):
     def stage_finetune(self) -> None:
         for level, start, init, seed in self.finetune_jobs():  # those --only selects
             name = finetune_name(level, start, init, seed)
-            tokenizer, tokenizer_key = self.tokenizer(level, self.train_vocab)
-            sides, keys = [], [tokenizer_key]
-            for side, arch in zip(STARTS[start], ("encoder", "decoder")):
-                if side == "random":
-                    sides.append("random")
-                else:
-                    path, key = self.pretrain(arch, level)
-                    if not self.result_path("pretrain", Path(path).name).is_file():
-                        self.log(f"finetune {level} {start}: the {arch} is not pre-trained yet: skipped")
-                        break
-                    sides.append(path)
-                    keys.append(key)
-            else:
-                model = self.model_settings() if start == "Rnd2Rnd" else {}
-                command = ["finetune", "--encoder", sides[0], "--decoder", sides[1], "--tokenizer", tokenizer,
-                           "--train", self.corpus(tokenizer, "train", "ko-en"),
-                           "--valid", self.corpus(tokenizer, "valid", "ko-en"),
-                           "--cross-attention-init", init, "--bleu-sentences", "0",
-                           *overrides(self.train_settings(self.epoch_steps(self.scale["finetune_epochs"]), seed),
-                                     {"patience": self.scale["patience"]}, model)]
-                if self.train("finetune", name, command, tuple(keys)) and not self.train_only:
-                    model_key = self.job_key(command, *keys)
-                    self.test(name, tokenizer, model_key)
-                    self.source_use(name, tokenizer, model_key)
+            job = self.translation_job(level, start, init, seed)
+            if job is None:
+                continue
+            tokenizer, command, keys = job
+            if self.train("finetune", name, command, keys) and not self.train_only:
+                model_key = self.job_key(command, *keys)
+                self.test("finetune", name, tokenizer, model_key)
+                self.source_use(name, tokenizer, model_key)
+
+    def stage_datasize(self) -> None:
+        level, start, init, seed = TRANSLATOR
+        for fraction in self.data_fractions:
+            name = datasize_name(fraction)
+            if not self.wanted(f"datasize/{name}"):
+                continue
+            job = self.translation_job(level, start, init, seed, train=subset_split(fraction))
+            if job is None:
+                continue
+            tokenizer, command, keys = job
+            if self.train("datasize", name, command, keys) and not self.train_only:
+                self.test("datasize", name, tokenizer, self.job_key(command, *keys), beams=BEAMS[-1:],
+                          everyday=False)
+
+    def translation_job(self, level: str, start: str, init: str, seed: int,
+                        train: str = "train") -> tuple[Path, list, tuple[str, ...]] | None:
+        """(tokenizer, command, keys of the jobs it reads from) of a translation run on the pairs of split `train`,
+        with its step cap set by the whole train split (a subset runs the same schedule); None, said in the log,
+        while a pre-trained side it starts from is not finished."""
+        tokenizer, tokenizer_key = self.tokenizer(level, self.train_vocab)
+        sides, keys = [], [tokenizer_key]
+        for side, arch in zip(STARTS[start], ("encoder", "decoder")):
+            if side == "random":
+                sides.append("random")
+                continue
+            path, key = self.pretrain(arch, level)
+            if not self.result_path("pretrain", Path(path).name).is_file():
+                self.log(f"finetune {level} {start}: the {arch} is not pre-trained yet: skipped")
+                return None
+            sides.append(path)
+            keys.append(key)
+        model = self.model_settings() if start == "Rnd2Rnd" else {}
+        command = ["finetune", "--encoder", sides[0], "--decoder", sides[1], "--tokenizer", tokenizer,
+                   "--train", self.corpus(tokenizer, train, "ko-en"),
+                   "--valid", self.corpus(tokenizer, "valid", "ko-en"),
+                   "--cross-attention-init", init, "--bleu-sentences", "0",
+                   *overrides(self.train_settings(self.epoch_steps(self.scale["finetune_epochs"]), seed),
+                              {"patience": self.scale["patience"]}, model)]
+        return tokenizer, command, tuple(keys)
 
     def source_use(self, name: str, tokenizer: Path, model_key: str) -> None:
         """How much a translation model reads its source: its loss on the whole valid split with every pair as
@@ -402,14 +451,15 @@ class Experiment(Grid):
             self.save("source", name, {"key": key, "command": [list(map(str, c)) for c in commands.values()],
                                        **losses, "gap": losses["mispaired"] - losses["paired"]})
 
-    def test(self, name: str, tokenizer: Path, model_key: str) -> None:
-        """A translation model's scores on each test set (the news test split, the held-out train pairs), greedy
-        and beam 4, with its best and worst sentences, and its beam-4 translations of the everyday sentences; its
+    def test(self, stage: str, name: str, tokenizer: Path, model_key: str, beams: tuple[int, ...] = BEAMS,
+             everyday: bool = True) -> None:
+        """A translation model's scores on each test set (the news test split, the held-out train pairs) at each of
+        `beams`, with its best and worst sentences, and its beam-4 translations of the everyday sentences; its
         translations stay in OUT/translations, where the report reads them for the paired bootstrap between starts
         and for samples."""
-        model = self.run_dir("finetune", name) / "model"
-        for test_set, beams in [*((each, BEAMS) for each in TEST_SETS), (EVERYDAY, BEAMS[-1:])]:
-            for beam in beams:
+        model = self.run_dir(stage, name) / "model"
+        for test_set, widths in [*((each, beams) for each in TEST_SETS), *([(EVERYDAY, BEAMS[-1:])] * everyday)]:
+            for beam in widths:
                 result_name = test_name(name, test_set, beam)
                 command = ["translate", "--model", model, "--tokenizer", tokenizer,
                            "--input", self.source(test_set, "ko"), "--beam", beam, *self.translate_batch()]
@@ -614,6 +664,28 @@ def run_metrics(run_dir: Path) -> dict:
             "train_curve": [[r["step"], r["loss"]] for r in train[::every]]}
 
 
+def heldout_lines(train_lines: int, count: int) -> list[int]:
+    """The train lines held out as the in-domain test set: `count` of them drawn with HELDOUT_SEED, in order."""
+    import numpy as np
+
+    return sorted(np.random.default_rng(HELDOUT_SEED).choice(train_lines, size=count, replace=False).tolist())
+
+
+def train_sources(sources_md: str, train_lines: int) -> list[tuple[str, int]] | None:
+    """(corpus, pairs) in train order from a SOURCES.md whose Markdown table has columns "source", "split" and
+    "kept" (pairs in the split), as ../shared/data/ko-en's does: its train rows are the corpora train.ko holds one
+    after the other. None where there is no such table or its kept pairs do not add up to `train_lines`."""
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in sources_md.splitlines() if line.lstrip().startswith("|")]
+    head = next((row for row in rows if {"source", "split", "kept"} <= set(row)), None)
+    if head is None:
+        return None
+    column = {name: head.index(name) for name in ("source", "split", "kept")}
+    sources = [(row[column["source"]], int(row[column["kept"]])) for row in rows
+               if len(row) == len(head) and row[column["split"]] == "train" and row[column["kept"]].isdigit()]
+    return sources if sources and sum(count for _, count in sources) == train_lines else None
+
+
 def test_scores(sources: list[str], hypotheses: list[str], references: list[str]) -> dict:
     """Corpus BLEU and chrF, and the SAMPLES best and worst sentences by sentence chrF; "best" only among those
     that score above 0 (an output of nothing is no one's best)."""
@@ -689,7 +761,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         page = args.report_to or (out / "report" / "RESULTS.md" if args.quick else REPO / "docs" / "RESULTS.md")
         references = {split: experiment.source_path(split, "en") for split in (*TEST_SETS, "valid")}
-        print(write_report(experiment, experiment.out, experiment.data_name(), references, page))
+        print(write_report(experiment, experiment.out, experiment.data_name(), references, page,
+                           heldout_sources=experiment.heldout_sources()))
         return 0
     signal.signal(signal.SIGINT, experiment.forward_signal)
     signal.signal(signal.SIGTERM, experiment.forward_signal)

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import subprocess
 import time
 from pathlib import Path
 
 from grid import (BEAMS, DECODER_SETTINGS, ENCODER_SETTINGS, EVERYDAY, EVERYDAY_PAIRS, HELDOUT, MODEL_SETTINGS,
-                  PLATEAU, QUICK_RECIPE, RECIPE, RECIPE_BASE, REPO, STARTS, TEST_SETS, Grid, finetune_name,
-                  overrides, test_name, translation_path)
+                  PLATEAU, QUICK_RECIPE, RECIPE, RECIPE_BASE, REPO, STARTS, TEST_SETS, TRANSLATOR, Grid, datasize_name,
+                  finetune_name, overrides, test_name, translation_path)
 
 PENDING = "pending"
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
@@ -25,10 +26,11 @@ TEST_SET_NAMES = {"test": "news test", HELDOUT: "held-out"}
 SIGNIFICANT = 0.05  # p-values below this are marked
 
 
-def write_report(grid: Grid, out: Path, data: str, references: dict[str, Path], page: Path) -> Path:
+def write_report(grid: Grid, out: Path, data: str, references: dict[str, Path], page: Path, *,
+                 heldout_sources: list[str] | None = None) -> Path:
     """Write `page` and its plots (in `page.parent/results/`, or results/PRESET/) from the results in `out` of the
     grid's jobs (those --only selects), run on `data` (in words); `references`: the English file of each test set and
-    of "valid". Returns the page."""
+    of "valid"; `heldout_sources`: the corpus of each held-out pair, where known. Returns the page."""
     results = load_results(out / "results")
     # Another preset's plots go apart (results/small/...): its page can sit beside the tiny grid's in docs/.
     figures = page.parent / "results" if grid.preset == FINDINGS_PRESET else page.parent / "results" / grid.preset
@@ -38,7 +40,7 @@ def write_report(grid: Grid, out: Path, data: str, references: dict[str, Path], 
     sections = [header(grid, results, data, gpu), findings(grid),
                 tokenizer_section(grid, results), plateau_section(grid, results, figures, page.parent),
                 pretrain_section(shown, results, figures, page.parent),
-                translation_section(shown, results, figures, page.parent, out, references, gpu),
+                translation_section(shown, results, figures, page.parent, out, references, gpu, heldout_sources),
                 sweep_section(grid, results), recipe_section(grid, results, out, references["valid"])]
     if has_first_study(grid):
         sections.append(FIRST_STUDY.read_text(encoding="utf-8").strip())
@@ -248,7 +250,7 @@ def pretrain_section(grid: Grid, results: dict, figures: Path, base: Path) -> st
 
 
 def translation_section(grid: Grid, results: dict, figures: Path, base: Path, out: Path,
-                        references: dict[str, Path], gpu: str | None) -> str:
+                        references: dict[str, Path], gpu: str | None, heldout_sources: list[str] | None) -> str:
     rows, curves, bars = [], {}, {}
     for level, start, init, seed in grid.finetune_jobs():
         name = finetune_name(level, start, init, seed)
@@ -289,6 +291,9 @@ def translation_section(grid: Grid, results: dict, figures: Path, base: Path, ou
         text += f"\n\n![BLEU chart]({path.relative_to(base)})"
     text += "\n\n" + main_comparison(grid, results)
     text += "\n\n" + significance(grid, results, out, references)
+    if heldout_sources:
+        text += "\n\n" + heldout_by_source(grid, results, out, references[HELDOUT], heldout_sources)
+    text += "\n\n" + datasize_section(grid, results)
     text += "\n\n" + samples(grid, results)
     text += "\n\n" + everyday(grid, out)
     return text
@@ -387,6 +392,74 @@ def significance(grid: Grid, results: dict, out: Path, references: dict[str, Pat
             f"two equally good systems; p < {SIGNIFICANT} is marked **bold**. It measures the test sets' sampling "
             "noise for one pair of trained models; the seed noise above is the training's.\n\n"
             + table(["level", "seed", "test set", "start", "BLEU vs Rnd2Rnd", "p", "chrF vs Rnd2Rnd", "p"], rows))
+
+
+def heldout_by_source(grid: Grid, results: dict, out: Path, references: Path, sources: list[str]) -> str:
+    """The held-out scores of the main comparison's first seed (beam 4) per corpus the pairs came from, and without
+    the largest corpus: how much of the held-out score is that one corpus (the Bible in ../shared/data/ko-en)."""
+    import sacrebleu
+
+    lines = read_lines(references)
+    if len(lines) != len(sources):
+        return f"### Held-out scores by corpus\n\nNot shown: {len(sources)} corpus labels for {len(lines)} pairs."
+    corpora = sorted(set(sources), key=sources.index)
+    largest = max(corpora, key=sources.count)
+    groups = {name: [i for i, source in enumerate(sources) if source == name] for name in corpora}
+    groups[f"all but {largest}"] = [i for i, source in enumerate(sources) if source != largest]
+    blocks = ["### Held-out scores by corpus (beam 4, seed 0)",
+              f"The {len(lines)} held-out pairs split by the corpus each came from (the train table of the data's "
+              f"SOURCES.md), and all but the largest corpus: sacrebleu BLEU / chrF of each subset."]
+    for level in grid.levels:
+        outputs = {}
+        for start in STARTS:
+            name = test_name(finetune_name(level, start, "random", 0), HELDOUT, BEAMS[-1])
+            if f"test/{name}" in results:  # scored, so its translations are whole
+                outputs[start] = read_lines(translation_path(out, name))
+        rows = []
+        for name, members in groups.items():
+            cells = []
+            for hypotheses in outputs.values():
+                chosen, wanted = [hypotheses[i] for i in members], [[lines[i] for i in members]]
+                cells.append(f"{sacrebleu.corpus_bleu(chosen, wanted).score:.1f} / "
+                             f"{sacrebleu.corpus_chrf(chosen, wanted).score:.1f}")
+            rows.append([name, len(members), *cells])
+        if outputs:
+            blocks.append(f"**{level} level**\n\n" + table(["corpus", "pairs", *outputs], rows))
+    return "\n\n".join(blocks) if len(blocks) > 2 else "\n\n".join(blocks) + f"\n\n{PENDING}"
+
+
+def datasize_section(grid: Grid, results: dict) -> str:
+    """The datasize stage: the TRANSLATOR's start on part of the train pairs and on all of them (its finetune run),
+    at beam 4, and the news BLEU gained per doubling of the pairs (a least-squares line in log2 pairs)."""
+    level, start, init, seed = TRANSLATOR
+    title = f"### More pairs: {start} ({level} level, seed {seed}) on part of the train pairs"
+    not_run = stage_not_run(grid, results, "datasize")
+    if not_run:
+        return f"{title}\n\n{not_run}"
+    runs = [(fraction, f"datasize/{datasize_name(fraction)}") for fraction in grid.data_fractions]
+    runs.append((1.0, f"finetune/{finetune_name(*TRANSLATOR)}"))
+    rows, points = [], []
+    for fraction, job in runs:
+        r = results.get(job)
+        best = r["best"] if r and r["best"] else {}
+        scores = {test_set: results.get(f"test/{test_name(job.split('/')[1], test_set, BEAMS[-1])}", {})
+                  for test_set in TEST_SETS}
+        rows.append([f"{fraction:.0%}", best.get("step"), r["final"]["step"] if r and r["final"] else None,
+                     r["seconds"] / 3600 if r and r.get("seconds") else None, best.get("loss"),
+                     *[scores[test_set].get(metric) for test_set in TEST_SETS for metric in ("bleu", "chrf")]])
+        if "bleu" in scores["test"]:
+            points.append((math.log2(fraction), scores["test"]["bleu"]))
+    head = ["pairs", "best step", "last step", "hours", "valid loss",
+            *[f"{TEST_SET_NAMES[test_set]} {metric}" for test_set in TEST_SETS for metric in ("BLEU", "chrF")]]
+    text = (f"{title}\n\nThe same fine-tuning (tokenizer, pre-trained sides, step cap, schedule, early stopping) on a "
+            "nested random part of the train pairs (held-out pairs excluded, the same mix of corpora); 100% is the "
+            f"run of the table above. Beam {BEAMS[-1]}.\n\n" + table(head, rows))
+    if len(points) == len(runs):
+        mean_x, mean_y = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+        text += (f"\n\nNews test BLEU per doubling of the pairs (least squares over these {len(points)} points): "
+                 f"{slope:+.2f}.")
+    return text
 
 
 def read_lines(path: Path) -> list[str]:

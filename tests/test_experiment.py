@@ -29,21 +29,26 @@ def test_quick_grid_runs_every_stage_then_skips_it_all(tmp_path, ko_en_dir):
     out = tmp_path / "experiment"
     first = experiment("--data", ko_en_dir, "--out", out)
     results = {stage: sorted(p.stem for p in (out / "results" / stage).glob("*.json"))
-               for stage in ("tokenizers", "plateau", "pretrain", "finetune", "test", "source", "sweep")}
+               for stage in ("tokenizers", "plateau", "pretrain", "finetune", "test", "source", "sweep", "datasize")}
     assert results == {
         "tokenizers": ["byte-1100", "char-1100"],
         "plateau": ["baseline", "mask40"],
         "pretrain": ["char-decoder", "char-encoder"],
         "finetune": ["char-Enc2Dec-random-seed0", "char-Rnd2Rnd-random-seed0"],
-        "test": ["char-Enc2Dec-random-seed0-beam1", "char-Enc2Dec-random-seed0-beam4",
-                 "char-Enc2Dec-random-seed0-everyday-beam4", "char-Enc2Dec-random-seed0-heldout-beam1",
-                 "char-Enc2Dec-random-seed0-heldout-beam4",
-                 "char-Rnd2Rnd-random-seed0-beam1", "char-Rnd2Rnd-random-seed0-beam4",
-                 "char-Rnd2Rnd-random-seed0-everyday-beam4", "char-Rnd2Rnd-random-seed0-heldout-beam1",
-                 "char-Rnd2Rnd-random-seed0-heldout-beam4"],
+        "test": sorted(["char-Enc2Dec-random-seed0-beam1", "char-Enc2Dec-random-seed0-beam4",
+                        "char-Enc2Dec-random-seed0-everyday-beam4", "char-Enc2Dec-random-seed0-heldout-beam1",
+                        "char-Enc2Dec-random-seed0-heldout-beam4",
+                        "char-Rnd2Rnd-random-seed0-beam1", "char-Rnd2Rnd-random-seed0-beam4",
+                        "char-Rnd2Rnd-random-seed0-everyday-beam4", "char-Rnd2Rnd-random-seed0-heldout-beam1",
+                        "char-Rnd2Rnd-random-seed0-heldout-beam4",
+                        f"{ko_en.datasize_name(0.5)}-beam4", f"{ko_en.datasize_name(0.5)}-heldout-beam4"]),
         "source": ["char-Enc2Dec-random-seed0", "char-Rnd2Rnd-random-seed0"],
         "sweep": ["wd0-lr1e-3"],
+        "datasize": [ko_en.datasize_name(0.5)],
     }, first.stdout
+    subset = (out / "data" / "train50.en").read_text(encoding="utf-8").splitlines()
+    train = (out / "data" / "train.en").read_text(encoding="utf-8").splitlines()
+    assert len(subset) == round(len(train) / 2) and set(subset) <= set(train)
     pretrained = json.loads((out / "results" / "pretrain" / "char-encoder.json").read_text())
     assert pretrained["status"] == "finished" and pretrained["final"]["step"] == 4
     source = json.loads((out / "results" / "source" / "char-Rnd2Rnd-random-seed0.json").read_text())
@@ -165,6 +170,39 @@ def test_a_full_grid_page_shows_the_levels_and_stages_that_ran_and_names_the_oth
     assert text.rstrip().endswith(report.FIRST_STUDY.read_text(encoding="utf-8").strip())
 
 
+def test_held_out_pairs_are_scored_per_corpus_named_by_the_sources_table(tmp_path):
+    """SOURCES.md's train rows label train.ko's lines in order; the held-out pairs keep their corpus, and the page
+    scores each corpus and all but the largest apart (here a perfect Rnd2Rnd: 100 on every subset)."""
+    import report
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    table = ("| source | split | read | kept |\n| --- | --- | ---: | ---: |\n| news | test | 9 | 9 |\n"
+             "| tatoeba | train | 1500 | 1400 |\n| bible | train | 2100 | 2000 |\n")
+    (data / "SOURCES.md").write_text("# sources\n\n" + table, encoding="utf-8")
+    assert ko_en.train_sources(table, 3400) == [("tatoeba", 1400), ("bible", 2000)]
+    assert ko_en.train_sources(table, 3401) is None  # kept pairs that do not add up to train: no labels
+    assert ko_en.train_sources("| source | kept |\n| a | 3 |\n", 3) is None  # no split column
+    english = [f"sentence number {i} of the corpus" for i in range(3400)]
+    (data / "train.ko").write_text("".join(f"문장 {i}\n" for i in range(3400)), encoding="utf-8")
+    (data / "train.en").write_text("\n".join(english) + "\n", encoding="utf-8")
+    experiment = ko_en.Experiment("tiny", False, data=data, out=out)
+    sources = experiment.heldout_sources()
+    heldout = experiment.source(ko_en.HELDOUT, "en").read_text(encoding="utf-8").splitlines()
+    assert [("tatoeba" if english.index(line) < 1400 else "bible") for line in heldout] == sources
+    translations = ko_en.translation_path(out, ko_en.test_name("char-Rnd2Rnd-random-seed0", ko_en.HELDOUT, 4))
+    translations.parent.mkdir(parents=True)
+    translations.write_text("\n".join(heldout) + "\n", encoding="utf-8")
+    scored = {f"test/{translations.stem}": {}}
+    text = report.heldout_by_source(ko_en.Grid("tiny", False, shown_levels=("char",)), scored, out,
+                                    experiment.source_path(ko_en.HELDOUT, "en"), sources)
+    bible, tatoeba = sources.count("bible"), sources.count("tatoeba")
+    assert f"| tatoeba | {tatoeba} | 100.0 / 100.0 |\n| bible | {bible} | 100.0 / 100.0 |\n" \
+           f"| all but bible | {tatoeba} | 100.0 / 100.0 |" in text, text
+    assert experiment.heldout_sources() == sources and ko_en.Experiment(
+        "tiny", True, data=data, out=tmp_path / "quick").heldout_sources() is None  # --quick's train is a cut
+
+
 def test_data_that_cannot_feed_the_grid_is_refused_with_the_reason(tmp_path):
     def problem(files: dict[str, bytes]) -> str | None:
         data = tmp_path / str(len(list(tmp_path.iterdir())))
@@ -210,7 +248,7 @@ def grid_job_keys(tmp_path, **grid) -> dict[tuple[str, str], str]:
     for name in ("char-encoder", "char-decoder", "byte-encoder", "byte-decoder"):  # what Enc2* starts wait for
         experiment.result_path("pretrain", name).parent.mkdir(parents=True, exist_ok=True)
         experiment.result_path("pretrain", name).touch()
-    for stage in ("plateau", "pretrain", "finetune", "sweep", "recipe"):
+    for stage in ("plateau", "pretrain", "finetune", "datasize", "sweep", "recipe"):
         getattr(experiment, f"stage_{stage}")()
     return experiment.recorded
 
@@ -220,10 +258,15 @@ def test_the_tiny_grid_jobs_keep_the_keys_they_ran_with(tmp_path):
     import hashlib
 
     keys = grid_job_keys(tmp_path)
-    stages = [stage for stage, _ in keys]
+    subsets = {ko_en.datasize_name(fraction) for fraction in ko_en.Grid("tiny", False).data_fractions}
+    datasize = {job: key for job, key in keys.items() if job[1].startswith(tuple(subsets))}
+    assert sorted(datasize) == sorted([("datasize", name) for name in subsets]
+                                      + [("test", f"{name}{test}-beam4") for name in subsets for test in ("", "-heldout")])
+    kept = [(job, key) for job, key in keys.items() if job not in datasize]
+    stages = [stage for (stage, _), _ in kept]
     assert [stages.count(stage) for stage in ("plateau", "pretrain", "finetune", "test", "source", "sweep", "recipe",
                                               "valid")] == [11, 4, 20, 20 * 5, 20, 15, 5, 5]
-    assert hashlib.sha256(json.dumps(list(keys.items())).encode()).hexdigest()[:16] == "5f57e8b74ed65be5"  # at 910ecf4
+    assert hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:16] == "5f57e8b74ed65be5"  # at 910ecf4
 
 
 def test_a_scale_override_changes_the_jobs_that_use_its_entry_alone(tmp_path):
@@ -233,8 +276,9 @@ def test_a_scale_override_changes_the_jobs_that_use_its_entry_alone(tmp_path):
     # The pre-trainings, and the translation runs that start from one and their scoring (their keys hold the
     # pre-training's).
     assert changed == {job for job in default if job[0] == "pretrain"
-                       or (job[0] in ("finetune", "test", "source") and "-Rnd2Rnd-" not in job[1])}
-    assert len(changed) == 4 + 16 * (1 + 5 + 1)
+                       or (job[0] in ("finetune", "datasize", "test", "source") and "-Rnd2Rnd-" not in job[1])}
+    datasize = 0 if ko_en.TRANSLATOR[1] == "Rnd2Rnd" else 2 * (1 + 2)  # two subsets, each scored on two test sets
+    assert len(changed) == 4 + 16 * (1 + 5 + 1) + datasize
     batched = grid_job_keys(tmp_path / "batched", scale_overrides={"translate_batch": 64})
     assert {job for job in default if batched[job] != default[job]} == {job for job in default
                                                                           if job[0] in ("test", "valid")}
