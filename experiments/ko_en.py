@@ -9,7 +9,7 @@ drives `fastlm` commands alone (`python -m fastlm ...` in subprocesses):
    main comparison, same budget for all; each followed by its test scores (sacrebleu BLEU and chrF, detokenised,
    greedy and beam 4, via `fastlm translate --input`) on the raw news test split and on an in-domain held-out set
    carved from train, its sample translations, and its source use (the valid loss with mispaired sources);
-5. datasize: the best start (TRANSLATOR) fine-tuned on a quarter and a half of the train pairs: what more pairs give;
+5. datasize: one start (grid.py's DATASIZE_START) fine-tuned on a quarter and a half of the train pairs;
 6. sweep: weight decay x lr on the encoder (and recipe: the fine-tuning recipe's low-resource settings).
 
     python experiments/ko_en.py                        # the whole grid, CPU scale (hours on 2 cores)
@@ -48,7 +48,7 @@ from pathlib import Path
 from grid import (BEAMS, DECODER_SETTINGS, ENCODER_SETTINGS, EVERYDAY, EVERYDAY_PAIRS, HELDOUT, HELDOUT_SEED,
                   LEVELS, MISPAIRED, MODEL_SETTINGS, PLATEAU, PLATEAU_BASELINE, QUICK_LINES, QUICK_MODEL,
                   QUICK_RECIPE, RECIPE, RECIPE_BASE, REPO, SAMPLES, SCALES, STAGES, STARTS, SUBSET_SEED, TEST_SETS,
-                  TRANSLATOR, Grid, datasize_name, finetune_name, overrides, scale_override, subset_split, test_name,
+                  TRANSLATOR, Grid, finetune_name, overrides, scale_override, subset_split, test_name,
                   translation_path)
 from report import write_report
 
@@ -159,7 +159,7 @@ class Experiment(Grid):
 
     def source_path(self, split: str, lang: str) -> Path:
         """Where the raw text of a split is, once `source` made it."""
-        if split in ("train", HELDOUT, MISPAIRED, EVERYDAY, *map(subset_split, self.data_fractions)):
+        if split in ("train", HELDOUT, MISPAIRED, EVERYDAY, *self.subset_splits):
             return self.out / "data" / f"{split}.{lang}"
         return self.raw_path(split, lang)
 
@@ -182,7 +182,7 @@ class Experiment(Grid):
             write_lines(path, lines[-1:] + lines[:-1] if lang == "ko" else lines)
         elif split == EVERYDAY:
             write_lines(path, [pair[("ko", "en").index(lang)] for pair in EVERYDAY_PAIRS])
-        elif split in map(subset_split, self.data_fractions):
+        elif split in self.subset_splits:
             self.carve_subsets()
         else:
             self.raw_source(split, lang)
@@ -387,9 +387,9 @@ class Experiment(Grid):
                 self.source_use(name, tokenizer, model_key)
 
     def stage_datasize(self) -> None:
-        level, start, init, seed = TRANSLATOR
+        level, start, init, seed = self.datasize_start
         for fraction in self.data_fractions:
-            name = datasize_name(fraction)
+            name = self.datasize_name(fraction)
             if not self.wanted(f"datasize/{name}"):
                 continue
             job = self.translation_job(level, start, init, seed, train=subset_split(fraction))

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from grid import (BEAMS, DECODER_SETTINGS, ENCODER_SETTINGS, EVERYDAY, EVERYDAY_PAIRS, HELDOUT, MODEL_SETTINGS,
-                  PLATEAU, QUICK_RECIPE, RECIPE, RECIPE_BASE, REPO, STARTS, TEST_SETS, TRANSLATOR, Grid, datasize_name,
+                  PLATEAU, QUICK_RECIPE, RECIPE, RECIPE_BASE, REPO, STARTS, TEST_SETS, Grid,
                   finetune_name, overrides, test_name, translation_path)
 
 PENDING = "pending"
@@ -24,6 +24,8 @@ FIRST_STUDY_STAGES = ("plateau", "sweep")  # the stages of the first study that 
 FINDINGS_PRESET = "tiny"  # the preset whose grid the findings and the first study describe
 TEST_SET_NAMES = {"test": "news test", HELDOUT: "held-out"}
 SIGNIFICANT = 0.05  # p-values below this are marked
+# The paired tests: each start against the starts with one side fewer pre-trained, and against Rnd2Rnd.
+COMPARED_WITH = {"Enc2Rnd": ("Rnd2Rnd",), "Rnd2Dec": ("Rnd2Rnd",), "Enc2Dec": ("Rnd2Rnd", "Enc2Rnd", "Rnd2Dec")}
 
 
 def write_report(grid: Grid, out: Path, data: str, references: dict[str, Path], page: Path, *,
@@ -365,8 +367,9 @@ def main_comparison(grid: Grid, results: dict) -> str:
 
 
 def significance(grid: Grid, results: dict, out: Path, references: dict[str, Path]) -> str:
-    """Each start against Rnd2Rnd of the same level and seed, on each test set at beam 4: the BLEU and chrF
-    differences and their p-values by paired bootstrap resampling (see paired_bootstrap)."""
+    """Each start against the starts with fewer pre-trained sides (COMPARED_WITH) of the same level and seed, on each
+    test set at beam 4: the BLEU and chrF differences and their p-values by paired bootstrap resampling (see
+    paired_bootstrap)."""
     seeds = main_jobs(grid)
     rows = []
     for level in grid.levels:
@@ -377,21 +380,24 @@ def significance(grid: Grid, results: dict, out: Path, references: dict[str, Pat
                          for start in starts}
                 done = {start: translation_path(out, name) for start, name in names.items()
                         if f"test/{name}" in results and translation_path(out, name).is_file()}
-                tested = {}
-                if "Rnd2Rnd" in done and references[test_set].is_file():
-                    tested = paired_bootstrap(read_lines(done.pop("Rnd2Rnd")),
-                                              {start: read_lines(path) for start, path in done.items()},
-                                              read_lines(references[test_set]))
-                for start in (start for start in starts if start != "Rnd2Rnd"):
-                    cells = [cell for metric in ("BLEU", "chrF") for cell in shown_test(tested.get(start), metric)]
-                    rows.append([level, seed, TEST_SET_NAMES[test_set], start, *cells])
-    return ("### Significance: each start against Rnd2Rnd, paired bootstrap\n\nsacrebleu's paired bootstrap "
+                for baseline in dict.fromkeys(b for each in COMPARED_WITH.values() for b in each if b in starts):
+                    systems = [start for start in starts if baseline in COMPARED_WITH.get(start, ())]
+                    tested = {}
+                    if baseline in done and references[test_set].is_file():
+                        scored = {start: read_lines(done[start]) for start in systems if start in done}
+                        tested = paired_bootstrap(read_lines(done[baseline]), scored, read_lines(references[test_set]))
+                    for start in systems:
+                        cells = [cell for metric in ("BLEU", "chrF") for cell in shown_test(tested.get(start), metric)]
+                        rows.append([level, seed, TEST_SET_NAMES[test_set], start, baseline, *cells])
+    return ("### Significance: paired bootstrap\n\nEach start against Rnd2Rnd, and Enc2Dec against Enc2Rnd and "
+            "Rnd2Dec (what the other pre-trained side adds): sacrebleu's paired bootstrap "
             "resampling (`sacrebleu --paired-bs`: 1000 resamples of the test sentences, its fixed seed 12345) of "
-            f"each start's beam-{BEAMS[-1]} translations against Rnd2Rnd's of the same level and seed: the "
+            f"the beam-{BEAMS[-1]} translations of two starts of the same level and seed: the "
             "difference in BLEU and chrF, and its p-value, the chance of a difference at least that large between "
             f"two equally good systems; p < {SIGNIFICANT} is marked **bold**. It measures the test sets' sampling "
             "noise for one pair of trained models; the seed noise above is the training's.\n\n"
-            + table(["level", "seed", "test set", "start", "BLEU vs Rnd2Rnd", "p", "chrF vs Rnd2Rnd", "p"], rows))
+            + table(["level", "seed", "test set", "start", "against", "BLEU difference", "p", "chrF difference", "p"],
+                    rows))
 
 
 def heldout_by_source(grid: Grid, results: dict, out: Path, references: Path, sources: list[str]) -> str:
@@ -429,15 +435,15 @@ def heldout_by_source(grid: Grid, results: dict, out: Path, references: Path, so
 
 
 def datasize_section(grid: Grid, results: dict) -> str:
-    """The datasize stage: the TRANSLATOR's start on part of the train pairs and on all of them (its finetune run),
-    at beam 4, and the news BLEU gained per doubling of the pairs (a least-squares line in log2 pairs)."""
-    level, start, init, seed = TRANSLATOR
+    """The datasize stage: its start on part of the train pairs and on all of them (its finetune run), at beam 4,
+    and the news BLEU gained per doubling of the pairs (a least-squares line in log2 pairs)."""
+    level, start, init, seed = grid.datasize_start
     title = f"### More pairs: {start} ({level} level, seed {seed}) on part of the train pairs"
     not_run = stage_not_run(grid, results, "datasize")
     if not_run:
         return f"{title}\n\n{not_run}"
-    runs = [(fraction, f"datasize/{datasize_name(fraction)}") for fraction in grid.data_fractions]
-    runs.append((1.0, f"finetune/{finetune_name(*TRANSLATOR)}"))
+    runs = [(fraction, f"datasize/{grid.datasize_name(fraction)}") for fraction in grid.data_fractions]
+    runs.append((1.0, f"finetune/{finetune_name(*grid.datasize_start)}"))
     rows, points = [], []
     for fraction, job in runs:
         r = results.get(job)

@@ -41,10 +41,10 @@ def test_quick_grid_runs_every_stage_then_skips_it_all(tmp_path, ko_en_dir):
                         "char-Rnd2Rnd-random-seed0-beam1", "char-Rnd2Rnd-random-seed0-beam4",
                         "char-Rnd2Rnd-random-seed0-everyday-beam4", "char-Rnd2Rnd-random-seed0-heldout-beam1",
                         "char-Rnd2Rnd-random-seed0-heldout-beam4",
-                        f"{ko_en.datasize_name(0.5)}-beam4", f"{ko_en.datasize_name(0.5)}-heldout-beam4"]),
+                        "char-Enc2Dec-random-seed0-train50-beam4", "char-Enc2Dec-random-seed0-train50-heldout-beam4"]),
         "source": ["char-Enc2Dec-random-seed0", "char-Rnd2Rnd-random-seed0"],
         "sweep": ["wd0-lr1e-3"],
-        "datasize": [ko_en.datasize_name(0.5)],
+        "datasize": ["char-Enc2Dec-random-seed0-train50"],
     }, first.stdout
     subset = (out / "data" / "train50.en").read_text(encoding="utf-8").splitlines()
     train = (out / "data" / "train.en").read_text(encoding="utf-8").splitlines()
@@ -79,7 +79,7 @@ def test_quick_grid_runs_every_stage_then_skips_it_all(tmp_path, ko_en_dir):
     # A quick page describes the quick run: no findings of the full grid, the data it was cut from.
     assert "## Findings\n\nNone: a `--quick` run" in text and "**Status.**" not in text
     assert f"Data: the first 300/24/24 lines of train/valid/test of `{os.path.relpath(ko_en_dir, REPO)}`" in text
-    assert re.search(r"\| char \| 0 \| held-out \| Enc2Dec \| [+-][\d.e+-]+ \| (\*\*)?[\d.]+", text), text
+    assert re.search(r"\| char \| 0 \| held-out \| Enc2Dec \| Rnd2Rnd \| [+-][\d.e+-]+ \| (\*\*)?[\d.]+", text), text
     assert not re.search(r"- \(best\) [^\n]*\n  - output: \*\(empty\)\*", text), text  # nothing is no one's best
     assert "### Everyday sentences" in text and "| 오늘 날씨가 정말 좋네요. | The weather is really nice today. |" in text
     assert {p.name for p in (page.parent / "results").glob("*.png")} == {"plateau.png", "pretrain.png",
@@ -258,10 +258,10 @@ def test_the_tiny_grid_jobs_keep_the_keys_they_ran_with(tmp_path):
     import hashlib
 
     keys = grid_job_keys(tmp_path)
-    subsets = {ko_en.datasize_name(fraction) for fraction in ko_en.Grid("tiny", False).data_fractions}
+    subsets = {"char-Enc2Rnd-random-seed0-train25", "char-Enc2Rnd-random-seed0-train50"}
     datasize = {job: key for job, key in keys.items() if job[1].startswith(tuple(subsets))}
-    assert sorted(datasize) == sorted([("datasize", name) for name in subsets]
-                                      + [("test", f"{name}{test}-beam4") for name in subsets for test in ("", "-heldout")])
+    scored = [("test", f"{name}{test}-beam4") for name in subsets for test in ("", "-heldout")]
+    assert sorted(datasize) == sorted([("datasize", name) for name in subsets] + scored)
     kept = [(job, key) for job, key in keys.items() if job not in datasize]
     stages = [stage for (stage, _), _ in kept]
     assert [stages.count(stage) for stage in ("plateau", "pretrain", "finetune", "test", "source", "sweep", "recipe",
@@ -277,8 +277,7 @@ def test_a_scale_override_changes_the_jobs_that_use_its_entry_alone(tmp_path):
     # pre-training's).
     assert changed == {job for job in default if job[0] == "pretrain"
                        or (job[0] in ("finetune", "datasize", "test", "source") and "-Rnd2Rnd-" not in job[1])}
-    datasize = 0 if ko_en.TRANSLATOR[1] == "Rnd2Rnd" else 2 * (1 + 2)  # two subsets, each scored on two test sets
-    assert len(changed) == 4 + 16 * (1 + 5 + 1) + datasize
+    assert len(changed) == 4 + 16 * (1 + 5 + 1) + 2 * (1 + 2)  # and two subsets, each scored on two test sets
     batched = grid_job_keys(tmp_path / "batched", scale_overrides={"translate_batch": 64})
     assert {job for job in default if batched[job] != default[job]} == {job for job in default
                                                                           if job[0] in ("test", "valid")}
