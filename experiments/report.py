@@ -459,7 +459,8 @@ def datasize_section(grid: Grid, results: dict) -> str:
             *[f"{TEST_SET_NAMES[test_set]} {metric}" for test_set in TEST_SETS for metric in ("BLEU", "chrF")]]
     text = (f"{title}\n\nThe same fine-tuning (tokenizer, pre-trained sides, step cap, schedule, early stopping) on a "
             "nested random part of the train pairs (held-out pairs excluded, the same mix of corpora); 100% is the "
-            f"run of the table above. Beam {BEAMS[-1]}.\n\n" + table(head, rows))
+            f"run of the table above; grid.py's DATASIZE_START says why this start. Beam {BEAMS[-1]}.\n\n"
+            + table(head, rows))
     if len(points) == len(runs):
         mean_x, mean_y = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
         slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
