@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import platform
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -462,8 +463,7 @@ def datasize_section(grid: Grid, results: dict) -> str:
             f"run of the table above; grid.py's DATASIZE_START says why this start. Beam {BEAMS[-1]}.\n\n"
             + table(head, rows))
     if len(points) == len(runs):
-        mean_x, mean_y = sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
-        slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+        slope = statistics.linear_regression(*zip(*points)).slope
         text += (f"\n\nNews test BLEU per doubling of the pairs (least squares over these {len(points)} points): "
                  f"{slope:+.2f}.")
     return text
