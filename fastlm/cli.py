@@ -393,13 +393,14 @@ def _settings_help(title: str, cls: type, prefix: str, presets: dict[str, dict],
 
     defaults = field_defaults(cls)
     values = {name: {**defaults, **preset, **(task_defaults or {})} for name, preset in presets.items()}
+    comments = field_help(cls)
     lines = [title]
     for name, expected in field_types(cls).items():
         default = values[default_preset][name]
         others = "".join(f"; {preset}: {values[preset][name]}" for preset in presets
                          if preset != default_preset and values[preset][name] != default)
         flag = f"--{prefix}{name} {_type_name(expected)}"
-        text = f"{field_help(cls).get(name, '')} (default: {default}{others})"
+        text = f"{comments.get(name, '')} (default: {default}{others})"
         indent = " " * 36
         if len(flag) > 32:  # as argparse does: a long flag on its own line
             lines.append(f"  {flag}")

@@ -7,6 +7,7 @@ directory and in every checkpoint, so a run can always be explained and resumed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import re
@@ -204,6 +205,7 @@ def field_types(cls: type) -> dict[str, type]:
 _FIELD_COMMENT = re.compile(r"^\s+(\w+):[^=\n]+=[^#\n]*#\s*(.+?)\s*$", re.MULTILINE)
 
 
+@functools.cache  # parsing a class's source costs ~10 ms, and every command's parser asks for it again
 def field_help(cls: type) -> dict[str, str]:
     """Field name -> the comment beside its default in the class body: each setting is explained in one place,
     and `--help` shows that same text ("" where the source is not shipped)."""

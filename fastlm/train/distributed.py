@@ -11,9 +11,9 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_optimizer_state_dict,
-)
+
+# torch.distributed.checkpoint is imported where a checkpoint is made or loaded, not here: it takes most of a second
+# to import, which every `fastlm` command (tokenizer, prepare, translate...) would pay at start.
 
 T = TypeVar("T")
 
@@ -124,12 +124,16 @@ def full_state_dicts(wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> tu
     """Unsharded model and optimizer state dicts on CPU, both keyed by parameter names whatever the layout (one
     process, DDP or FSDP2), so that a checkpoint loads on any world size. Under a process group this is a collective
     (every rank must call it) and only rank 0 gets the gathered tensors: the others never hold the whole state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
     return get_state_dict(wrapped, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def full_model_state_dict(wrapped: nn.Module, *, fsdp: bool) -> dict:
     """The unsharded model state dict on CPU (a collective under FSDP2: every rank must call it)."""
     if fsdp and dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return unwrap(wrapped).state_dict()
 
@@ -139,6 +143,10 @@ def load_full_state_dicts(wrapped: nn.Module, optimizer: torch.optim.Optimizer, 
     """Load the state dicts of `full_state_dicts` into any layout. Under a process group only rank 0 passes them
     (the others pass empty dicts): rank 0 broadcasts one tensor at a time and each rank keeps its FSDP2 shard of it,
     so no rank but 0 reads the file or holds the whole state."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+    )
+
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
     # Two calls rather than one set_state_dict: with broadcast_from_rank0 the combined call hangs under gloo
     # (seen with torch 2.13), the separate ones do not.
