@@ -196,17 +196,22 @@ class Experiment(Grid):
             write_lines(path, quick_lines(self.data, split, lang))
         return path
 
-    def heldout_sources(self) -> list[str] | None:
-        """The corpus each held-out pair came from, by the train table of --data's SOURCES.md (train_sources);
-        None in --quick (its train is a cut) or where that table does not describe train.ko line by line."""
+    def data_sources(self) -> dict[str, list[tuple[str, int]]] | None:
+        """The corpora of each split of --data, by its SOURCES.md table (sources_table), where that table describes
+        train.ko line by line (train_sources); None in --quick (its splits are cuts) or where it does not."""
         if self.quick or not (self.data / "SOURCES.md").is_file():
             return None
+        text = (self.data / "SOURCES.md").read_text(encoding="utf-8")
         train_lines = len(self.raw_source("train", "ko").read_text(encoding="utf-8").splitlines())
-        sources = train_sources((self.data / "SOURCES.md").read_text(encoding="utf-8"), train_lines)
+        return sources_table(text) if train_sources(text, train_lines) else None
+
+    def heldout_sources(self) -> list[str] | None:
+        """The corpus each held-out pair came from (data_sources); None where the corpora are not known."""
+        sources = self.data_sources()
         if sources is None:
             return None
-        by_line = [name for name, count in sources for _ in range(count)]
-        return [by_line[line] for line in heldout_lines(train_lines, self.heldout_pairs)]
+        by_line = [name for name, count in sources["train"] for _ in range(count)]
+        return [by_line[line] for line in heldout_lines(len(by_line), self.heldout_pairs)]
 
     def data_name(self) -> str:
         """The data the grid ran on, in words for the report."""
@@ -671,18 +676,27 @@ def heldout_lines(train_lines: int, count: int) -> list[int]:
     return sorted(np.random.default_rng(HELDOUT_SEED).choice(train_lines, size=count, replace=False).tolist())
 
 
-def train_sources(sources_md: str, train_lines: int) -> list[tuple[str, int]] | None:
-    """(corpus, pairs) in train order from a SOURCES.md whose Markdown table has columns "source", "split" and
-    "kept" (pairs in the split), as ../shared/data/ko-en's does: its train rows are the corpora train.ko holds one
-    after the other. None where there is no such table or its kept pairs do not add up to `train_lines`."""
+def sources_table(sources_md: str) -> dict[str, list[tuple[str, int]]]:
+    """split -> (corpus, pairs kept) in the file's order, from a SOURCES.md whose Markdown table has columns
+    "source", "split" and "kept", as ../shared/data/ko-en's does; {} where there is no such table."""
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
             for line in sources_md.splitlines() if line.lstrip().startswith("|")]
     head = next((row for row in rows if {"source", "split", "kept"} <= set(row)), None)
     if head is None:
-        return None
-    column = {name: head.index(name) for name in ("source", "split", "kept")}
-    sources = [(row[column["source"]], int(row[column["kept"]])) for row in rows
-               if len(row) == len(head) and row[column["split"]] == "train" and row[column["kept"]].isdigit()]
+        return {}
+    source, split, kept = (head.index(name) for name in ("source", "split", "kept"))
+    table: dict[str, list[tuple[str, int]]] = {}
+    for row in rows:
+        if len(row) == len(head) and row[kept].isdigit():
+            table.setdefault(row[split], []).append((row[source], int(row[kept])))
+    return table
+
+
+def train_sources(sources_md: str, train_lines: int) -> list[tuple[str, int]] | None:
+    """(corpus, pairs) in train order from a SOURCES.md's table (sources_table): its train rows are the corpora
+    train.ko holds one after the other. None where there is no such table or its kept pairs do not add up to
+    `train_lines`."""
+    sources = sources_table(sources_md).get("train", [])
     return sources if sources and sum(count for _, count in sources) == train_lines else None
 
 
@@ -762,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         page = args.report_to or (out / "report" / "RESULTS.md" if args.quick else REPO / "docs" / "RESULTS.md")
         references = {split: experiment.source_path(split, "en") for split in (*TEST_SETS, "valid")}
         print(write_report(experiment, experiment.out, experiment.data_name(), references, page,
-                           heldout_sources=experiment.heldout_sources()))
+                           data_sources=experiment.data_sources(), heldout_sources=experiment.heldout_sources()))
         return 0
     signal.signal(signal.SIGINT, experiment.forward_signal)
     signal.signal(signal.SIGTERM, experiment.forward_signal)

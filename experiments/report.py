@@ -30,10 +30,12 @@ COMPARED_WITH = {"Enc2Rnd": ("Rnd2Rnd",), "Rnd2Dec": ("Rnd2Rnd",), "Enc2Dec": ("
 
 
 def write_report(grid: Grid, out: Path, data: str, references: dict[str, Path], page: Path, *,
+                 data_sources: dict[str, list[tuple[str, int]]] | None = None,
                  heldout_sources: list[str] | None = None) -> Path:
     """Write `page` and its plots (in `page.parent/results/`, or results/PRESET/) from the results in `out` of the
     grid's jobs (those --only selects), run on `data` (in words); `references`: the English file of each test set and
-    of "valid"; `heldout_sources`: the corpus of each held-out pair, where known. Returns the page."""
+    of "valid"; `data_sources`: the corpora of each split and `heldout_sources` the corpus of each held-out pair,
+    where known. Returns the page."""
     results = load_results(out / "results")
     # Another preset's plots go apart (results/small/...): its page can sit beside the tiny grid's in docs/.
     figures = page.parent / "results" if grid.preset == FINDINGS_PRESET else page.parent / "results" / grid.preset
@@ -41,6 +43,7 @@ def write_report(grid: Grid, out: Path, data: str, references: dict[str, Path], 
     shown = dataclasses.replace(grid, shown_levels=levels_with_results(grid, results))
     gpu = gpu_name()
     sections = [header(grid, results, data, gpu), findings(grid),
+                *([data_section(data_sources, heldout_sources)] if data_sources and heldout_sources else []),
                 tokenizer_section(grid, results), plateau_section(grid, results, figures, page.parent),
                 pretrain_section(shown, results, figures, page.parent),
                 translation_section(shown, results, figures, page.parent, out, references, gpu, heldout_sources),
@@ -148,6 +151,26 @@ def findings(grid: Grid) -> str:
         return (f"## Findings\n\nNone written for this page: those of docs/RESULTS.md are of the `--preset "
                 f"{FINDINGS_PRESET}` grid.")
     return FINDINGS.read_text(encoding="utf-8").strip() if FINDINGS.is_file() else "## Findings\n\nNone yet."
+
+
+def data_section(sources: dict[str, list[tuple[str, int]]], heldout_sources: list[str]) -> str:
+    """The pairs of each corpus in each split, the held-out pairs drawn from train, and each corpus's share of the
+    pairs every model trains on."""
+    trained_on = sum(pairs for _, pairs in sources["train"]) - len(heldout_sources)
+    rows = []
+    for split, corpora in sources.items():
+        for corpus, pairs in corpora:
+            if split == "train":
+                held_out = heldout_sources.count(corpus)
+                rows.append([corpus, split, pairs, held_out, pairs - held_out,
+                             f"{100 * (pairs - held_out) / trained_on:.1f}%"])
+            else:
+                rows.append([corpus, split, pairs, "", "", ""])
+    return ("## Data\n\nThe Korean-English pairs of each corpus and split, by the data's SOURCES.md (which gives "
+            "their origin, licence and cleaning). The held-out pairs are drawn at random from train before any "
+            "tokenizer or model sees it; the rest is what every tokenizer, pre-training (each its own side) and "
+            "fine-tuning trains on.\n\n"
+            + table(["corpus", "split", "pairs", "held out", "trained on", "share of training"], rows))
 
 
 def table(head: list[str], rows: list[list]) -> str:

@@ -172,7 +172,8 @@ def test_a_full_grid_page_shows_the_levels_and_stages_that_ran_and_names_the_oth
 
 def test_held_out_pairs_are_scored_per_corpus_named_by_the_sources_table(tmp_path):
     """SOURCES.md's train rows label train.ko's lines in order; the held-out pairs keep their corpus, and the page
-    scores each corpus and all but the largest apart (here a perfect Rnd2Rnd: 100 on every subset)."""
+    scores each corpus and all but the largest apart (here a perfect Rnd2Rnd: 100 on every subset), and its data
+    table counts each corpus's pairs held out and trained on."""
     import report
 
     data, out = tmp_path / "data", tmp_path / "out"
@@ -199,6 +200,12 @@ def test_held_out_pairs_are_scored_per_corpus_named_by_the_sources_table(tmp_pat
     bible, tatoeba = sources.count("bible"), sources.count("tatoeba")
     assert f"| tatoeba | {tatoeba} | 100.0 / 100.0 |\n| bible | {bible} | 100.0 / 100.0 |\n" \
            f"| all but bible | {tatoeba} | 100.0 / 100.0 |" in text, text
+    assert experiment.data_sources() == {"test": [("news", 9)], "train": [("tatoeba", 1400), ("bible", 2000)]}
+    data_table = report.data_section(experiment.data_sources(), sources)
+    trained_on = 3400 - len(sources)
+    assert f"| tatoeba | train | 1400 | {tatoeba} | {1400 - tatoeba} | {100 * (1400 - tatoeba) / trained_on:.1f}% |\n" \
+           f"| bible | train | 2000 | {bible} | {2000 - bible} | {100 * (2000 - bible) / trained_on:.1f}% |" in data_table
+    assert "| news | test | 9 |  |  |  |" in data_table, data_table
     assert experiment.heldout_sources() == sources and ko_en.Experiment(
         "tiny", True, data=data, out=tmp_path / "quick").heldout_sources() is None  # --quick's train is a cut
 
