@@ -207,6 +207,11 @@ def tokenizer_section(grid: Grid, results: dict) -> str:
                 "unigram loss ko", "training s"], rows)
 
 
+def job_hours(result: dict | None) -> float | None:
+    """The wall hours of a finished job, all its resumed segments added up."""
+    return result["seconds"] / 3600 if result and result.get("seconds") else None
+
+
 def eval_at(result: dict | None, step: int):
     if not result:
         return None
@@ -257,8 +262,8 @@ def pretrain_section(grid: Grid, results: dict, figures: Path, base: Path) -> st
         for arch in ("encoder", "decoder"):
             r = results.get(f"pretrain/{level}-{arch}")
             final = r["final"] if r else {}
-            rows.append([level, arch, "MLM on ko" if arch == "encoder" else "causal LM on en", final.get("loss"),
-                         final.get("perplexity"), final.get("accuracy")])
+            rows.append([level, arch, "MLM on ko" if arch == "encoder" else "causal LM on en", job_hours(r),
+                         final.get("loss"), final.get("perplexity"), final.get("accuracy")])
             if r:
                 curves[f"{level} {arch}"] = r["evals"]
     def shown(settings: dict) -> str:
@@ -266,9 +271,10 @@ def pretrain_section(grid: Grid, results: dict, figures: Path, base: Path) -> st
 
     settings = (f"every model {shown(MODEL_SETTINGS)}, the encoder also {shown(ENCODER_SETTINGS)}, the decoder "
                 f"{shown(DECODER_SETTINGS)}")
-    text = ("## 3. Pre-training\n\nValidation loss, perplexity (masked tokens for the encoder) and accuracy at the "
-            f"end of pre-training ({grid.scale['pretrain']} steps; {settings}).\n\n"
-            + table(["level", "model", "task", "valid loss", "perplexity", "accuracy"], rows))
+    text = ("## 3. Pre-training\n\nThe wall hours of each job (measured as in section 4), and the validation "
+            "loss, perplexity (masked tokens for the encoder) and accuracy at the end of pre-training "
+            f"({grid.scale['pretrain']} steps; {settings}).\n\n"
+            + table(["level", "model", "task", "hours", "valid loss", "perplexity", "accuracy"], rows))
     if curves:
         path = plot_curves(curves, figures / "pretrain.png", "pre-training validation loss")
         text += f"\n\n![pre-training curves]({path.relative_to(base)})"
@@ -284,7 +290,7 @@ def translation_section(grid: Grid, results: dict, figures: Path, base: Path, ou
         source = results.get(f"source/{name}", {})
         best = r["best"] if r and r["best"] else {}
         row = [level, start, init, seed, best.get("step"), r["final"]["step"] if r and r["final"] else None,
-               r["seconds"] / 3600 if r and r.get("seconds") else None, best.get("loss"), source.get("gap")]
+               job_hours(r), best.get("loss"), source.get("gap")]
         for test_set in TEST_SETS:
             scores = [results.get(f"test/{test_name(name, test_set, beam)}", {}) for beam in BEAMS]
             row += [*[s.get("bleu") for s in scores], *[s.get("chrf") for s in scores]]
@@ -475,7 +481,7 @@ def datasize_section(grid: Grid, results: dict) -> str:
         scores = {test_set: results.get(f"test/{test_name(job.split('/')[1], test_set, BEAMS[-1])}", {})
                   for test_set in TEST_SETS}
         rows.append([f"{fraction:.0%}", best.get("step"), r["final"]["step"] if r and r["final"] else None,
-                     r["seconds"] / 3600 if r and r.get("seconds") else None, best.get("loss"),
+                     job_hours(r), best.get("loss"),
                      *[scores[test_set].get(metric) for test_set in TEST_SETS for metric in ("bleu", "chrf")]])
         if "bleu" in scores["test"]:
             points.append((math.log2(fraction), scores["test"]["bleu"]))

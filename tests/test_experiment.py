@@ -151,7 +151,7 @@ def test_a_full_grid_page_shows_the_levels_and_stages_that_ran_and_names_the_oth
 
     results = tmp_path / "out" / "results"
     evals = [{"step": 500, "loss": 5.0, "perplexity": 148.0, "accuracy": 0.2}]
-    finished = {"pretrain/char-encoder": {"final": evals[0], "evals": evals},
+    finished = {"pretrain/char-encoder": {"final": evals[0], "evals": evals, "seconds": 7200.0},
                 "finetune/char-Rnd2Rnd-random-seed0": {"best": evals[0], "final": evals[0], "evals": evals,
                                                        "seconds": 3600.0}}
     for name, result in finished.items():
@@ -163,6 +163,7 @@ def test_a_full_grid_page_shows_the_levels_and_stages_that_ran_and_names_the_oth
     text = page.read_text(encoding="utf-8")
     assert "Not run yet, so not shown: the byte level (12 pre-training and translation jobs pending" in text
     assert "| char | Rnd2Rnd | random | 0 | 500 | 500 | 1 | 5 |" in text
+    assert "| char | encoder | MLM on ko | 2 | 5 | 148 | 0.2 |" in text  # hours, then the final eval
     assert "| byte |" not in text.split("## 3. Pre-training")[1].split("## 5.")[0]
     for stage in ("plateau", "sweep"):
         assert f"Not run for this page: section 7 (the first study) gives its result, at the same settings. " \
@@ -310,7 +311,7 @@ def test_a_page_of_selected_jobs_at_another_scale_says_what_ran(tmp_path):
 
     evals = [{"step": 500, "loss": 5.0, "perplexity": 148.0, "accuracy": 0.2}]
     bleu = {"Rnd2Rnd": (1.0, 3.0), "Enc2Rnd": (2.0,), "Enc2Dec": (4.0, 6.0)}  # per seed
-    finished = {"pretrain/char-encoder": {"final": evals[0], "evals": evals},
+    finished = {"pretrain/char-encoder": {"final": evals[0], "evals": evals, "seconds": 7200.0},
                 "tokenizers/char-8000": {"tokens_per_sentence_ko": 41.3, "tokens_per_sentence_en": 43.2,
                                          "byte_fallback_ko": 0.0144, "byte_fallback_en": 0.0024,
                                          "unigram_loss_ko": 7.57, "seconds": 5.6}}
